@@ -1,0 +1,295 @@
+"""Run configuration: one frozen dataclass per component, TOML loading, validation.
+
+Nothing here reads argv or the environment: ``cli.py`` turns flags into a dict of dotted
+overrides (``{"train.lr": 0.01}``) and calls :func:`build`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .nn import ACTIVATIONS, INITS
+from .optim import OPTIMIZERS
+from .synthetic import SG_MODELS
+
+SCHEDULES = ("async", "sequential", "backprop", "pipeline")
+DNI_SCHEDULES = ("async", "sequential")
+DATASETS = ("addition", "idx")
+LOSS_CHOICES = ("auto", "softmax_ce", "sigmoid_bce", "mse")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    layers: int = 4                     # dense layers = layer worker processes
+    width: int = 64                     # width of every hidden layer
+    widths: tuple[int, ...] = ()        # explicit hidden widths (layers-1 of them); overrides width
+    activation: str = "relu"
+    init: str = "he"
+
+    def hidden_widths(self) -> tuple[int, ...]:
+        return self.widths if self.widths else (self.width,) * (self.layers - 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "addition"           # "addition" (built in) or "idx" (MNIST-format files in `path`)
+    path: str = ""
+    bits: int = 8                       # binary addition: bits per operand
+    train_size: int = 16384             # binary addition: training examples
+    test_size: int = 2048               # binary addition: test examples
+    test_fraction: float = 0.2          # idx with a single file pair: fraction held out as test
+    seed: int = 0                       # seed of the dataset (addition samples, idx split)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    schedule: str = "async"
+    steps: int = 0                      # 0: derive from epochs
+    epochs: float = 4.0
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    loss: str = "auto"                  # auto: softmax_ce for classification, sigmoid_bce for bits
+    sg_model: str = "linear"            # synthetic-gradient model: linear or mlp
+    sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
+    sg_lr: float = 1e-4
+    cond: bool = False                  # label-conditioned SG (cDNI)
+    max_inflight: int = 8               # async: steps in flight between feeder and last layer
+    microbatches: int = 4               # pipeline: micro-batches per step
+    seed: int = 0
+    eval_every: int = 0                 # evaluate on the test set every N steps (0: at the end only)
+    eval_batch: int = 1000
+    target_accuracy: float = 0.0        # report the training time at which test accuracy first reaches this
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    host: str = "127.0.0.1"             # address every worker binds and is reached at
+    hosts: tuple[str, ...] = ()         # per-worker host (feeder first, then layers); empty: all on `host`
+    ports: tuple[int, ...] = ()         # explicit ports, 2 per worker (fwd, bwd) + 1 control; empty: free ports
+    blas_threads: int = 1               # BLAS threads in each worker
+    heartbeat_interval: float = 0.5     # seconds between heartbeats
+    heartbeat_misses: int = 4           # missed intervals before a peer is declared dead
+    start_timeout: float = 60.0         # seconds for all workers to come up
+    progress: bool = True               # progress bar on stderr
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Hash of everything that determines the model's arithmetic (not runtime placement)."""
+        d = self.to_dict()
+        d.pop("runtime")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
+
+
+def field_names() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+
+
+def _coerce(name: str, value, tp):
+    """Check/convert one value to the annotated type, with an error naming the field."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {name}")  # programming error
+
+
+def _section(cls, name: str, values: dict):
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown setting {name}.{key}; allowed in [{name}]: {', '.join(allowed)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(d: dict) -> RunConfig:
+    if not isinstance(d, dict):
+        raise ConfigError("configuration must be a table of sections")
+    sections = {}
+    for key, value in d.items():
+        if key not in _SECTION_CLASSES:
+            raise ConfigError(f"unknown section [{key}]; allowed: {', '.join(_SECTION_CLASSES)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table of settings, got {value!r}")
+        sections[key] = _section(_SECTION_CLASSES[key], key, value)
+    return RunConfig(**sections)
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+
+
+def merge(base: dict, overrides: dict[str, object]) -> dict:
+    """Apply dotted overrides (``"train.lr" -> 0.01``) to a nested dict (copied)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"[{section}] must be a table of settings")
+        out[section][key] = value
+    return out
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(name, value, minimum=1):
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    m, d, t, r = cfg.model, cfg.data, cfg.train, cfg.runtime
+    _positive("model.layers", m.layers, 1)
+    _positive("model.width", m.width, 1)
+    if m.widths:
+        if len(m.widths) != m.layers - 1:
+            raise ConfigError(f"model.widths: {len(m.widths)} hidden widths given, model.layers={m.layers} needs {m.layers - 1}")
+        for i, w in enumerate(m.widths):
+            _positive(f"model.widths[{i}]", w, 1)
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("model.init", m.init, INITS)
+    _choice("data.dataset", d.dataset, DATASETS)
+    if d.dataset == "idx" and not d.path:
+        raise ConfigError("data.path: required when data.dataset is 'idx' (a directory of IDX files)")
+    if not 1 <= d.bits <= 30:
+        raise ConfigError(f"data.bits: must be between 1 and 30, got {d.bits}")
+    _positive("data.train_size", d.train_size)
+    _positive("data.test_size", d.test_size)
+    if not 0 < d.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction: must be between 0 and 1 (exclusive), got {d.test_fraction}")
+    _choice("train.schedule", t.schedule, SCHEDULES)
+    if t.steps < 0:
+        raise ConfigError(f"train.steps: must be >= 0 (0 derives steps from train.epochs), got {t.steps}")
+    if t.steps == 0 and not (t.epochs > 0 and math.isfinite(t.epochs)):
+        raise ConfigError(f"train.epochs: must be > 0 when train.steps is 0, got {t.epochs}")
+    _positive("train.batch_size", t.batch_size)
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _choice("train.loss", t.loss, LOSS_CHOICES)
+    _choice("train.sg_model", t.sg_model, SG_MODELS)
+    for name, v in (("train.lr", t.lr), ("train.sg_lr", t.sg_lr)):
+        if not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{name}: must be a positive finite number, got {v}")
+    _positive("train.sg_hidden", t.sg_hidden, 0)
+    _positive("train.max_inflight", t.max_inflight, 1)
+    _positive("train.microbatches", t.microbatches, 1)
+    if t.schedule == "pipeline" and t.microbatches > t.batch_size:
+        raise ConfigError(f"train.microbatches: {t.microbatches} micro-batches cannot split a batch of {t.batch_size}")
+    _positive("train.eval_every", t.eval_every, 0)
+    _positive("train.eval_batch", t.eval_batch, 1)
+    if not 0 <= t.target_accuracy <= 1:
+        raise ConfigError(f"train.target_accuracy: must be between 0 and 1, got {t.target_accuracy}")
+    if not r.host:
+        raise ConfigError("runtime.host: must not be empty")
+    n_workers = m.layers + 1
+    if r.hosts and len(r.hosts) != n_workers:
+        raise ConfigError(f"runtime.hosts: {len(r.hosts)} hosts given, need {n_workers} (the feeder, then one per layer)")
+    if r.ports:
+        need = 2 * n_workers + 1
+        if len(r.ports) != need:
+            raise ConfigError(f"runtime.ports: {len(r.ports)} ports given, need {need} (fwd and bwd per worker, then the control port)")
+        for i, p in enumerate(r.ports):
+            if not 1 <= p <= 65535:
+                raise ConfigError(f"runtime.ports[{i}]: {p} is not a TCP port (1-65535)")
+        if len(set(r.ports)) != len(r.ports):
+            raise ConfigError("runtime.ports: ports must be distinct")
+    _positive("runtime.blas_threads", r.blas_threads, 1)
+    if not r.heartbeat_interval > 0:
+        raise ConfigError(f"runtime.heartbeat_interval: must be > 0 seconds, got {r.heartbeat_interval}")
+    _positive("runtime.heartbeat_misses", r.heartbeat_misses, 1)
+    if not r.start_timeout > 0:
+        raise ConfigError(f"runtime.start_timeout: must be > 0 seconds, got {r.start_timeout}")
+    return cfg
+
+
+def build(config_path: str | None = None, overrides: dict | None = None) -> RunConfig:
+    """TOML file (optional) + dotted overrides -> validated RunConfig."""
+    base = load_toml(config_path) if config_path else {}
+    return validate(from_dict(merge(base, overrides or {})))
+
+
+def replace(cfg: RunConfig, **dotted) -> RunConfig:
+    """``replace(cfg, **{"train.schedule": "backprop"})`` -> validated copy."""
+    d = merge(cfg.to_dict(), dotted)
+    return validate(from_dict(d))

@@ -1,0 +1,304 @@
+"""The coordinator: launches a run, watches it, stops it, and gathers what it measured.
+
+Liveness and shutdown belong here. Workers are started by a launcher, say HELLO with
+the endpoints they bound, get START with every peer's endpoints, and then heartbeat.
+A worker that exits, reports an error, or stays silent for
+``heartbeat_interval * heartbeat_misses`` seconds ends the run with a
+:class:`WorkerFailed` naming it; every exit path stops all workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from . import transport
+from .config import RunConfig
+from .model import Plan, load_datasets, make_plan
+
+STOP_TIMEOUT = 10.0          # seconds to wait for every BYE after STOP
+
+
+class RunError(RuntimeError):
+    """The run could not complete; the message says why."""
+
+
+class WorkerFailed(RunError):
+    def __init__(self, name: str, pid: int | None, host: str, message: str, tb: str = ""):
+        self.name, self.pid, self.host, self.tb = name, pid, host, tb
+        super().__init__(f"{name} (pid {pid} on {host}): {message}")
+
+
+class Interrupted(RunError):
+    pass
+
+
+@dataclass
+class WorkerInfo:
+    name: str
+    role: str
+    index: int
+    node: int
+    host: str
+    pid: int | None = None
+    endpoints: dict = field(default_factory=dict)
+    last_seen: float = 0.0
+    state: str = "starting"
+    step: int = -1
+    stats: dict | None = None
+    arrays: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    plan: Plan
+    feeder: dict
+    layers: list[dict]
+    params: list[dict]            # per layer: name -> array
+    series: dict                  # per-step loss / metric / done_at from the feeder
+    traces: list[dict]            # per worker: {"name", "t", "d", "c"}
+    wall: float                   # coordinator wall clock, start-up and shutdown included
+
+    @property
+    def train_time(self) -> float:
+        return self.feeder["train_time"]
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.feeder["samples"] / self.train_time
+
+    @property
+    def final_eval(self) -> dict:
+        return self.feeder["evals"][-1]
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig, *, launcher=None, on_progress=None, run_dir: str | None = None,
+                 datasets=None):
+        self.cfg = cfg
+        self.rt = cfg.runtime
+        train, _test = datasets if datasets is not None else load_datasets(cfg)
+        self.plan = make_plan(cfg, train)
+        self.on_progress = on_progress
+        self._own_dir = run_dir is None
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="asyncdni-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if launcher is None:
+            from launch.local import LocalLauncher
+            launcher = LocalLauncher(self.run_dir, cfg.runtime.blas_threads)
+        self.launcher = launcher
+        K = self.plan.n_layers
+        hosts = self.rt.hosts or (self.rt.host,) * (K + 1)
+        ports = self.rt.ports or (0,) * (2 * (K + 1) + 1)
+        self.workers: list[WorkerInfo] = [WorkerInfo("feeder", "feeder", 0, 0, hosts[0])]
+        self.workers += [WorkerInfo(f"layer {i + 1}", "layer", i, i + 1, hosts[i + 1]) for i in range(K)]
+        self.nodes = [{"role": w.role, "host": w.host, "fwd_port": ports[2 * j], "bwd_port": ports[2 * j + 1]}
+                      for j, w in enumerate(self.workers)]
+        self.control_port = ports[-1]
+        widest = max(self.plan.widths)
+        rows = max(cfg.train.batch_size, cfg.train.eval_batch)
+        self.max_message = 2 * widest * rows * 8 + (1 << 20)
+
+    # ------------------------------------------------------------- identity
+    def _by_identity(self, ident: bytes) -> WorkerInfo | None:
+        name = ident.decode(errors="replace")
+        if name == "feeder":
+            return self.workers[0]
+        if name.startswith("layer") and name[5:].isdigit():
+            i = int(name[5:])
+            if 0 <= i < self.plan.n_layers:
+                return self.workers[i + 1]
+        return None
+
+    @staticmethod
+    def _identity(w: WorkerInfo) -> bytes:
+        return b"feeder" if w.role == "feeder" else f"layer{w.index}".encode()
+
+    def _send(self, w: WorkerInfo, kind: str, **fields) -> None:
+        transport.send(self.ctrl, kind, -1, (), fields, prefix=(self._identity(w),))
+
+    # ------------------------------------------------------------------- run
+    def run(self) -> RunResult:
+        t_wall = time.perf_counter()
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+        self.ctx = zmq.Context()
+        self.ctrl = None
+        try:
+            self.ctrl, ctrl_ep = transport.bind(self.ctx, zmq.ROUTER, self.rt.host, self.control_port)
+            self.ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            spec = {
+                "config": self.cfg.to_dict(), "control": ctrl_ep, "nodes": self.nodes,
+                "specs": [s.__dict__ for s in self.plan.specs], "steps": self.plan.steps,
+                "max_message": self.max_message,
+            }
+            spec_path = self.run_dir / "spec.json"
+            spec_path.write_text(json.dumps(spec))
+            for w in self.workers:
+                if w.role == "feeder":
+                    p = self.launcher.start("feeder", "workers.feeder", [str(spec_path)])
+                else:
+                    p = self.launcher.start(f"layer{w.index + 1}", "workers.layer", [str(spec_path), str(w.index)])
+                w.pid = p.pid
+            self._handshake()
+            self._watch()
+            result = self._collect()
+            result.wall = time.perf_counter() - t_wall
+            return result
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted; all workers stopped") from None
+        finally:
+            self._shutdown()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+
+    def _shutdown(self) -> None:
+        if self.ctrl is not None and not self.ctrl.closed:
+            for w in self.workers:
+                try:
+                    if w.stats is None:
+                        self._send(w, P.STOP, reason="coordinator shutting down")
+                except zmq.ZMQError:
+                    pass
+        self.launcher.stop(grace=2.0)
+        transport.close_all(self.ctrl)
+        self.ctx.term()
+        if self._own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _check_exits(self) -> None:
+        for p in self.launcher.exited():
+            w = next((w for w in self.workers if w.pid == p.pid), None)
+            name = w.name if w else p.name
+            if w is not None and w.stats is not None:
+                continue                  # it said BYE: a normal exit
+            tail = p.log_tail()
+            code = p.exit_code()
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            doing = f" while {w.state} (step {w.step})" if w and w.state != "starting" else " during start-up"
+            raise WorkerFailed(name, p.pid, w.host if w else "?", f"{how}{doing}" + (f"\n{tail}" if tail else ""))
+
+    def _recv_ctrl(self, timeout_ms: int):
+        if not self.ctrl.poll(timeout_ms):
+            return None, None
+        frames = self.ctrl.recv_multipart(copy=False)
+        w = self._by_identity(frames[0].bytes)
+        try:
+            msg = P.decode(frames[1:])
+        except P.ProtocolError:
+            return None, None           # garbage on the control port: ignored
+        if w is not None:
+            w.last_seen = time.monotonic()
+        return w, msg
+
+    def _handle_common(self, w: WorkerInfo | None, msg) -> bool:
+        """Messages that mean the same in every phase. True if handled."""
+        if msg.kind == P.ERROR:
+            name = w.name if w else "unknown worker"
+            raise WorkerFailed(name, w.pid if w else None, w.host if w else "?",
+                               msg.fields["error"], msg.fields["traceback"])
+        if msg.kind == P.HEARTBEAT:
+            if w is not None:
+                w.state = msg.fields.get("state", w.state)
+                w.step = msg.fields.get("step", w.step)
+            return True
+        return False
+
+    def _handshake(self) -> None:
+        deadline = time.monotonic() + self.rt.start_timeout
+        pending = {id(w) for w in self.workers}
+        while pending:
+            if time.monotonic() > deadline:
+                names = ", ".join(w.name for w in self.workers if id(w) in pending)
+                raise RunError(f"start-up timed out after {self.rt.start_timeout:.0f} s: no hello from {names}")
+            self._check_exits()
+            w, msg = self._recv_ctrl(100)
+            if msg is None or w is None or self._handle_common(w, msg):
+                continue
+            if msg.kind == P.HELLO:
+                w.endpoints = {"fwd": msg.fields.get("fwd", ""), "bwd": msg.fields.get("bwd", "")}
+                w.pid = msg.fields["pid"]
+                w.host = msg.fields["host"]
+                w.state = "ready"
+                pending.discard(id(w))
+        peers = [w.endpoints for w in self.workers]
+        now = time.monotonic()
+        for w in self.workers:
+            w.last_seen = now
+            self._send(w, P.START, peers=peers)
+
+    def _heartbeats(self, now: float) -> None:
+        if now >= self._next_hb:
+            for w in self.workers:
+                if w.stats is None:
+                    self._send(w, P.HEARTBEAT)
+            self._next_hb = now + self.rt.heartbeat_interval
+        limit = self.rt.heartbeat_interval * self.rt.heartbeat_misses
+        for w in self.workers:
+            if w.stats is None and now - w.last_seen > limit:
+                raise WorkerFailed(w.name, w.pid, w.host,
+                                   f"no heartbeat for {now - w.last_seen:.1f} s (hung or unreachable) "
+                                   f"while {w.state} at step {w.step}")
+
+    def _watch(self) -> None:
+        self._next_hb = 0.0
+        poll_ms = max(10, int(self.rt.heartbeat_interval * 250))
+        while True:
+            now = time.monotonic()
+            self._heartbeats(now)
+            self._check_exits()
+            w, msg = self._recv_ctrl(poll_ms)
+            if msg is None or self._handle_common(w, msg):
+                continue
+            if msg.kind == P.PROGRESS and self.on_progress is not None:
+                self.on_progress(msg.fields)
+            elif msg.kind == P.STATS and w is self.workers[0] and msg.fields.get("finished"):
+                return
+
+    def _collect(self) -> RunResult:
+        for w in self.workers:
+            self._send(w, P.STOP, reason="finished")
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while any(w.stats is None for w in self.workers):
+            if time.monotonic() > deadline:
+                missing = ", ".join(w.name for w in self.workers if w.stats is None)
+                raise RunError(f"no final report from {missing} within {STOP_TIMEOUT:.0f} s of stop")
+            w, msg = self._recv_ctrl(100)
+            if msg is None or w is None or self._handle_common(w, msg):
+                self._check_exits()
+                continue
+            if msg.kind == P.BYE:
+                w.stats = msg.fields["stats"]
+                names = list(msg.fields.get("params", [])) + list(msg.fields.get("series", []))
+                names += ["trace_t", "trace_d", "trace_c"]
+                w.arrays = {n: np.array(a) for n, a in zip(names, msg.arrays)}
+        self.launcher.wait(5.0)
+        feeder = self.workers[0]
+        layers = self.workers[1:]
+        params = [{k: v for k, v in w.arrays.items() if not k.startswith("trace_")} for w in layers]
+        series = {k: feeder.arrays[k] for k in ("loss", "metric", "done_at")}
+        traces = [{"name": w.name, "t": w.arrays["trace_t"], "d": w.arrays["trace_d"], "c": w.arrays["trace_c"]}
+                  for w in self.workers]
+        return RunResult(self.cfg, self.plan, feeder.stats, [w.stats for w in layers], params, series, traces, 0.0)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def run(cfg: RunConfig, **kw) -> RunResult:
+    return Coordinator(cfg, **kw).run()

@@ -1,0 +1,79 @@
+"""From a RunConfig and a dataset to the concrete network: layer specs, loss, step count."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import RunConfig
+from .data import Dataset, binary_addition_split, load_idx_dir
+from .layer import LayerSpec
+
+
+@dataclass(frozen=True)
+class Plan:
+    specs: tuple[LayerSpec, ...]
+    loss: str
+    steps: int
+    batch_size: int
+    in_dim: int
+    n_out: int
+    task: str
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.specs)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (self.in_dim,) + tuple(s.fan_out for s in self.specs)
+
+
+def load_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset]:
+    d = cfg.data
+    if d.dataset == "addition":
+        return binary_addition_split(d.bits, d.train_size, d.test_size, d.seed)
+    return load_idx_dir(d.path, test_fraction=d.test_fraction, seed=d.seed)
+
+
+def resolve_loss(cfg: RunConfig, task: str) -> str:
+    if cfg.train.loss != "auto":
+        return cfg.train.loss
+    return "softmax_ce" if task == "classification" else "sigmoid_bce"
+
+
+def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
+    from .config import ConfigError
+    t = cfg.train
+    if t.batch_size > len(train):
+        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the training set ({len(train)} examples)")
+    loss = resolve_loss(cfg, train.task)
+    if loss == "softmax_ce" and train.task != "classification":
+        raise ConfigError(f"train.loss: softmax_ce needs class labels, but dataset {train.name!r} has bit targets")
+    if loss in ("sigmoid_bce", "mse") and train.task == "classification":
+        raise ConfigError(f"train.loss: {loss} needs bit targets, but dataset {train.name!r} has class labels")
+    in_dim = train.x.shape[1]
+    widths = (in_dim,) + cfg.model.hidden_widths() + (train.n_out,)
+    K = cfg.model.layers
+    specs = []
+    for i in range(K):
+        last = i == K - 1
+        specs.append(LayerSpec(
+            index=i, n_layers=K, fan_in=widths[i], fan_out=widths[i + 1],
+            activation=("sigmoid" if loss == "mse" else "linear") if last else cfg.model.activation,
+            init=cfg.model.init, loss=loss, task=train.task, n_out=train.n_out,
+            optimizer=t.optimizer, lr=t.lr, sg_model=t.sg_model, sg_hidden=t.sg_hidden, sg_lr=t.sg_lr,
+            cond=t.cond, microbatches=t.microbatches if t.schedule == "pipeline" else 1, seed=t.seed,
+        ))
+    steps_per_epoch = len(train) // t.batch_size
+    steps = t.steps if t.steps > 0 else max(1, round(t.epochs * steps_per_epoch))
+    return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task)
+
+
+def microbatch_bounds(batch: int, m: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) row ranges of m near-equal micro-batches."""
+    base, extra = divmod(batch, m)
+    out, start = [], 0
+    for j in range(m):
+        stop = start + base + (1 if j < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out

@@ -1,0 +1,556 @@
+"""Wire format of every asyncdni message (the single owner of it).
+
+A message is a multipart ZeroMQ message:
+
+* frame 0: a msgpack map, the header::
+
+      {"v": PROTOCOL_VERSION, "k": kind, "s": step,
+       "a": [[dtype_name, [d0, d1, ...]], ...],   # one entry per array frame
+       "f": {fields}}
+
+* frames 1..n: the raw bytes of C-contiguous little-endian arrays, in the
+  order of ``"a"``.  The transport sends them zero-copy.
+
+This module never imports zmq: :func:`encode` returns a list of frames that
+``socket.send_multipart(frames, copy=False)`` accepts, and :func:`decode`
+accepts ``bytes``, ``memoryview`` (or any buffer) and objects with a
+``.buffer`` attribute (``zmq.Frame`` from ``recv_multipart(copy=False)``).
+Nothing is ever pickled.
+
+Decoding validates everything that comes from the peer before touching array
+data: header size, msgpack limits (no ext types), header keys and types,
+version, kind, array count, frame count, dtypes, shapes, buffer sizes and the
+field schema of the kind.  The cost is O(header) plus one length comparison per
+array; arrays are read-only ``np.frombuffer`` views on the received buffers,
+never copies.  ``check_finite=True`` adds one pass over float arrays.
+
+Adding a message kind: add a string constant and one entry in :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "PROTOCOL_VERSION", "MAX_HEADER_BYTES", "MAX_NDIM", "MAX_ARRAY_BYTES",
+    "MAX_ARRAYS", "MAX_FIELD_DEPTH", "ALLOWED_DTYPES", "REASONS",
+    "FWD", "BWD", "ACK", "DONE", "EVAL", "EVAL_RESULT", "MARKER",
+    "HELLO", "READY", "START", "HEARTBEAT", "PROGRESS", "STATS", "ERROR",
+    "STOP", "BYE", "CKPT", "CKPT_DONE",
+    "KindSpec", "KINDS", "ProtocolError", "Message",
+    "encode", "decode", "frame_nbytes",
+]
+
+# --------------------------------------------------------------------------
+# Limits
+# --------------------------------------------------------------------------
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20      # size limit of the header frame
+MAX_NDIM = 4
+MAX_ARRAY_BYTES = 1 << 30       # per array
+MAX_ARRAYS = 64                 # no kind may carry more arrays than this
+MAX_FIELD_DEPTH = 8             # nesting depth of lists/maps inside "f"
+MAX_CONTAINER_LEN = 1 << 16     # msgpack max_array_len / max_map_len
+ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")  # little-endian
+
+# Stable short codes of ProtocolError.reason (used as counter names).
+REASONS = ("header", "version", "kind", "frames", "dtype", "shape", "size",
+           "fields", "step", "nonfinite")
+
+# --------------------------------------------------------------------------
+# Message kinds
+# --------------------------------------------------------------------------
+
+# Data plane
+FWD = "fwd"                  # [h, y] activations and targets
+BWD = "bwd"                  # [g] dL/d(input of the sender); optional {"mb": int}
+ACK = "ack"                  # sequential schedule: gradient for step s applied
+DONE = "done"                # last layer -> feeder: step finished, its loss/metric
+EVAL = "eval"                # [h, y] evaluation batch travelling forward
+EVAL_RESULT = "eval_result"  # result of an evaluation batch
+MARKER = "marker"            # checkpoint/snapshot marker travelling forward
+# Control plane (worker <-> coordinator)
+HELLO = "hello"
+READY = "ready"
+START = "start"
+HEARTBEAT = "heartbeat"
+PROGRESS = "progress"
+STATS = "stats"
+ERROR = "error"
+STOP = "stop"
+BYE = "bye"                  # final parameters + final stats
+CKPT = "ckpt"
+CKPT_DONE = "ckpt_done"
+
+
+@dataclass(frozen=True, slots=True)
+class KindSpec:
+    """Schema of one message kind.
+
+    ``min_arrays``/``max_arrays``: allowed number of array frames (inclusive).
+    ``required``/``optional``: field name -> ``int``, ``float``, ``str`` or
+    ``bool`` (``int`` rejects ``bool``; ``float`` also accepts ``int``).
+    ``free``: when True, fields not named in the schema are allowed and must be
+    free-form values (None/bool/int/float/str/list/map with str keys, depth
+    <= MAX_FIELD_DEPTH); when False, unknown fields are rejected.
+    """
+
+    min_arrays: int = 0
+    max_arrays: int = 0
+    required: Mapping[str, type] = None  # type: ignore[assignment]
+    optional: Mapping[str, type] = None  # type: ignore[assignment]
+    free: bool = False
+
+
+def _kind(arrays: int | tuple[int, int] = 0, required: Mapping[str, type] | None = None,
+          optional: Mapping[str, type] | None = None, free: bool = False) -> KindSpec:
+    lo, hi = (arrays, arrays) if isinstance(arrays, int) else arrays
+    if not 0 <= lo <= hi <= MAX_ARRAYS:
+        raise ValueError(f"bad array count spec {arrays!r}")
+    return KindSpec(lo, hi, dict(required or {}), dict(optional or {}), free)
+
+
+# The schema table: one entry per kind.
+KINDS: dict[str, KindSpec] = {
+    FWD: _kind(arrays=2),
+    BWD: _kind(arrays=1, optional={"mb": int}),
+    ACK: _kind(),
+    DONE: _kind(required={"loss": float, "metric": float, "n": int},
+                optional={"metric2": float}),
+    EVAL: _kind(arrays=2, required={"eid": int}),
+    EVAL_RESULT: _kind(required={"eid": int, "loss": float, "metric": float, "n": int},
+                       optional={"metric2": float}),
+    MARKER: _kind(required={"purpose": str}, optional={"tag": str}),
+    HELLO: _kind(required={"role": str, "index": int, "pid": int, "host": str},
+                 optional={"fwd": str, "bwd": str}),
+    READY: _kind(free=True),
+    START: _kind(free=True),                 # {"peers": [{"fwd": ep, "bwd": ep}, ...]}
+    HEARTBEAT: _kind(optional={"state": str, "step": int}),
+    PROGRESS: _kind(required={"done": int, "total": int},
+                    optional={"loss": float, "metric": float, "elapsed": float}),
+    STATS: _kind(free=True),
+    ERROR: _kind(required={"role": str, "index": int, "error": str, "traceback": str}),
+    STOP: _kind(optional={"reason": str}),
+    BYE: _kind(arrays=(0, MAX_ARRAYS), free=True),
+    CKPT: _kind(free=True),
+    CKPT_DONE: _kind(free=True),
+}
+
+# --------------------------------------------------------------------------
+# Errors and the decoded message
+# --------------------------------------------------------------------------
+
+
+class ProtocolError(ValueError):
+    """A message (or a message about to be sent) violates the wire format.
+
+    ``reason`` is one of :data:`REASONS`, short and stable (used in counters);
+    ``message`` is a one-line human readable explanation.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.message))
+
+
+@dataclass(slots=True, repr=False)
+class Message:
+    kind: str
+    step: int
+    arrays: list  # list[np.ndarray], read-only views on the received buffers
+    fields: dict
+
+    def __repr__(self) -> str:
+        arrs = ", ".join(f"{a.dtype.name}{list(a.shape)}" for a in self.arrays)
+        return f"Message(kind={self.kind!r}, step={self.step}, arrays=[{arrs}], fields={self.fields!r})"
+
+
+# --------------------------------------------------------------------------
+# Precomputed tables
+# --------------------------------------------------------------------------
+
+_FIELD_CHECKS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    int: (lambda v: type(v) is int, "int"),
+    float: (lambda v: type(v) is float or type(v) is int, "float"),
+    str: (lambda v: type(v) is str, "str"),
+    bool: (lambda v: type(v) is bool, "bool"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    lo: int
+    hi: int
+    required: tuple      # ((name, check, typename), ...)
+    optional: tuple
+    known: frozenset
+    free: bool
+
+
+def _compile(kind: str, spec: KindSpec) -> _Compiled:
+    def items(m: Mapping[str, type]) -> tuple:
+        out = []
+        for name, t in m.items():
+            if t not in _FIELD_CHECKS:
+                raise TypeError(f"KINDS[{kind!r}]: field {name!r} has unsupported type {t!r}")
+            out.append((name, *_FIELD_CHECKS[t]))
+        return tuple(out)
+
+    req, opt = items(spec.required or {}), items(spec.optional or {})
+    return _Compiled(spec.min_arrays, spec.max_arrays, req, opt,
+                     frozenset(n for n, _, _ in req + opt), spec.free)
+
+
+_COMPILED: dict[str, _Compiled] = {}
+
+
+def _compiled(kind: str) -> _Compiled | None:
+    c = _COMPILED.get(kind)
+    if c is None:
+        spec = KINDS.get(kind)
+        if spec is None:
+            return None
+        c = _COMPILED[kind] = _compile(kind, spec)   # kinds added to KINDS later compile lazily
+    return c
+
+
+for _k, _s in KINDS.items():
+    _COMPILED[_k] = _compile(_k, _s)
+del _k, _s
+
+# name -> (little-endian dtype, itemsize, is_float)
+_DEC_DTYPES: dict[str, tuple[np.dtype, int, bool]] = {}
+# dtype -> name (for encode; only the exact little-endian dtype hashes equal)
+_ENC_DTYPES: dict[np.dtype, str] = {}
+for _name in ALLOWED_DTYPES:
+    _dt = np.dtype(_name).newbyteorder("<")
+    _DEC_DTYPES[_name] = (_dt, _dt.itemsize, _dt.kind == "f")
+    _ENC_DTYPES[_dt] = _name
+del _name, _dt
+
+_HEADER_KEYS = frozenset(("v", "k", "s", "a", "f"))
+
+
+class _ExtRejected(Exception):
+    pass
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise _ExtRejected(code)
+
+
+_UNPACK_KW = dict(
+    raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
+    max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
+    max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN, max_ext_len=0,
+)
+
+
+def _one_line(s: object, limit: int = 200) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _fmt(dtype_name: str, shape) -> str:
+    return f"{dtype_name}[{', '.join(str(d) for d in shape)}]"
+
+
+# --------------------------------------------------------------------------
+# Header validation (shared by encode's self-check and decode)
+# --------------------------------------------------------------------------
+
+
+def _check_free(value: Any, depth: int, where: str) -> None:
+    """Free-form value: None/bool/int/float/str, lists and str-keyed maps."""
+    t = type(value)
+    if t is str or t is int or t is float or t is bool or value is None:
+        return
+    if t is dict or t is list:
+        if depth >= MAX_FIELD_DEPTH:
+            raise ProtocolError("fields", f"{where}: nested deeper than {MAX_FIELD_DEPTH} levels")
+        if t is dict:
+            for k, v in value.items():
+                if type(k) is not str:
+                    raise ProtocolError("fields", f"{where}: map key {k!r} is not a str")
+                _check_free(v, depth + 1, f"{where}.{k}")
+        else:
+            for i, v in enumerate(value):
+                _check_free(v, depth + 1, f"{where}[{i}]")
+        return
+    if isinstance(value, msgpack.Timestamp):
+        raise ProtocolError("header", f"{where}: msgpack ext types are not allowed")
+    raise ProtocolError("fields", f"{where}: values of type {t.__name__} are not allowed in fields")
+
+
+def _check_fields(kind: str, c: _Compiled, f: dict) -> None:
+    for name, check, tname in c.required:
+        if name not in f:
+            raise ProtocolError("fields", f"{kind}: missing required field {name!r} ({tname})")
+        v = f[name]
+        if not check(v):
+            raise ProtocolError("fields", f"{kind}: field {name!r} must be {tname}, got {type(v).__name__} {_one_line(repr(v), 60)}")
+    if not f:
+        return
+    for name, check, tname in c.optional:
+        if name in f:
+            v = f[name]
+            if not check(v):
+                raise ProtocolError("fields", f"{kind}: field {name!r} must be {tname}, got {type(v).__name__} {_one_line(repr(v), 60)}")
+    if c.free:
+        for k, v in f.items():
+            if type(k) is not str:
+                raise ProtocolError("fields", f"{kind}: field name {k!r} is not a str")
+            if k not in c.known:
+                _check_free(v, 1, f"{kind}: field {k!r}")
+    elif len(f) > len(c.known) or not c.known.issuperset(f.keys()):
+        extra = sorted(repr(k) for k in f if k not in c.known)
+        raise ProtocolError("fields", f"{kind}: unexpected field(s) {', '.join(extra)}")
+
+
+def _parse_header(hbuf, nframes: int):
+    """Validate header bytes; return (kind, step, descs, fields).
+
+    descs: list of (dtype_name, dtype, shape_tuple, count, nbytes, is_float).
+    """
+    hlen = len(hbuf) if type(hbuf) is bytes else hbuf.nbytes
+    if hlen > MAX_HEADER_BYTES:
+        raise ProtocolError("header", f"header frame has {hlen} bytes, limit is {MAX_HEADER_BYTES}")
+    try:
+        h = msgpack.unpackb(hbuf, **_UNPACK_KW)
+    except _ExtRejected as e:
+        raise ProtocolError("header", f"header contains msgpack ext type {e.args[0]}; ext types are not allowed") from None
+    except Exception as e:  # msgpack raises ValueError subclasses, UnicodeDecodeError, ...
+        msg = str(e)
+        if "max_ext_len" in msg:
+            raise ProtocolError("header", "header contains a msgpack ext type; ext types are not allowed") from None
+        raise ProtocolError("header", f"header is not valid msgpack ({type(e).__name__}: {_one_line(msg, 120)})") from None
+    if type(h) is not dict:
+        raise ProtocolError("header", f"header is a msgpack {type(h).__name__}, expected a map")
+    v = h.get("v")
+    if type(v) is not int:
+        raise ProtocolError("header", "header has no int 'v' (protocol version)")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"protocol version {v}, expected {PROTOCOL_VERSION}")
+    if len(h) != 5 or h.keys() != _HEADER_KEYS:
+        missing = sorted(_HEADER_KEYS.difference(h.keys()))
+        extra = sorted(repr(k) for k in h if k not in _HEADER_KEYS)
+        raise ProtocolError("header", f"header keys: missing {missing}, unexpected [{', '.join(extra)}]")
+    kind = h["k"]
+    if type(kind) is not str:
+        raise ProtocolError("header", f"header 'k' (kind) must be a str, got {type(kind).__name__}")
+    c = _COMPILED.get(kind) or _compiled(kind)
+    if c is None:
+        raise ProtocolError("kind", f"unknown message kind {_one_line(repr(kind), 60)}")
+    step = h["s"]
+    if type(step) is not int or step < -1:
+        raise ProtocolError("step", f"{kind}: step must be an int >= -1, got {type(step).__name__} {_one_line(repr(step), 40)}")
+    a = h["a"]
+    if type(a) is not list:
+        raise ProtocolError("header", f"{kind}: header 'a' must be a list, got {type(a).__name__}")
+    f = h["f"]
+    if type(f) is not dict:
+        raise ProtocolError("header", f"{kind}: header 'f' must be a map, got {type(f).__name__}")
+    na = len(a)
+    if na < c.lo or na > c.hi:
+        want = str(c.lo) if c.lo == c.hi else f"{c.lo}..{c.hi}"
+        raise ProtocolError("frames", f"{kind}: carries {want} arrays, header lists {na}")
+    if nframes != 1 + na:
+        raise ProtocolError("frames", f"{kind}: message has {nframes} frames, header lists {na} arrays (expected {1 + na} frames)")
+
+    descs = []
+    for i, entry in enumerate(a, 1):
+        if type(entry) is not list or len(entry) != 2:
+            raise ProtocolError("header", f"{kind} frame {i}: array descriptor must be [dtype, shape]")
+        name, shape = entry
+        if type(name) is not str:
+            raise ProtocolError("dtype", f"{kind} frame {i}: dtype must be a str, got {type(name).__name__}")
+        d = _DEC_DTYPES.get(name)
+        if d is None:
+            raise ProtocolError("dtype", f"{kind} frame {i}: dtype {_one_line(repr(name), 40)} not allowed (allowed: {', '.join(ALLOWED_DTYPES)})")
+        if type(shape) is not list:
+            raise ProtocolError("shape", f"{kind} frame {i}: shape must be a list, got {type(shape).__name__}")
+        if len(shape) > MAX_NDIM:
+            raise ProtocolError("shape", f"{kind} frame {i}: {len(shape)} dims, limit is {MAX_NDIM}")
+        count = 1
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                raise ProtocolError("shape", f"{kind} frame {i}: bad shape {_one_line(repr(shape), 80)} (dims must be ints >= 0)")
+            count *= dim
+        dt, itemsize, is_float = d
+        nbytes = count * itemsize
+        if nbytes > MAX_ARRAY_BYTES:
+            raise ProtocolError("size", f"{kind} frame {i}: {_fmt(name, shape)} = {nbytes} bytes exceeds the per-array limit {MAX_ARRAY_BYTES}")
+        descs.append((name, dt, tuple(shape), count, nbytes, is_float))
+
+    if f or c.required:
+        _check_fields(kind, c, f)
+    return kind, step, descs, f
+
+
+# --------------------------------------------------------------------------
+# Frames
+# --------------------------------------------------------------------------
+
+
+def _view(frame, i: int):
+    """bytes, or a flat unsigned-byte memoryview of any buffer / zmq.Frame."""
+    if type(frame) is bytes:
+        return frame
+    buf = getattr(frame, "buffer", None)   # zmq.Frame (copy=False receive)
+    if buf is not None:
+        frame = buf
+    try:
+        mv = memoryview(frame)
+    except TypeError:
+        raise ProtocolError("frames", f"frame {i} is a {type(frame).__name__}, not a buffer") from None
+    if mv.ndim != 1 or mv.format != "B":
+        if mv.nbytes == 0:
+            return b""
+        if not mv.c_contiguous:
+            raise ProtocolError("frames", f"frame {i} is not a contiguous buffer")
+        try:
+            mv = mv.cast("B")
+        except (TypeError, ValueError) as e:
+            raise ProtocolError("frames", f"frame {i}: cannot view as bytes ({_one_line(e, 80)})") from None
+    return mv
+
+
+def frame_nbytes(frames) -> int:
+    """Total number of bytes of a frame list (bytes, buffers, arrays, zmq.Frame)."""
+    total = 0
+    for f in frames:
+        nb = getattr(f, "nbytes", None)       # memoryview, ndarray
+        total += len(f) if nb is None else nb  # bytes, bytearray, zmq.Frame
+    return total
+
+
+# --------------------------------------------------------------------------
+# encode / decode
+# --------------------------------------------------------------------------
+
+
+def _pack_default(obj: Any) -> Any:
+    # numpy scalars in fields (np.float32 loss, np.int64 counts) become Python values.
+    if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
+        return obj.item()
+    raise TypeError(f"cannot put a {type(obj).__name__} in a message header")
+
+
+def _packb(obj: Any) -> bytes:
+    # msgpack.packb makes a fresh Packer per call: safe to use from several threads.
+    return msgpack.packb(obj, default=_pack_default, use_bin_type=True)
+
+
+def encode(kind: str, step: int = -1, arrays: Sequence[np.ndarray] = (),
+           fields: dict | None = None) -> list:
+    """Build the frames of a message: ``[header_bytes, buf1, buf2, ...]``.
+
+    Each ``buf`` is a flat byte memoryview of the (C-contiguous, possibly
+    made so by a copy) array: zero-copy, suitable for
+    ``send_multipart(frames, copy=False)``.  The caller must not modify the
+    arrays until the transport has sent them.
+
+    The result is validated against the schema exactly as :func:`decode`
+    would validate it; a violation raises :class:`ProtocolError` (a
+    ``ValueError``) before anything is sent.
+    """
+    if type(kind) is not str or kind not in KINDS:
+        raise ProtocolError("kind", f"unknown message kind {_one_line(repr(kind), 60)}")
+    if isinstance(step, np.integer):
+        step = int(step)
+    if type(step) is not int or step < -1:
+        raise ProtocolError("step", f"{kind}: step must be an int >= -1, got {type(step).__name__} {_one_line(repr(step), 40)}")
+    descr = []
+    bufs = []
+    for i, arr in enumerate(arrays, 1):
+        if not isinstance(arr, np.ndarray):
+            if isinstance(arr, np.generic):          # numpy scalar -> 0-d array
+                arr = np.asarray(arr)
+            else:
+                raise ProtocolError("dtype", f"{kind} frame {i}: expected a numpy array, got {type(arr).__name__}")
+        name = _ENC_DTYPES.get(arr.dtype)
+        if name is None:
+            raise ProtocolError("dtype", f"{kind} frame {i}: dtype {arr.dtype.str!r} not allowed (allowed: little-endian {', '.join(ALLOWED_DTYPES)})")
+        if arr.ndim > MAX_NDIM:
+            raise ProtocolError("shape", f"{kind} frame {i}: {arr.ndim} dims, limit is {MAX_NDIM}")
+        if arr.nbytes > MAX_ARRAY_BYTES:
+            raise ProtocolError("size", f"{kind} frame {i}: {_fmt(name, arr.shape)} = {arr.nbytes} bytes exceeds the per-array limit {MAX_ARRAY_BYTES}")
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        descr.append([name, list(arr.shape)])
+        bufs.append(memoryview(arr.reshape(-1).view(np.uint8)))
+    try:
+        header = _packb({"v": PROTOCOL_VERSION, "k": kind, "s": step, "a": descr,
+                         "f": {} if fields is None else fields})
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError("fields", f"{kind}: fields cannot be encoded ({_one_line(e, 120)})") from None
+    _parse_header(header, 1 + len(bufs))   # self-check: the peer must accept what we send
+    return [header, *bufs]
+
+
+def decode(frames: Sequence, *, check_finite: bool = False,
+           expect: dict | None = None) -> Message:
+    """Validate and decode a received multipart message.
+
+    ``frames``: bytes / memoryview / buffer objects / zmq.Frame.
+    ``check_finite``: reject NaN/Inf in float arrays (reason "nonfinite").
+    ``expect``: optional ``{kind: [shape_spec, ...]}``, one spec per array, a
+    spec being a tuple of ints or None (None = any size), e.g.
+    ``{"fwd": [(None, 784), (None,)]}``; mismatch -> reason "shape".
+
+    Arrays in the result are read-only views sharing memory with the frames.
+    Raises :class:`ProtocolError` for anything malformed, never another error.
+    """
+    try:
+        n = len(frames)
+    except TypeError:
+        raise ProtocolError("frames", f"frames must be a sequence, got {type(frames).__name__}") from None
+    if n == 0:
+        raise ProtocolError("frames", "empty message (zero frames)")
+    kind, step, descs, fields = _parse_header(_view(frames[0], 0), n)
+
+    if expect:
+        specs = expect.get(kind)
+        if specs is not None:
+            if len(specs) != len(descs):
+                raise ProtocolError("shape", f"{kind}: expected {len(specs)} arrays, got {len(descs)}")
+            for i, (spec, d) in enumerate(zip(specs, descs), 1):
+                shape = d[2]
+                if len(spec) != len(shape) or any(e is not None and e != g for e, g in zip(spec, shape)):
+                    want = "(" + ", ".join("*" if e is None else str(e) for e in spec) + ("," if len(spec) == 1 else "") + ")"
+                    raise ProtocolError("shape", f"{kind} frame {i}: expected shape {want}, got {_fmt(d[0], shape)}")
+
+    bufs = []
+    for i, d in enumerate(descs, 1):
+        b = _view(frames[i], i)
+        blen = len(b) if type(b) is bytes else b.nbytes
+        if blen != d[4]:
+            raise ProtocolError("size", f"{kind} frame {i}: buffer has {blen} bytes, header says {_fmt(d[0], d[2])} = {d[4]} bytes")
+        bufs.append(b)
+
+    arrays = []
+    for b, (name, dt, shape, count, nbytes, is_float) in zip(bufs, descs):
+        arr = np.frombuffer(b, dtype=dt, count=count).reshape(shape)
+        if arr.flags.writeable:
+            arr.flags.writeable = False
+        arrays.append(arr)
+
+    if check_finite:
+        for i, (arr, d) in enumerate(zip(arrays, descs), 1):
+            if d[5] and arr.size and not (math.isfinite(arr.min()) and math.isfinite(arr.max())):
+                bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+                raise ProtocolError("nonfinite", f"{kind} frame {i}: {bad} non-finite value(s) (NaN/Inf) in {_fmt(d[0], d[2])}")
+    return Message(kind, step, arrays, fields)

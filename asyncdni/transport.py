@@ -1,0 +1,105 @@
+"""ZeroMQ socket life cycle: endpoints, options, zero-copy send and receive.
+
+The wire format itself belongs to :mod:`asyncdni.protocol`; this module only moves frames.
+"""
+from __future__ import annotations
+
+import socket as _socket
+
+import zmq
+
+from . import protocol
+
+LINGER_MS = 0               # never block process exit on unsent messages
+SEND_HWM = 1000             # messages queued per peer before a send blocks
+RECV_HWM = 1000
+DEFAULT_MAX_MESSAGE = 1 << 30   # bytes; anything larger is dropped by libzmq before we see it
+
+
+class TransportError(RuntimeError):
+    """A socket could not be bound or connected; the message names the endpoint."""
+
+
+def endpoint(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"      # IPv6 literal
+    return f"tcp://{host}:{port}"
+
+
+def _configure(sock: zmq.Socket, max_message: int) -> None:
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+    sock.setsockopt(zmq.RCVHWM, RECV_HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+
+
+def _enable_ipv6_if_needed(sock, host: str) -> None:
+    if ":" in host:
+        sock.setsockopt(zmq.IPV6, 1)
+
+
+def bind(ctx: zmq.Context, kind: int, host: str, port: int = 0, *, max_message: int = DEFAULT_MAX_MESSAGE) -> tuple[zmq.Socket, str]:
+    """Bind a socket on host:port (port 0: a free port). Returns (socket, endpoint)."""
+    sock = ctx.socket(kind)
+    _configure(sock, max_message)
+    _enable_ipv6_if_needed(sock, host)
+    try:
+        if port:
+            ep = endpoint(host, port)
+            sock.bind(ep)
+        else:
+            p = sock.bind_to_random_port(endpoint(host, 0)[:-2], min_port=20000, max_port=60000, max_tries=200)
+            ep = endpoint(host, p)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        where = endpoint(host, port) if port else f"a free port on {host}"
+        if e.errno == zmq.EADDRINUSE:
+            raise TransportError(f"cannot bind {where}: address already in use") from None
+        raise TransportError(f"cannot bind {where}: {e.strerror}") from None
+    return sock, ep
+
+
+def connect(ctx: zmq.Context, kind: int, ep: str, *, max_message: int = DEFAULT_MAX_MESSAGE,
+            identity: bytes | None = None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    _configure(sock, max_message)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if ep.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+    try:
+        sock.connect(ep)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        raise TransportError(f"cannot connect to {ep}: {e.strerror}") from None
+    return sock
+
+
+def send(sock: zmq.Socket, kind: str, step: int = -1, arrays=(), fields=None, *, prefix=()) -> int:
+    """Encode and send one message zero-copy; returns the bytes of array payload + header."""
+    frames = protocol.encode(kind, step, arrays, fields)
+    if prefix:
+        frames = list(prefix) + frames
+    sock.send_multipart(frames, copy=False)
+    return protocol.frame_nbytes(frames[len(prefix):])
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
+    return sock.recv_multipart(flags, copy=False)
+
+
+def check_tcp_reachable(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at host:port (used for clear start-up errors)."""
+    try:
+        with _socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def close_all(*socks) -> None:
+    for s in socks:
+        if s is not None and not s.closed:
+            s.close(0)
+
+

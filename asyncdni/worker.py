@@ -1,0 +1,576 @@
+"""Worker processes: the feeder and one process per layer.
+
+Each worker talks to the coordinator over a DEALER socket (hello, heartbeats, progress,
+errors, bye) and to its neighbours over PUSH/PULL sockets:
+
+    feeder.up --FWD/EVAL--> L1.fwd_in ... Li.up --FWD/EVAL/ACK--> L(i+1).fwd_in
+    L(i+1).down --BWD/ACK--> Li.bwd_in ... L1.down --ACK--> feeder.inbox
+    LK.sink --DONE/EVAL_RESULT--> feeder.inbox
+
+Start-up: bind inboxes (free or configured ports) -> HELLO with the bound endpoints ->
+START from the coordinator with every peer's endpoints -> connect -> run.
+Stop: STOP from the coordinator -> BYE (final stats, parameters, timeline) -> exit.
+A worker exits by itself when the coordinator has been silent for
+``heartbeat_interval * heartbeat_misses`` seconds.
+
+Nothing here reads argv or the environment; ``workers/*.py`` are the entry points.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import socket as _socket
+import time
+import traceback
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from . import transport
+from .config import DNI_SCHEDULES, from_dict
+from .layer import LayerNode, LayerSpec
+
+TRACE_LIMIT = 200_000           # timeline events kept per worker
+TRACE_CODES = {"fwd": 0, "bwd": 1, "eval": 2, "wait": 3, "send": 4}
+PROGRESS_INTERVAL = 0.25        # seconds between feeder progress reports
+
+
+class CoordinatorLost(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Worker:
+    role = "worker"
+
+    def __init__(self, spec: dict, index: int):
+        self.spec = spec
+        self.index = index
+        self.cfg = from_dict(spec["config"])
+        self.rt = self.cfg.runtime
+        self.schedule = self.cfg.train.schedule
+        self.host = spec["nodes"][self._node_id]["host"]
+        self.ctx = zmq.Context()
+        self.socks: list[zmq.Socket] = []
+        self.max_message = int(spec.get("max_message", transport.DEFAULT_MAX_MESSAGE))
+        self.ctrl = transport.connect(self.ctx, zmq.DEALER, spec["control"],
+                                      identity=self.identity.encode())
+        self.socks.append(self.ctrl)
+        self.hb_interval = self.rt.heartbeat_interval
+        self.hb_deadline = self.rt.heartbeat_interval * self.rt.heartbeat_misses
+        self.last_coord = time.monotonic()
+        self.next_hb = 0.0
+        self.state = "starting"
+        self.cur_step = -1
+        # accounting
+        self.t_start = time.time()
+        self.busy = 0.0
+        self.comm = 0.0
+        self.wait = 0.0
+        self.msgs_sent = 0
+        self.bytes_sent = 0
+        self.msgs_recv = 0
+        self.bytes_recv = 0
+        self.rejected: dict[str, int] = {}
+        self.trace_t = np.zeros(TRACE_LIMIT, np.float64)
+        self.trace_d = np.zeros(TRACE_LIMIT, np.float64)
+        self.trace_c = np.zeros(TRACE_LIMIT, np.uint8)
+        self.n_trace = 0
+
+    # ---------------------------------------------------------------- naming
+    @property
+    def _node_id(self) -> int:
+        return 0 if self.role == "feeder" else self.index + 1
+
+    @property
+    def identity(self) -> str:
+        return "feeder" if self.role == "feeder" else f"layer{self.index}"
+
+    @property
+    def label(self) -> str:
+        return "feeder" if self.role == "feeder" else f"layer {self.index + 1}"
+
+    # ------------------------------------------------------------- messaging
+    def trace(self, code: int, t0: float, dur: float) -> None:
+        n = self.n_trace
+        if n < TRACE_LIMIT:
+            self.trace_t[n] = t0
+            self.trace_d[n] = dur
+            self.trace_c[n] = code
+            self.n_trace = n + 1
+
+    def send(self, sock, kind, step=-1, arrays=(), fields=None):
+        t0 = time.perf_counter()
+        try:
+            nbytes = transport.send(sock, kind, step, arrays, fields)
+        except zmq.Again:
+            peer = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            raise RuntimeError(f"{self.label}: {kind} message to {peer} not accepted for "
+                               f"{self.hb_deadline + 1:.1f} s (peer gone or stalled)") from None
+        self.comm += time.perf_counter() - t0
+        self.msgs_sent += 1
+        self.bytes_sent += nbytes
+
+    def send_ctrl(self, kind, step=-1, arrays=(), **fields):
+        transport.send(self.ctrl, kind, step, arrays, fields)
+
+    def recv(self, sock, expect=None, check_finite=False):
+        """Receive and validate one message; None if it was rejected (and counted)."""
+        t0 = time.perf_counter()
+        frames = transport.recv_frames(sock)
+        try:
+            msg = P.decode(frames, expect=expect, check_finite=check_finite)
+        except P.ProtocolError as e:
+            self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
+            msg = None
+        self.comm += time.perf_counter() - t0
+        self.msgs_recv += 1
+        self.bytes_recv += P.frame_nbytes(frames)
+        return msg
+
+    def heartbeat(self, now: float) -> None:
+        if now >= self.next_hb:
+            self.send_ctrl(P.HEARTBEAT, state=self.state, step=self.cur_step)
+            self.next_hb = now + self.hb_interval
+        if now - self.last_coord > self.hb_deadline:
+            raise CoordinatorLost(f"{self.label}: no word from the coordinator for {now - self.last_coord:.1f} s")
+
+    def handle_ctrl(self) -> None:
+        """Drain control messages; raises StopRequested on STOP."""
+        while self.ctrl.poll(0):
+            msg = self.recv(self.ctrl)
+            if msg is None:
+                continue
+            self.last_coord = time.monotonic()
+            if msg.kind == P.STOP:
+                raise StopRequested(msg.fields.get("reason", ""))
+            self.on_ctrl(msg)
+
+    def on_ctrl(self, msg) -> None:
+        pass
+
+    # ------------------------------------------------------------- life cycle
+    def bind_inboxes(self) -> dict:
+        raise NotImplementedError
+
+    def connect_peers(self, peers: list[dict]) -> None:
+        raise NotImplementedError
+
+    def connect_data(self, ep: str) -> zmq.Socket:
+        """PUSH socket to a peer's inbox. A send that cannot leave within the heartbeat
+        deadline raises (zmq.Again) instead of blocking the worker forever."""
+        sock = transport.connect(self.ctx, zmq.PUSH, ep, max_message=self.max_message)
+        sock.setsockopt(zmq.SNDTIMEO, int(self.hb_deadline * 1000) + 1000)
+        self.socks.append(sock)
+        return sock
+
+    def loop(self) -> None:
+        raise NotImplementedError
+
+    def bye_payload(self) -> tuple[list, dict]:
+        return [], {}
+
+    def stats(self) -> dict:
+        wall = time.time() - self.t_start
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = ru.ru_utime + ru.ru_stime
+        return {
+            "role": self.role, "index": self.index, "pid": os.getpid(), "host": self.host,
+            "wall": wall, "busy": self.busy, "comm": self.comm, "wait": self.wait,
+            "cpu_time": cpu, "peak_rss": ru.ru_maxrss * 1024,
+            "msgs_sent": self.msgs_sent, "bytes_sent": self.bytes_sent,
+            "msgs_recv": self.msgs_recv, "bytes_recv": self.bytes_recv,
+            "rejected": dict(self.rejected), "trace_dropped": self.n_trace >= TRACE_LIMIT,
+        }
+
+    def run(self) -> int:
+        code = 0
+        try:
+            endpoints = self.bind_inboxes()
+            self.send_ctrl(P.HELLO, role=self.role, index=self.index, pid=os.getpid(),
+                           host=_socket.gethostname(), **endpoints)
+            peers = self.wait_for_start()
+            self.connect_peers(peers)
+            self.state = "running"
+            self.loop()
+        except StopRequested:
+            self.state = "stopping"
+            arrays, extra = self.bye_payload()
+            n = self.n_trace
+            arrays = list(arrays) + [self.trace_t[:n].copy(), self.trace_d[:n].copy(), self.trace_c[:n].copy()]
+            self.send_ctrl(P.BYE, -1, arrays, stats=self.stats(), **extra)
+        except CoordinatorLost:
+            code = 3
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the coordinator as data
+            code = 1
+            try:
+                self.send_ctrl(P.ERROR, role=self.role, index=self.index,
+                               error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            except Exception:
+                pass
+        finally:
+            self.close()
+        return code
+
+    def wait_for_start(self) -> list[dict]:
+        while True:
+            now = time.monotonic()
+            self.heartbeat(now)
+            if self.ctrl.poll(int(self.hb_interval * 1000)):
+                msg = self.recv(self.ctrl)
+                if msg is None:
+                    continue
+                self.last_coord = time.monotonic()
+                if msg.kind == P.START:
+                    return msg.fields["peers"]
+                if msg.kind == P.STOP:
+                    raise StopRequested(msg.fields.get("reason", ""))
+
+    def close(self) -> None:
+        # give the last control message (bye/error) a moment to leave
+        self.ctrl.setsockopt(zmq.LINGER, 2000)
+        for s in self.socks:
+            if s is not self.ctrl:
+                s.close(0)
+        self.ctrl.close()
+        self.ctx.term()
+
+
+# ============================================================================ layer
+class LayerWorker(Worker):
+    role = "layer"
+
+    def __init__(self, spec: dict, index: int):
+        super().__init__(spec, index)
+        self.lspec = LayerSpec(**spec["specs"][index])
+        self.node = LayerNode(self.lspec)
+        self.K = self.lspec.n_layers
+        self.first = self.lspec.is_first
+        self.last = self.lspec.is_last
+        self.M = self.lspec.microbatches
+        self.batch_size = self.cfg.train.batch_size
+        self.dni = self.schedule in DNI_SCHEDULES
+        self.seq = self.schedule == "sequential"
+        self.pending = None          # sequential: outgoing message held until the ACK from below
+        self.metrics_acc = None      # pipeline (last layer): per-step metric accumulator
+        self.sg_losses = []
+        yshape = (None,) if self.lspec.task == "classification" else (None, self.lspec.n_out)
+        xshape = (None, self.lspec.fan_in)
+        self.expect_fwd = {P.FWD: [xshape, yshape], P.EVAL: [xshape, yshape]}
+        self.expect_bwd = {P.BWD: [(None, self.lspec.fan_out)]}
+
+    def bind_inboxes(self) -> dict:
+        node = self.spec["nodes"][self._node_id]
+        self.fwd_in, fwd_ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("fwd_port", 0),
+                                             max_message=self.max_message)
+        self.socks.append(self.fwd_in)
+        self.bwd_in, bwd_ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("bwd_port", 0),
+                                             max_message=self.max_message)
+        self.socks.append(self.bwd_in)
+        return {"fwd": fwd_ep, "bwd": bwd_ep}
+
+    def connect_peers(self, peers: list[dict]) -> None:
+        me = self._node_id
+        self.up = self.down = self.sink = None
+        if not self.last:
+            self.up = self.connect_data(peers[me + 1]["fwd"])
+        self.down = self.connect_data(peers[me - 1]["bwd"])
+        if self.last:
+            self.sink = self.connect_data(peers[0]["bwd"])
+
+    # ------------------------------------------------------------------ loop
+    def loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.ctrl, zmq.POLLIN)
+        poller.register(self.bwd_in, zmq.POLLIN)
+        poller.register(self.fwd_in, zmq.POLLIN)
+        timeout = int(self.hb_interval * 1000)
+        pc = time.perf_counter
+        while True:
+            t0 = pc()
+            events = dict(poller.poll(timeout))
+            dt = pc() - t0
+            self.wait += dt
+            if dt > 1e-4:
+                self.trace(3, time.time() - dt, dt)
+            now = time.monotonic()
+            self.heartbeat(now)
+            if self.ctrl in events:
+                self.handle_ctrl()
+            if self.bwd_in in events:
+                # gradients first: they free cached state and unblock the sequential order
+                while self.bwd_in.poll(0):
+                    msg = self.recv(self.bwd_in, self.expect_bwd)
+                    if msg is not None:
+                        self.on_bwd(msg)
+            if self.fwd_in in events:
+                msg = self.recv(self.fwd_in, self.expect_fwd)
+                if msg is not None:
+                    self.on_fwd(msg)
+
+    def _timed(self, code, fn, *args):
+        t0 = time.perf_counter()
+        w0 = time.time()
+        out = fn(*args)
+        d = time.perf_counter() - t0
+        self.busy += d
+        self.trace(code, w0, d)
+        return out
+
+    # --------------------------------------------------------------- forward
+    def on_fwd(self, msg) -> None:
+        kind = msg.kind
+        if kind == P.ACK:
+            self.release_pending(msg.step)
+            return
+        if kind == P.EVAL:
+            self.on_eval(msg)
+            return
+        if kind != P.FWD:
+            self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
+            return
+        x, y = msg.arrays
+        step = msg.step
+        self.cur_step = step
+        if self.dni:
+            h, gx, metrics = self._timed(0, self.node.dni_forward, step, x, y)
+            if gx is not None:
+                self.send(self.down, P.BWD, step, (gx,))
+            if self.last:
+                out = (P.DONE, step, (), _metric_fields(metrics))
+                target = self.sink
+            else:
+                out = (P.FWD, step, (h, y), None)
+                target = self.up
+            if self.seq and not self.first:
+                self.pending = (target, out)      # strictly one layer at a time: wait for the ACK
+            else:
+                self.send(target, *out)
+            return
+        # backprop / pipeline: step here is a micro-step (step * M + j)
+        scale = x.shape[0] / self.batch_size if self.M > 1 else 1.0
+        h, gx, metrics = self._timed(0, self.node.bp_forward, step, x, y, scale)
+        if not self.last:
+            self.send(self.up, P.FWD, step, (h, y))
+            return
+        if not self.first:
+            self.send(self.down, P.BWD, step, (gx,))
+        full_step = step // self.M
+        if self.M > 1:
+            acc = self.metrics_acc or {"loss": 0.0, "metric": 0.0, "metric2": 0.0, "n": 0}
+            for k in ("loss", "metric", "metric2"):
+                acc[k] += metrics[k] * metrics["n"]
+            acc["n"] += metrics["n"]
+            self.metrics_acc = acc
+            if step % self.M != self.M - 1:
+                return
+            metrics = {k: (v / acc["n"] if k != "n" else v) for k, v in acc.items()}
+            self.metrics_acc = None
+        self.send(self.sink, P.DONE, full_step, (), _metric_fields(metrics))
+        if self.first and self.node.step_complete:     # single-layer network: release the feeder
+            self.send(self.down, P.ACK, full_step)
+
+    def release_pending(self, step: int) -> None:
+        if self.pending is None:
+            self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
+            return
+        target, out = self.pending
+        self.pending = None
+        self.send(target, *out)
+
+    def on_eval(self, msg) -> None:
+        x, y = msg.arrays
+        h = self._timed(2, self.node.forward_only, x)
+        if self.last:
+            from . import losses
+            loss, _ = losses.compute(self.lspec.loss, h, y)
+            m, m2, n = losses.metrics(self.lspec.loss, h, y)
+            self.send(self.sink, P.EVAL_RESULT, msg.step, (),
+                      {"eid": msg.fields["eid"], "loss": loss, "metric": m, "metric2": m2, "n": n})
+        else:
+            self.send(self.up, P.EVAL, msg.step, (h, y), {"eid": msg.fields["eid"]})
+
+    # -------------------------------------------------------------- backward
+    def on_bwd(self, msg) -> None:
+        if msg.kind != P.BWD:
+            self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
+            return
+        g = msg.arrays[0]
+        step = msg.step
+        if self.dni:
+            loss = self._timed(1, self.node.sg_update, step, g)
+            self.sg_losses.append(loss)
+            if self.seq:
+                self.send(self.up, P.ACK, step)
+            return
+        gx = self._timed(1, self.node.bp_backward, step, g)
+        if not self.first:
+            self.send(self.down, P.BWD, step, (gx,))
+        elif self.node.step_complete:
+            self.send(self.down, P.ACK, step // self.M)
+
+    # ------------------------------------------------------------------ bye
+    def stats(self) -> dict:
+        s = super().stats()
+        s.update(steps=self.node.fwd_steps, updates=self.node.updates, sg_updates=self.node.sg_updates,
+                 sg_loss=float(np.mean(self.sg_losses[-50:])) if self.sg_losses else None,
+                 cached_steps=len(self.node.cache),
+                 fan_in=self.lspec.fan_in, fan_out=self.lspec.fan_out,
+                 flops_per_batch=self.node.flops_per_batch(self.batch_size, self.schedule))
+        return s
+
+    def bye_payload(self):
+        names, arrays = [], []
+        for k, v in self.node.params().items():
+            names.append(k)
+            arrays.append(v)
+        return arrays, {"params": names}
+
+
+def _metric_fields(m: dict) -> dict:
+    return {"loss": float(m["loss"]), "metric": float(m["metric"]), "metric2": float(m["metric2"]), "n": int(m["n"])}
+
+
+# ============================================================================ feeder
+class FeederWorker(Worker):
+    role = "feeder"
+
+    def __init__(self, spec: dict, index: int = 0):
+        super().__init__(spec, index)
+        from .data import BatchStream, eval_batches
+        from .model import load_datasets, microbatch_bounds
+        self.train, self.test = load_datasets(self.cfg)
+        t = self.cfg.train
+        self.steps = int(spec["steps"])
+        self.stream = BatchStream(self.train, t.batch_size, t.seed)
+        self.eval_set = eval_batches(self.test, t.eval_batch)
+        self.M = t.microbatches if self.schedule == "pipeline" else 1
+        self.bounds = microbatch_bounds(t.batch_size, self.M)
+        self.window = t.max_inflight if self.schedule == "async" else 1
+        self.release_kind = P.DONE if self.schedule in DNI_SCHEDULES else P.ACK
+        self.losses = np.full(self.steps, np.nan)
+        self.metric = np.full(self.steps, np.nan)
+        self.done_at = np.full(self.steps, np.nan)   # training-clock time each step finished
+        self.evals: list[dict] = []
+        self.time_to_target = None
+
+    def bind_inboxes(self) -> dict:
+        node = self.spec["nodes"][0]
+        self.inbox, ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("bwd_port", 0),
+                                        max_message=self.max_message)
+        self.socks.append(self.inbox)
+        return {"fwd": "", "bwd": ep}
+
+    def connect_peers(self, peers):
+        self.up = self.connect_data(peers[1]["fwd"])
+        self.poller = zmq.Poller()
+        self.poller.register(self.inbox, zmq.POLLIN)
+        self.poller.register(self.ctrl, zmq.POLLIN)
+
+    def _pump(self, timeout_ms: int):
+        """Wait for one inbox message (or control / heartbeat); returns it or None."""
+        t0 = time.perf_counter()
+        ready = dict(self.poller.poll(timeout_ms))
+        self.wait += time.perf_counter() - t0
+        self.heartbeat(time.monotonic())
+        if self.ctrl in ready:
+            self.handle_ctrl()
+        if self.inbox in ready:
+            return self.recv(self.inbox)
+        return None
+
+    def loop(self) -> None:
+        timeout = int(self.hb_interval * 1000)
+        sent = completed = 0
+        paused = 0.0
+        t0 = time.perf_counter()
+        next_progress = 0.0
+        eval_every = self.cfg.train.eval_every
+        target = self.cfg.train.target_accuracy
+        self.state = "training"
+        while completed < self.steps:
+            while sent < self.steps and sent - completed < self.window:
+                if eval_every and sent > 0 and sent % eval_every == 0 and sent > completed:
+                    break                       # drain before the periodic evaluation
+                x, y = self.stream.batch(sent)
+                if self.M == 1:
+                    self.send(self.up, P.FWD, sent, (x, y))
+                else:
+                    for j, (a, b) in enumerate(self.bounds):
+                        self.send(self.up, P.FWD, sent * self.M + j, (x[a:b], y[a:b]))
+                sent += 1
+            msg = self._pump(timeout)
+            if msg is None:
+                continue
+            if msg.kind == P.DONE:
+                s = msg.step
+                if 0 <= s < self.steps:
+                    self.losses[s] = msg.fields["loss"]
+                    self.metric[s] = msg.fields["metric"]
+                if self.release_kind == P.DONE:
+                    completed += 1
+                    self.done_at[s] = time.perf_counter() - t0 - paused
+            elif msg.kind == P.ACK:
+                completed += 1
+                if 0 <= msg.step < self.steps:
+                    self.done_at[msg.step] = time.perf_counter() - t0 - paused
+            else:
+                self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
+                continue
+            self.cur_step = completed
+            now = time.perf_counter()
+            if eval_every and completed % eval_every == 0 and completed == sent and completed < self.steps:
+                p0 = time.perf_counter()
+                ev = self.evaluate()
+                ev.update(step=completed, train_time=p0 - t0 - paused)
+                paused += time.perf_counter() - p0        # evaluation is off the training clock
+                self.evals.append(ev)
+                if target and self.time_to_target is None and ev["metric"] >= target:
+                    self.time_to_target = ev["train_time"]
+            if now >= next_progress or completed == self.steps:
+                i = completed - 1
+                self.send_ctrl(P.PROGRESS, done=completed, total=self.steps,
+                               loss=float(np.nanmean(self.losses[max(0, i - 20):i + 1])) if completed else float("nan"),
+                               elapsed=now - t0 - paused)
+                next_progress = now + PROGRESS_INTERVAL
+        self.train_time = time.perf_counter() - t0 - paused
+        self.state = "evaluating"
+        ev = self.evaluate()
+        ev.update(step=self.steps, train_time=self.train_time)
+        self.evals.append(ev)
+        if target and self.time_to_target is None and ev["metric"] >= target:
+            self.time_to_target = self.train_time
+        self.state = "finished"
+        self.send_ctrl(P.STATS, finished=True)
+        while True:                        # until STOP
+            self._pump(timeout)
+
+    def evaluate(self) -> dict:
+        for eid, (x, y) in enumerate(self.eval_set):
+            self.send(self.up, P.EVAL, eid, (x, y), {"eid": eid})
+        got = {}
+        while len(got) < len(self.eval_set):
+            msg = self._pump(int(self.hb_interval * 1000))
+            if msg is not None and msg.kind == P.EVAL_RESULT:
+                got[msg.fields["eid"]] = msg.fields
+        n = sum(r["n"] for r in got.values())
+        return {k: sum(r[k] * r["n"] for r in got.values()) / n for k in ("loss", "metric", "metric2")} | {"n": n}
+
+    def stats(self) -> dict:
+        s = super().stats()
+        s.update(steps=self.steps, train_time=getattr(self, "train_time", None), evals=self.evals,
+                 time_to_target=self.time_to_target, batch_size=self.cfg.train.batch_size,
+                 samples=self.steps * self.cfg.train.batch_size)
+        return s
+
+    def bye_payload(self):
+        return [self.losses, self.metric, self.done_at], {"series": ["loss", "metric", "done_at"]}
+
+
+def run_worker(spec: dict, role: str, index: int) -> int:
+    cls = FeederWorker if role == "feeder" else LayerWorker
+    return cls(spec, index).run()

@@ -1,0 +1,7 @@
+"""One layer worker: ``python -m workers.layer SPEC.json INDEX``."""
+import sys
+
+from workers._entry import main
+
+if __name__ == "__main__":
+    sys.exit(main("layer"))
