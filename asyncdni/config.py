@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     layers: int = 4                     # dense layers = layer worker processes
-    width: int = 64                     # width of every hidden layer
+    width: int = 128                    # width of every hidden layer
     widths: tuple[int, ...] = ()        # explicit hidden widths (layers-1 of them); overrides width
     activation: str = "relu"
     init: str = "he"
@@ -58,15 +58,15 @@ class DataConfig:
 class TrainConfig:
     schedule: str = "async"
     steps: int = 0                      # 0: derive from epochs
-    epochs: float = 4.0
+    epochs: float = 8.0
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-3
     loss: str = "auto"                  # auto: softmax_ce for classification, sigmoid_bce for bits
     sg_model: str = "linear"            # synthetic-gradient model: linear or mlp
     sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
-    sg_lr: float = 1e-4
-    cond: bool = False                  # label-conditioned SG (cDNI)
+    sg_lr: float = 1e-3
+    cond: bool = True                   # label-conditioned SG (cDNI)
     max_inflight: int = 8               # async: steps in flight between feeder and last layer
     microbatches: int = 4               # pipeline: micro-batches per step
     seed: int = 0
@@ -159,13 +159,18 @@ def _coerce(name: str, value, tp):
     raise TypeError(f"unsupported config type {tp} for {name}")  # programming error
 
 
+def _printable(key: str) -> str:
+    """A key as typed, or its repr when it holds characters that would break a one-line message."""
+    return key if key.isprintable() else repr(key)
+
+
 def _section(cls, name: str, values: dict):
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown setting {name}.{key}; allowed in [{name}]: {', '.join(allowed)}")
+            raise ConfigError(f"unknown setting {name}.{_printable(key)}; allowed in [{name}]: {', '.join(allowed)}")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -176,7 +181,7 @@ def from_dict(d: dict) -> RunConfig:
     sections = {}
     for key, value in d.items():
         if key not in _SECTION_CLASSES:
-            raise ConfigError(f"unknown section [{key}]; allowed: {', '.join(_SECTION_CLASSES)}")
+            raise ConfigError(f"unknown section [{_printable(key)}]; allowed: {', '.join(_SECTION_CLASSES)}")
         if not isinstance(value, dict):
             raise ConfigError(f"[{key}] must be a table of settings, got {value!r}")
         sections[key] = _section(_SECTION_CLASSES[key], key, value)
@@ -275,11 +280,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         if len(set(r.ports)) != len(r.ports):
             raise ConfigError("runtime.ports: ports must be distinct")
     _positive("runtime.blas_threads", r.blas_threads, 1)
-    if not r.heartbeat_interval > 0:
-        raise ConfigError(f"runtime.heartbeat_interval: must be > 0 seconds, got {r.heartbeat_interval}")
+    if not (0 < r.heartbeat_interval <= 60):
+        raise ConfigError(f"runtime.heartbeat_interval: must be between 0 and 60 seconds, got {r.heartbeat_interval}")
     _positive("runtime.heartbeat_misses", r.heartbeat_misses, 1)
-    if not r.start_timeout > 0:
-        raise ConfigError(f"runtime.start_timeout: must be > 0 seconds, got {r.start_timeout}")
+    if not (0 < r.start_timeout <= 3600):
+        raise ConfigError(f"runtime.start_timeout: must be between 0 and 3600 seconds, got {r.start_timeout}")
     return cfg
 
 

@@ -1,0 +1,780 @@
+"""Numerical correctness of the training arithmetic (numpy only, no processes, no sockets).
+
+* central finite differences in float64 for every analytic gradient: dense layers, losses,
+  synthetic-gradient models, and a whole 3-layer network trained through ``LayerNode``;
+* DNI semantics of ``LayerNode`` (zero-initialised SG, SG regression target scale, last-layer
+  true-gradient update, unknown steps);
+* pipeline micro-batch accumulation == one full-batch backprop step;
+* optimizers against hand-written references, checkpoint state round-trip;
+* activation stability, initialisation statistics, metrics on hand-made cases.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from asyncdni import layer as layer_mod
+from asyncdni import losses
+from asyncdni.layer import LayerNode, LayerSpec, StepError, condition_vector
+from asyncdni.model import microbatch_bounds
+from asyncdni.nn import ACTIVATIONS, Dense, activate, activation_backward, init_weights
+from asyncdni.optim import SGD, Adam, Momentum, make_optimizer
+from asyncdni.synthetic import LinearSG, MLPSG, make_sg_model
+
+F64 = np.float64
+EPS = 1e-6      # finite-difference step
+RTOL = 1e-6     # relative error tolerance of analytic vs numerical gradients
+
+
+# --------------------------------------------------------------------------- helpers
+def numgrad(f, p: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """Central finite differences of the scalar f() wrt every entry of p (perturbed in place)."""
+    g = np.zeros_like(p, dtype=F64)
+    for idx in np.ndindex(p.shape):
+        old = p[idx]
+        p[idx] = old + eps
+        fp = f()
+        p[idx] = old - eps
+        fm = f()
+        p[idx] = old
+        g[idx] = (fp - fm) / (2 * eps)
+    return g
+
+
+def rel_err(a: np.ndarray, n: np.ndarray) -> float:
+    a = np.asarray(a, F64)
+    n = np.asarray(n, F64)
+    denom = np.linalg.norm(a) + np.linalg.norm(n)
+    return float(np.linalg.norm(a - n) / max(denom, 1e-300))
+
+
+def assert_grad(analytic, numeric, name: str, tol: float = RTOL):
+    assert analytic.shape == numeric.shape, f"{name}: shape {analytic.shape} vs {numeric.shape}"
+    # a check against an all-zero gradient would be vacuous
+    assert np.linalg.norm(numeric) > 1e-6, f"{name}: numerical gradient is (near) zero; test is trivial"
+    err = rel_err(analytic, numeric)
+    assert err < tol, f"{name}: relative error {err:.3e} >= {tol:g}"
+
+
+def make_spec(index, n_layers, fan_in, fan_out, activation, *, loss="softmax_ce",
+              task="classification", n_out=3, optimizer="sgd", lr=1.0, sg_model="linear",
+              sg_hidden=0, sg_lr=0.1, cond=False, microbatches=1, seed=0, init="he") -> LayerSpec:
+    return LayerSpec(index=index, n_layers=n_layers, fan_in=fan_in, fan_out=fan_out,
+                     activation=activation, init=init, loss=loss, task=task, n_out=n_out,
+                     optimizer=optimizer, lr=lr, sg_model=sg_model, sg_hidden=sg_hidden,
+                     sg_lr=sg_lr, cond=cond, microbatches=microbatches, seed=seed)
+
+
+def make_net(widths, acts, *, loss, task, n_out, optimizer="sgd", lr=1.0, microbatches=1,
+             seed=0, sg_model="linear"):
+    K = len(acts)
+    return [LayerNode(make_spec(i, K, widths[i], widths[i + 1], acts[i], loss=loss, task=task,
+                                n_out=n_out, optimizer=optimizer, lr=lr,
+                                microbatches=microbatches, seed=seed, sg_model=sg_model),
+                      dtype=F64)
+            for i in range(K)]
+
+
+def net_loss(nodes, x, y, loss):
+    h = x
+    for node in nodes:
+        h = node.forward_only(h)
+    return losses.compute(loss, h, y)[0]
+
+
+def sigmoid_ref(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# ------------------------------------------------------------ 1. finite differences
+def _dense_case(activation: str):
+    """A float64 Dense layer with random W, b, x; for relu all |pre-activations| >= 0.05."""
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        d = Dense.create(rng, 5, 4, activation, "he", F64)
+        d.b[...] = rng.normal(0, 0.5, d.b.shape)
+        x = rng.normal(0, 1, (6, 5))
+        z = x @ d.W + d.b
+        if activation != "relu" or (np.abs(z).min() > 0.05 and (z > 0).sum() >= 6):
+            return rng, d, x
+    raise AssertionError("no well-conditioned relu case found")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_dense_backward_matches_finite_differences(activation):
+    rng, d, x = _dense_case(activation)
+    assert d.W.dtype == F64 and d.b.dtype == F64
+    R = rng.normal(0, 1, (6, 4))                # L = sum(h * R)  =>  dL/dh = R
+
+    def f():
+        return float((d.forward(x) * R).sum())
+
+    h = d.forward(x)
+    gW, gb, gx = d.backward(x, h, R.copy(), need_input_grad=True)
+    assert_grad(gW, numgrad(f, d.W), f"{activation} gW")
+    assert_grad(gb, numgrad(f, d.b), f"{activation} gb")
+    assert_grad(gx, numgrad(f, x), f"{activation} gx")
+    # need_input_grad=False returns the same parameter gradients and no gx
+    gW2, gb2, gx2 = d.backward(x, h, R.copy(), need_input_grad=False)
+    assert gx2 is None
+    np.testing.assert_array_equal(gW2, gW)
+    np.testing.assert_array_equal(gb2, gb)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_backward_is_derivative_of_activate(activation):
+    z = np.linspace(-3, 3, 25) + 0.0123          # no exact zero (relu kink)
+    h = activate(activation, z)
+    num = (activate(activation, z + EPS) - activate(activation, z - EPS)) / (2 * EPS)
+    ana = activation_backward(activation, h, np.ones_like(z))
+    np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-9)
+
+
+def test_softmax_ce_gradient_matches_finite_differences():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (7, 5))
+    labels = rng.integers(0, 5, 7)
+    loss, g = losses.softmax_cross_entropy(logits, labels)
+    # loss value against a direct formula
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert loss == pytest.approx(-np.log(p[np.arange(7), labels]).mean(), rel=1e-12)
+    num = numgrad(lambda: losses.softmax_cross_entropy(logits, labels)[0], logits)
+    assert_grad(g, num, "softmax_ce")
+    assert g.dtype == F64
+    # each row's gradient sums to zero (softmax minus one-hot), scaled by 1/B
+    np.testing.assert_allclose(g.sum(axis=1), 0, atol=1e-15)
+
+
+def test_softmax_ce_stable_for_large_logits():
+    logits = np.array([[1000.0, 0.0, -1000.0], [-1000.0, 1000.0, 999.0]])
+    labels = np.array([0, 2])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        loss, g = losses.softmax_cross_entropy(logits, labels)
+    # row 0: p(0)=1 -> 0; row 1: -log softmax at 999 vs 1000 = log(1+e)
+    assert loss == pytest.approx((0.0 + np.log1p(np.e)) / 2, rel=1e-12)
+    assert np.all(np.isfinite(g))
+
+
+def test_sigmoid_bce_gradient_matches_finite_differences():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (6, 4))
+    logits[0] = [25.0, -25.0, 30.0, -30.0]      # large |logits| both sides of zero
+    logits[1] = [0.0, 1e-3, -1e-3, 8.0]
+    targets = rng.integers(0, 2, (6, 4))
+    targets[0] = [1, 1, 0, 0]                    # confident-right and confident-wrong
+    loss, g = losses.sigmoid_bce(logits, targets)
+    p = sigmoid_ref(logits)
+    ref = -(targets * np.log(p) + (1 - targets) * np.log1p(-p)).sum() / 6
+    assert loss == pytest.approx(ref, rel=1e-9)
+    num = numgrad(lambda: losses.sigmoid_bce(logits, targets)[0], logits)
+    assert_grad(g, num, "sigmoid_bce")
+    np.testing.assert_allclose(g, (p - targets) / 6, rtol=1e-12, atol=1e-18)
+
+
+def test_sigmoid_bce_stable_for_huge_logits():
+    logits = np.array([[1000.0, -1000.0, 1000.0, -1000.0]])
+    targets = np.array([[1, 0, 0, 1]])
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
+        warnings.simplefilter("error")
+        loss, g = losses.sigmoid_bce(logits, targets)
+    # the two wrong, confident outputs cost |logit| each; the right ones cost ~0
+    assert loss == pytest.approx(2000.0, rel=1e-12)
+    np.testing.assert_allclose(g, [[0.0, 0.0, 1.0, -1.0]], atol=1e-300)
+
+
+def test_mse_gradient_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    pred = rng.normal(0, 1, (5, 3))
+    target = rng.normal(0, 1, (5, 3))
+    loss, g = losses.mse(pred, target)
+    assert loss == pytest.approx(((pred - target) ** 2).sum() / 5, rel=1e-12)
+    num = numgrad(lambda: losses.mse(pred, target)[0], pred)
+    assert_grad(g, num, "mse")
+
+
+@pytest.mark.parametrize("name", losses.LOSSES)
+def test_losses_compute_dispatches(name):
+    rng = np.random.default_rng(4)
+    out = rng.normal(0, 1, (4, 3))
+    y = rng.integers(0, 3, 4) if name == "softmax_ce" else rng.integers(0, 2, (4, 3))
+    direct = {"softmax_ce": losses.softmax_cross_entropy, "sigmoid_bce": losses.sigmoid_bce,
+              "mse": losses.mse}[name](out, y)
+    loss, g = losses.compute(name, out, y)
+    assert loss == direct[0]
+    np.testing.assert_array_equal(g, direct[1])
+
+
+def _randomise(params, rng, scale=0.5):
+    for p in params:
+        p[...] = rng.normal(0, scale, p.shape)
+
+
+@pytest.mark.parametrize("cond_dim", [0, 3])
+def test_linear_sg_grads_match_finite_differences(cond_dim):
+    rng = np.random.default_rng(5)
+    sg = LinearSG(4, cond_dim, rng, F64)
+    assert len(sg.params) == (3 if cond_dim else 2)
+    assert all(p.dtype == F64 for p in sg.params)
+    h = rng.normal(0, 1, (6, 4))
+    c = condition_vector("classification", cond_dim, rng.integers(0, cond_dim, 6), F64) if cond_dim else None
+    target = rng.normal(0, 1, (6, 4))
+    # zero-initialised: an untrained model predicts exactly zero
+    np.testing.assert_array_equal(sg.predict(h, c), np.zeros((6, 4)))
+    _randomise(sg.params, rng)
+    pred = sg.predict(h, c)
+    loss, grads = sg.loss_and_grads(h, c, target)
+    assert loss == pytest.approx(((pred - target) ** 2).sum() / 6, rel=1e-12)
+    assert len(grads) == len(sg.params)
+    names = ["A", "a", "C"]
+    for i, p in enumerate(sg.params):
+        num = numgrad(lambda: sg.loss_and_grads(h, c, target)[0], p)
+        assert_grad(grads[i], num, f"LinearSG {names[i]}")
+
+
+def _mlp_case(cond_dim):
+    """MLPSG with random params whose hidden pre-activations are all >= 0.05 away from 0."""
+    for seed in range(500):
+        rng = np.random.default_rng(seed)
+        sg = MLPSG(4, cond_dim, 5, rng, F64)
+        h = rng.normal(0, 1, (6, 4))
+        c = (condition_vector("bits", cond_dim, rng.integers(0, 2, (6, cond_dim)), F64)
+             if cond_dim else None)
+        # zero-initialised output layer: an untrained model predicts exactly zero
+        np.testing.assert_array_equal(sg.predict(h, c), np.zeros((6, 4)))
+        assert np.any(sg.A1 != 0)
+        _randomise(sg.params, rng)
+        z = h @ sg.A1 + sg.a1 + (c @ sg.C1 if cond_dim else 0)
+        if np.abs(z).min() > 0.05 and (z > 0).mean() > 0.3:
+            return rng, sg, h, c
+    raise AssertionError("no well-conditioned MLPSG case found")
+
+
+@pytest.mark.parametrize("cond_dim", [0, 3])
+def test_mlp_sg_grads_match_finite_differences(cond_dim):
+    rng, sg, h, c = _mlp_case(cond_dim)
+    assert len(sg.params) == (5 if cond_dim else 4)
+    target = rng.normal(0, 1, (6, 4))
+    pred = sg.predict(h, c)
+    z = h @ sg.A1 + sg.a1 + (c @ sg.C1 if cond_dim else 0)
+    np.testing.assert_allclose(pred, np.maximum(z, 0) @ sg.A2 + sg.a2, rtol=1e-12)
+    loss, grads = sg.loss_and_grads(h, c, target)
+    assert loss == pytest.approx(((pred - target) ** 2).sum() / 6, rel=1e-12)
+    assert len(grads) == len(sg.params)
+    names = ["A1", "a1", "A2", "a2", "C1"]
+    for i, p in enumerate(sg.params):
+        num = numgrad(lambda: sg.loss_and_grads(h, c, target)[0], p)
+        assert_grad(grads[i], num, f"MLPSG {names[i]}")
+
+
+def test_make_sg_model_and_unknown_kind():
+    rng = np.random.default_rng(0)
+    assert isinstance(make_sg_model("linear", 3, 0, 0, rng, F64), LinearSG)
+    m = make_sg_model("mlp", 3, 2, 0, rng, F64)
+    assert isinstance(m, MLPSG) and m.A2.shape == (3, 3)     # hidden defaults to dim
+    with pytest.raises(ValueError):
+        make_sg_model("conv", 3, 0, 0, rng)
+
+
+# --------------------------------------------------------- 2. whole-network check
+NET_CASES = {
+    "softmax_ce": dict(acts=("tanh", "sigmoid", "linear"), loss="softmax_ce",
+                       task="classification", n_out=3),
+    "sigmoid_bce": dict(acts=("sigmoid", "tanh", "linear"), loss="sigmoid_bce", task="bits", n_out=3),
+    "mse": dict(acts=("linear", "tanh", "sigmoid"), loss="mse", task="bits", n_out=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NET_CASES))
+def test_three_layer_backprop_gradients_match_finite_differences(case):
+    cfg = NET_CASES[case]
+    widths = (6, 5, 4, 3)
+    nodes = make_net(widths, cfg["acts"], loss=cfg["loss"], task=cfg["task"], n_out=cfg["n_out"],
+                     optimizer="sgd", lr=1.0, seed=11)
+    rng = np.random.default_rng(12)
+    for node in nodes:
+        assert node.dense.W.dtype == F64
+        node.dense.b[...] = rng.normal(0, 0.3, node.dense.b.shape)
+    B = 8
+    x = rng.normal(0, 1, (B, 6))
+    y = rng.integers(0, 3, B) if cfg["task"] == "classification" else rng.integers(0, 2, (B, 3))
+
+    def f():
+        return net_loss(nodes, x, y, cfg["loss"])
+
+    L0 = f()
+    numeric = [(numgrad(f, n.dense.W), numgrad(f, n.dense.b)) for n in nodes]
+    before = [(n.dense.W.copy(), n.dense.b.copy()) for n in nodes]
+
+    # capture what each layer hands its optimizer, and when
+    captured = {}
+    for i, node in enumerate(nodes):
+        orig = node.opt.step
+
+        def step(grads, i=i, orig=orig):
+            captured[i] = [g.copy() for g in grads]
+            orig(grads)
+        node.opt.step = step
+
+    h = x
+    for node in nodes[:-1]:
+        h, gx, m = node.bp_forward(0, h, y)
+        assert gx is None and m is None
+    assert captured == {}                                  # nothing applied before the loss
+    _, g, metrics = nodes[-1].bp_forward(0, h, y)
+    assert metrics["loss"] == pytest.approx(L0, rel=1e-12)
+    assert metrics["n"] == B
+    for node in reversed(nodes[:-1]):
+        g = node.bp_backward(0, g)
+    assert g is None                                       # first layer: no input gradient
+    assert sorted(captured) == [0, 1, 2]
+    for i, node in enumerate(nodes):
+        W0, b0 = before[i]
+        gW, gb = W0 - node.dense.W, b0 - node.dense.b      # SGD, lr=1: update = -gradient
+        np.testing.assert_allclose(gW, captured[i][0], rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(gb, captured[i][1], rtol=1e-9, atol=1e-14)
+        assert_grad(captured[i][0], numeric[i][0], f"{case} layer {i + 1} W")
+        assert_grad(captured[i][1], numeric[i][1], f"{case} layer {i + 1} b")
+        assert node.updates == 1
+        assert node.cache == {}
+    with pytest.raises(StepError):
+        nodes[0].bp_backward(0, np.zeros((B, 5)))              # step already consumed
+
+
+# ------------------------------------------------------------- 3. DNI semantics
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("sg_model", ["linear", "mlp"])
+def test_dni_forward_with_untrained_sg_leaves_weights_unchanged(optimizer, sg_model):
+    node = LayerNode(make_spec(1, 3, 5, 4, "tanh", optimizer=optimizer, lr=0.5,
+                               sg_model=sg_model, sg_hidden=6, seed=3), dtype=F64)
+    node.dense.b[...] = 0.1
+    W0, b0 = node.dense.W.copy(), node.dense.b.copy()
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (7, 5))
+    y = rng.integers(0, 3, 7)
+    h, gx, metrics = node.dni_forward(42, x, y)
+    np.testing.assert_array_equal(node.dense.W, W0)
+    np.testing.assert_array_equal(node.dense.b, b0)
+    np.testing.assert_allclose(h, np.tanh(x @ W0 + b0), rtol=1e-14)
+    assert metrics is None
+    np.testing.assert_array_equal(gx, np.zeros((7, 5)))        # zero synthetic gradient passed down
+    assert 42 in node.cache
+    np.testing.assert_array_equal(node.cache[42][0], h)
+    assert node.cache[42][1] is None                           # no conditioning
+    assert node.fwd_steps == 1
+
+
+def test_dni_forward_caches_condition_vector():
+    node = LayerNode(make_spec(0, 2, 5, 4, "relu", cond=True, n_out=3, seed=1), dtype=F64)
+    x = np.random.default_rng(0).normal(0, 1, (4, 5))
+    y = np.array([2, 0, 1, 2])
+    h, gx, _ = node.dni_forward(7, x, y)
+    assert gx is None                                          # first layer
+    c = node.cache[7][1]
+    np.testing.assert_array_equal(c, np.eye(3)[y])
+    assert c.dtype == F64
+
+
+def test_condition_vector():
+    c = condition_vector("classification", 4, np.array([3, 0, 1]), F64)
+    np.testing.assert_array_equal(c, [[0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]])
+    bits = np.array([[1, 0, 1], [0, 0, 1]], dtype=np.uint8)
+    cb = condition_vector("bits", 3, bits, np.float32)
+    assert cb.dtype == np.float32
+    np.testing.assert_array_equal(cb, bits)
+
+
+@pytest.mark.parametrize("sg_model", ["linear", "mlp"])
+def test_sg_update_moves_prediction_toward_target(sg_model):
+    # lr=0 for the layer keeps W (and so h) fixed; the SG trains with its own sg_lr
+    node = LayerNode(make_spec(1, 3, 5, 4, "sigmoid", optimizer="sgd", lr=0.0, sg_model=sg_model,
+                               sg_hidden=8, sg_lr=0.05, seed=4), dtype=F64)
+    rng = np.random.default_rng(1)
+    B = 6
+    x = rng.normal(0, 1, (B, 5))
+    y = rng.integers(0, 3, B)
+    g = rng.normal(0, 1, (B, 4)) / B          # the true dL/dh of a batch-mean loss
+    target = g * B
+    sg_losses, dists = [], []
+    for step in range(60):
+        h, _, _ = node.dni_forward(step, x, y)
+        dists.append(np.linalg.norm(node.sg.predict(h, None) - target))
+        sg_losses.append(node.sg_update(step, g))
+        assert step not in node.cache
+    assert node.sg_updates == 60
+    assert node.last_sg_loss == sg_losses[-1]
+    # the first update sees the zero prediction: loss = mean over rows of |target|^2
+    assert sg_losses[0] == pytest.approx((target ** 2).sum() / B, rel=1e-12)
+    assert dists[1] < dists[0]
+    assert all(b <= a + 1e-12 for a, b in zip(sg_losses, sg_losses[1:])), "SG loss not monotone"
+    assert sg_losses[-1] < 0.5 * sg_losses[0]
+
+
+def test_sg_trained_on_per_example_gradient_scale():
+    """The SG regresses onto B * dL/dh, and the layer divides its prediction by B again."""
+    node = LayerNode(make_spec(1, 3, 5, 4, "sigmoid", optimizer="sgd", lr=0.0, sg_model="linear",
+                               sg_lr=0.1, seed=5), dtype=F64)
+    rng = np.random.default_rng(2)
+    B = 8
+    x = rng.normal(0, 1, (B, 5))
+    y = rng.integers(0, 3, B)
+    t = np.array([1.0, -2.0, 0.5, 3.0])        # constant per-example gradient
+    g = np.tile(t / B, (B, 1))                   # dL/dh for a batch-mean loss
+    for step in range(1500):
+        node.dni_forward(step, x, y)
+        node.sg_update(step, g)
+    h = node.dense.forward(x)
+    pred = node.sg.predict(h, None)
+    np.testing.assert_allclose(pred, np.tile(t, (B, 1)), atol=1e-4)   # t, not t / B
+    # now let the layer learn: its update must be the one the true gradient g would give
+    node.opt.lr = 1.0
+    W0, b0 = node.dense.W.copy(), node.dense.b.copy()
+    node.dni_forward(10_000, x, y)
+    gW, gb, _ = Dense(W0.copy(), b0.copy(), "sigmoid").backward(x, h, g)
+    np.testing.assert_allclose(W0 - node.dense.W, gW, rtol=1e-3, atol=1e-8)
+    np.testing.assert_allclose(b0 - node.dense.b, gb, rtol=1e-3, atol=1e-8)
+
+
+def test_sg_update_unknown_step_raises():
+    node = LayerNode(make_spec(0, 2, 3, 3, "tanh", seed=0), dtype=F64)
+    with pytest.raises(StepError):
+        node.sg_update(5, np.zeros((2, 3)))
+    assert issubclass(layer_mod.StepError, RuntimeError)
+    x = np.ones((2, 3))
+    node.dni_forward(1, x, np.array([0, 1]))
+    node.sg_update(1, np.zeros((2, 3)))
+    with pytest.raises(StepError):
+        node.sg_update(1, np.zeros((2, 3)))                   # already consumed
+    node.dni_forward(2, x, np.array([0, 1]))
+    node.drop_step(2)
+    with pytest.raises(StepError):
+        node.sg_update(2, np.zeros((2, 3)))
+    with pytest.raises(StepError):
+        node.bp_backward(99, np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("loss,task,act", [("softmax_ce", "classification", "linear"),
+                                           ("sigmoid_bce", "bits", "linear"),
+                                           ("mse", "bits", "sigmoid")])
+def test_last_layer_dni_forward_applies_true_gradient(loss, task, act):
+    lr = 0.3
+    node = LayerNode(make_spec(1, 2, 5, 3, act, loss=loss, task=task, n_out=3, optimizer="sgd",
+                               lr=lr, seed=6), dtype=F64)
+    assert node.sg is None
+    rng = np.random.default_rng(3)
+    node.dense.b[...] = rng.normal(0, 0.3, 3)
+    B = 6
+    x = rng.normal(0, 1, (B, 5))
+    y = rng.integers(0, 3, B) if task == "classification" else rng.integers(0, 2, (B, 3))
+    W0, b0 = node.dense.W.copy(), node.dense.b.copy()
+    # manual forward, loss gradient and SGD step, written independently of the package
+    z = x @ W0 + b0
+    if loss == "softmax_ce":
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        gz = (p - np.eye(3)[y]) / B
+        ref_loss = -np.log(p[np.arange(B), y]).mean()
+    elif loss == "sigmoid_bce":
+        p = sigmoid_ref(z)
+        gz = (p - y) / B
+        ref_loss = -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum() / B
+    else:
+        s = sigmoid_ref(z)
+        gz = 2 * (s - y) / B * s * (1 - s)
+        ref_loss = ((s - y) ** 2).sum() / B
+    h, gx, metrics = node.dni_forward(0, x, y)
+    assert h is None
+    np.testing.assert_allclose(node.dense.W, W0 - lr * (x.T @ gz), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(node.dense.b, b0 - lr * gz.sum(0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(gx, gz @ W0.T, rtol=1e-12, atol=1e-15)   # with the pre-update W
+    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-10)
+    assert metrics["n"] == B
+    assert node.cache == {}
+    assert node.updates == 1
+
+
+# ------------------------------------------------- 4. pipeline micro-batch accumulation
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("M", [2, 3])
+def test_pipeline_microbatches_equal_full_batch_step(optimizer, M):
+    widths, acts = (6, 5, 4, 3), ("tanh", "sigmoid", "linear")
+    kw = dict(loss="softmax_ce", task="classification", n_out=3, optimizer=optimizer, lr=0.05, seed=21)
+    full = make_net(widths, acts, microbatches=1, **kw)
+    pipe = make_net(widths, acts, microbatches=M, **kw)
+    for a, b in zip(full, pipe):
+        np.testing.assert_array_equal(a.dense.W, b.dense.W)
+    init = [(n.dense.W.copy(), n.dense.b.copy()) for n in pipe]
+    rng = np.random.default_rng(22)
+    B = 10
+    x = rng.normal(0, 1, (B, 6))
+    y = rng.integers(0, 3, B)
+
+    # one full-batch backprop step
+    h = x
+    for node in full[:-1]:
+        h, _, _ = node.bp_forward(0, h, y)
+    _, g, _ = full[-1].bp_forward(0, h, y)
+    for node in reversed(full[:-1]):
+        g = node.bp_backward(0, g)
+    assert all(n.step_complete for n in full)
+
+    def unchanged():
+        return all(np.array_equal(n.dense.W, W) and np.array_equal(n.dense.b, b)
+                   for n, (W, b) in zip(pipe, init))
+
+    # pipeline order: all micro-batch forwards, then all backwards
+    bounds = microbatch_bounds(B, M)
+    assert len(bounds) == M and bounds[-1][1] == B
+    grads = []
+    for j, (a, b) in enumerate(bounds):
+        h = x[a:b]
+        for node in pipe[:-1]:
+            h, _, _ = node.bp_forward(j, h, y[a:b], scale=(b - a) / B)
+        _, g, _ = pipe[-1].bp_forward(j, h, y[a:b], scale=(b - a) / B)
+        grads.append(g)
+        assert pipe[-1].step_complete == (j == M - 1)
+        assert pipe[-1].updates == (1 if j == M - 1 else 0)
+        if j < M - 1:
+            assert unchanged()
+    for j, g in enumerate(grads):
+        for node in reversed(pipe[:-1]):
+            g = node.bp_backward(j, g)
+        for node in pipe[:-1]:
+            assert node.step_complete == (j == M - 1)
+            assert node.updates == (1 if j == M - 1 else 0)
+    assert all(n.step_complete for n in pipe)
+    for i, (a, b) in enumerate(zip(full, pipe)):
+        assert not np.array_equal(b.dense.W, init[i][0])      # something happened
+        np.testing.assert_allclose(b.dense.W, a.dense.W, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(b.dense.b, a.dense.b, rtol=1e-12, atol=1e-14)
+        assert b.updates == 1 and b.cache == {}
+
+
+# --------------------------------------------------------------------- 5. optimizers
+def _grads(rng, shapes, n):
+    return [[rng.normal(0, 1, s) for s in shapes] for _ in range(n)]
+
+
+SHAPES = [(3, 4), (4,)]
+
+
+def test_sgd_exact_update():
+    rng = np.random.default_rng(0)
+    params = [rng.normal(0, 1, s) for s in SHAPES]
+    ref = [p.copy() for p in params]
+    opt = SGD(params, 0.1)
+    for gs in _grads(rng, SHAPES, 3):
+        opt.step(gs)
+        ref = [p - 0.1 * g for p, g in zip(ref, gs)]
+        for p, r in zip(params, ref):
+            np.testing.assert_array_equal(p, r)
+    assert opt.t == 3
+
+
+def test_momentum_matches_reference():
+    rng = np.random.default_rng(1)
+    params = [rng.normal(0, 1, s) for s in SHAPES]
+    ref = [p.copy() for p in params]
+    vel = [np.zeros(s) for s in SHAPES]
+    lr, beta = 0.05, 0.9
+    opt = Momentum(params, lr)
+    assert opt.beta == beta
+    for gs in _grads(rng, SHAPES, 3):
+        opt.step(gs)
+        vel = [beta * v + g for v, g in zip(vel, gs)]
+        ref = [p - lr * v for p, v in zip(ref, vel)]
+        for p, r in zip(params, ref):
+            np.testing.assert_allclose(p, r, rtol=1e-14, atol=1e-15)
+    # after 2+ steps the update differs from plain SGD (velocity carries over)
+    assert not np.allclose(vel[0], gs[0])
+
+
+def _adam_efficient(ref, grads_seq, lr, b1=0.9, b2=0.999, eps=1e-8):
+    m = [np.zeros_like(p) for p in ref]
+    v = [np.zeros_like(p) for p in ref]
+    ref = [p.copy() for p in ref]
+    out = []
+    for t, gs in enumerate(grads_seq, start=1):
+        a = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        for k, g in enumerate(gs):
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            ref[k] = ref[k] - a * m[k] / (np.sqrt(v[k]) + eps)
+        out.append([p.copy() for p in ref])
+    return out
+
+
+def _adam_textbook(ref, grads_seq, lr, b1=0.9, b2=0.999, eps=1e-8):
+    m = [np.zeros_like(p) for p in ref]
+    v = [np.zeros_like(p) for p in ref]
+    ref = [p.copy() for p in ref]
+    out = []
+    for t, gs in enumerate(grads_seq, start=1):
+        for k, g in enumerate(gs):
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            mhat = m[k] / (1 - b1 ** t)
+            vhat = v[k] / (1 - b2 ** t)
+            ref[k] = ref[k] - lr * mhat / (np.sqrt(vhat) + eps)
+        out.append([p.copy() for p in ref])
+    return out
+
+
+def test_adam_matches_reference():
+    rng = np.random.default_rng(2)
+    params = [rng.normal(0, 1, s) for s in SHAPES]
+    p0 = [p.copy() for p in params]
+    # well-scaled gradients: |g| in [0.5, 2]
+    grads_seq = [[rng.choice([-1, 1], s) * rng.uniform(0.5, 2, s) for s in SHAPES] for _ in range(5)]
+    lr = 1e-3
+    eff = _adam_efficient(p0, grads_seq, lr)
+    txt = _adam_textbook(p0, grads_seq, lr)
+    opt = Adam(params, lr)
+    assert (opt.b1, opt.b2, opt.eps) == (0.9, 0.999, 1e-8)
+    for t, gs in enumerate(grads_seq):
+        opt.step(gs)
+        for p, e, tb, q0 in zip(params, eff[t], txt[t], p0):
+            np.testing.assert_allclose(p, e, rtol=1e-13, atol=1e-15)
+            np.testing.assert_allclose(p, tb, rtol=0, atol=1e-6)
+            # first step of Adam moves every coordinate by ~lr (sign of the gradient)
+            if t == 0:
+                np.testing.assert_allclose(np.abs(q0 - p), lr, rtol=1e-4)
+    assert opt.t == 5
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+def test_optimizer_state_round_trip(name):
+    rng = np.random.default_rng(3)
+    params = [rng.normal(0, 1, s) for s in SHAPES]
+    opt = make_optimizer(name, params, 0.01)
+    assert opt.name == name
+    for gs in _grads(rng, SHAPES, 3):
+        opt.step(gs)
+    snap = {k: np.array(v, copy=True) for k, v in opt.state().items()}   # as a checkpoint would
+    assert int(snap["t"]) == 3
+    params2 = [p.copy() for p in params]
+    opt2 = make_optimizer(name, params2, 0.01)
+    opt2.load_state(snap)
+    assert opt2.t == 3
+    later = _grads(rng, SHAPES, 3)
+    for gs in later:
+        opt.step([g.copy() for g in gs])
+        opt2.step([g.copy() for g in gs])
+        for p, q in zip(params, params2):
+            np.testing.assert_array_equal(p, q)
+    if name != "sgd":
+        # a fresh optimizer without the restored state diverges: the state matters
+        params3 = [q.copy() for q in params2]
+        fresh = make_optimizer(name, params3, 0.01)
+        fresh.step(later[0])
+        opt2.step(later[0])
+        assert not np.allclose(params3[0], params2[0], rtol=0, atol=1e-12)
+
+
+def test_make_optimizer_unknown_raises():
+    with pytest.raises(ValueError):
+        make_optimizer("rmsprop", [np.zeros(2)], 0.1)
+
+
+# ------------------------------------------------------ 6. activations and inits
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_no_overflow_for_huge_inputs(dtype):
+    z = np.array([-1000.0, -50.0, -1.0, 0.0, 1.0, 50.0, 1000.0], dtype=dtype)
+    # underflow of exp(-1000) to 0 is harmless; overflow / invalid / divide are not
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
+        warnings.simplefilter("error")
+        s = activate("sigmoid", z)
+    assert s.dtype == dtype
+    assert np.all(np.isfinite(s)) and np.all((s >= 0) & (s <= 1))
+    assert s[0] == 0.0 and s[-1] == 1.0 and s[3] == 0.5
+    np.testing.assert_allclose(s[1:-1], sigmoid_ref(z[1:-1].astype(F64)), rtol=1e-6)
+    # symmetric: sigmoid(-z) = 1 - sigmoid(z)
+    np.testing.assert_allclose(s[::-1], 1 - s, atol=1e-7)
+
+
+def test_other_activations_values():
+    z = np.array([-2.0, -0.5, 0.0, 0.5, 2.0])
+    np.testing.assert_array_equal(activate("relu", z), [0, 0, 0, 0.5, 2.0])
+    np.testing.assert_allclose(activate("tanh", z), np.tanh(z))
+    np.testing.assert_array_equal(activate("linear", z), z)
+
+
+def test_unknown_names_raise():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError):
+        activate("softplus", np.zeros(2))
+    with pytest.raises(ValueError):
+        activation_backward("softplus", np.zeros(2), np.zeros(2))
+    with pytest.raises(ValueError):
+        Dense(np.zeros((2, 2)), np.zeros(2), "softplus")
+    with pytest.raises(ValueError):
+        Dense.create(rng, 2, 2, "softplus")
+    with pytest.raises(ValueError):
+        init_weights(rng, 2, 2, "lecun")
+    with pytest.raises(ValueError):
+        losses.compute("hinge", np.zeros((2, 2)), np.zeros(2, int))
+
+
+def test_init_statistics():
+    rng = np.random.default_rng(7)
+    fan_in, fan_out = 200, 300
+    he = init_weights(rng, fan_in, fan_out, "he", np.float32)
+    assert he.shape == (fan_in, fan_out) and he.dtype == np.float32 and he.flags.c_contiguous
+    std = np.sqrt(2.0 / fan_in)
+    assert abs(he.std() / std - 1) < 0.03
+    assert abs(he.mean()) < 0.03 * std
+    # normal, not uniform: mass beyond 2 std ~ 4.6 %
+    assert 0.03 < np.mean(np.abs(he) > 2 * std) < 0.06
+
+    xa = init_weights(rng, fan_in, fan_out, "xavier", F64)
+    assert xa.dtype == F64
+    lim = np.sqrt(6.0 / (fan_in + fan_out))
+    assert np.abs(xa).max() <= lim
+    assert np.abs(xa).max() > 0.99 * lim                       # fills the range
+    assert abs(xa.std() / (lim / np.sqrt(3)) - 1) < 0.03
+    assert abs(xa.mean()) < 0.03 * lim
+
+    d = Dense.create(rng, 4, 3, "tanh", "xavier", F64)
+    assert d.W.dtype == F64 and d.b.dtype == F64
+    np.testing.assert_array_equal(d.b, np.zeros(3))
+    assert [p is q for p, q in zip(d.params, (d.W, d.b))] == [True, True]
+    # LayerNode init is deterministic in (seed, index)
+    s = make_spec(1, 3, 4, 3, "tanh", seed=9)
+    np.testing.assert_array_equal(LayerNode(s, F64).dense.W, LayerNode(s, F64).dense.W)
+    s2 = make_spec(2, 3, 4, 3, "tanh", seed=9)
+    assert not np.array_equal(LayerNode(s, F64).dense.W, LayerNode(s2, F64).dense.W)
+
+
+# --------------------------------------------------------------------- 7. metrics
+def test_metrics_classification():
+    out = np.array([[1.0, 2.0, 0.0],
+                    [3.0, 0.0, 0.0],
+                    [0.0, 0.0, 5.0],
+                    [1.0, 0.0, 0.0]])
+    labels = np.array([1, 0, 1, 2])                  # right, right, wrong, wrong
+    assert losses.metrics("softmax_ce", out, labels) == (0.5, 0.5, 4)
+
+
+def test_metrics_bits_sigmoid_bce():
+    logits = np.array([[1.0, -1.0, 2.0],
+                       [-1.0, -2.0, 3.0],            # first bit wrong
+                       [0.5, 0.5, -0.5],
+                       [0.0, -0.1, 0.1]])            # logit 0 predicts bit 0
+    targets = np.array([[1, 0, 1],
+                        [1, 0, 1],
+                        [1, 1, 0],
+                        [0, 0, 1]])
+    bit_acc, row_acc, n = losses.metrics("sigmoid_bce", logits, targets)
+    assert n == 4
+    assert bit_acc == pytest.approx(11 / 12)
+    assert row_acc == pytest.approx(3 / 4)
+    # the threshold is on logits (0), not on probabilities (0.5)
+    assert losses.metrics("sigmoid_bce", np.array([[0.3]]), np.array([[1]]))[:2] == (1.0, 1.0)
+
+
+def test_metrics_bits_mse():
+    probs = np.array([[0.9, 0.2], [0.3, 0.6], [0.51, 0.49]])
+    targets = np.array([[1, 0], [1, 1], [1, 0]])
+    bit_acc, row_acc, n = losses.metrics("mse", probs, targets)
+    assert (bit_acc, row_acc, n) == (pytest.approx(5 / 6), pytest.approx(2 / 3), 3)
