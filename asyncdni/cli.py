@@ -1,0 +1,139 @@
+"""The ``asyncdni`` command. argv is parsed here and nowhere in the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import config as C
+
+# flag -> (dotted config field, argparse kwargs)
+TRAIN_FLAGS = {
+    "--layers": ("model.layers", dict(type=str, metavar="K", help="dense layers = layer processes (default 4)")),
+    "--width": ("model.width", dict(type=str, metavar="N", help="width of every hidden layer (default 128)")),
+    "--widths": ("model.widths", dict(type=str, metavar="W1,W2,..", help="explicit hidden widths, K-1 of them")),
+    "--activation": ("model.activation", dict(type=str, help="sigmoid, relu, tanh or linear (default relu)")),
+    "--init": ("model.init", dict(type=str, help="he or xavier (default he)")),
+    "--dataset": ("data.dataset", dict(type=str, help="addition (built in) or idx (default addition)")),
+    "--data-path": ("data.path", dict(type=str, metavar="DIR", help="directory of IDX files (implies --dataset idx)")),
+    "--bits": ("data.bits", dict(type=str, metavar="N", help="binary addition: bits per operand (default 8)")),
+    "--test-fraction": ("data.test_fraction", dict(type=str, metavar="F", help="idx with one file pair: held-out fraction (default 0.2)")),
+    "--data-seed": ("data.seed", dict(type=str, metavar="S", help="seed of the dataset and split")),
+    "--schedule": ("train.schedule", dict(type=str, help="async, sequential, backprop or pipeline (default async)")),
+    "--steps": ("train.steps", dict(type=str, metavar="N", help="training steps (overrides --epochs)")),
+    "--epochs": ("train.epochs", dict(type=str, metavar="E", help="epochs over the training set (default 8)")),
+    "--batch-size": ("train.batch_size", dict(type=str, metavar="B", help="batch size (default 64)")),
+    "--optimizer": ("train.optimizer", dict(type=str, help="sgd, momentum or adam (default adam)")),
+    "--lr": ("train.lr", dict(type=str, help="learning rate of the layers (default 1e-3)")),
+    "--loss": ("train.loss", dict(type=str, help="auto, softmax_ce, sigmoid_bce or mse")),
+    "--sg-model": ("train.sg_model", dict(type=str, help="synthetic-gradient model: linear or mlp (default linear)")),
+    "--sg-hidden": ("train.sg_hidden", dict(type=str, metavar="N", help="hidden width of the mlp SG model")),
+    "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 1e-3)")),
+    "--max-inflight": ("train.max_inflight", dict(type=str, metavar="N", help="async: steps in flight (default 8)")),
+    "--microbatches": ("train.microbatches", dict(type=str, metavar="M", help="pipeline: micro-batches per step (default 4)")),
+    "--seed": ("train.seed", dict(type=str, help="seed of initialisation and batching")),
+    "--eval-every": ("train.eval_every", dict(type=str, metavar="N", help="evaluate every N steps (off the clock)")),
+    "--eval-batch": ("train.eval_batch", dict(type=str, metavar="N", help="evaluation batch size")),
+    "--target-accuracy": ("train.target_accuracy", dict(type=str, metavar="A", help="report the time to reach this test accuracy (0-1)")),
+    "--host": ("runtime.host", dict(type=str, help="address workers bind and are reached at (default 127.0.0.1)")),
+    "--hosts": ("runtime.hosts", dict(type=str, metavar="H0,H1,..", help="per-worker host: the feeder, then each layer")),
+    "--ports": ("runtime.ports", dict(type=str, metavar="P,..", help="explicit ports: fwd,bwd per worker, then control")),
+    "--blas-threads": ("runtime.blas_threads", dict(type=str, metavar="N", help="BLAS threads per worker (default 1)")),
+    "--heartbeat-interval": ("runtime.heartbeat_interval", dict(type=str, metavar="S", help="seconds between heartbeats")),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):      # one line, exit code 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model] [data] [train] [runtime]")
+    for flag, (_field, kw) in TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=flag[2:].replace("-", "_"), default=None, **kw)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cond", dest="cond", action="store_const", const=True, default=None,
+                   help="label-conditioned synthetic gradients (cDNI, default on)")
+    g.add_argument("--no-cond", dest="cond", action="store_const", const=False, help="unconditioned synthetic gradients")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set any config field, e.g. --set train.sg_lr=3e-4 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--report", metavar="FILE.json", help="write the summary as JSON")
+
+
+def overrides_from_args(args) -> dict:
+    ov = {}
+    for flag, (field, _kw) in TRAIN_FLAGS.items():
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v is not None:
+            ov[field] = v
+    if args.data_path is not None and args.dataset is None:
+        ov["data.dataset"] = "idx"
+    if args.cond is not None:
+        ov["train.cond"] = args.cond
+    if args.no_progress:
+        ov["runtime.progress"] = False
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise C.ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        ov[key.strip()] = value.strip()
+    return ov
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="asyncdni", description="Layer-per-process training with decoupled neural interfaces.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    t = sub.add_parser("train", help="train one network under one schedule and print a summary")
+    _add_train_flags(t)
+    return p
+
+
+def fail(message: str, code: int) -> int:
+    print(f"asyncdni: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_train(args) -> int:
+    from . import report
+    from .coordinator import Interrupted, RunError, WorkerFailed, run
+    from .data import DataError
+    from launch.local import LaunchError
+    from .transport import TransportError
+    try:
+        cfg = C.build(args.config, overrides_from_args(args))
+        progress = report.Progress(cfg.train.schedule, enabled=cfg.runtime.progress)
+        result = run(cfg, on_progress=progress)
+        progress.close()
+    except (C.ConfigError, DataError) as e:
+        return fail(str(e), 2)
+    except Interrupted as e:
+        return fail(str(e), 130)
+    except WorkerFailed as e:
+        if e.tb:
+            print(e.tb.rstrip(), file=sys.stderr)
+        return fail(f"run failed: {e}", 1)
+    except (RunError, LaunchError, TransportError) as e:
+        return fail(f"run failed: {e}", 1)
+    summary = report.run_summary(result)
+    print(report.format_summary(summary))
+    if args.report:
+        try:
+            report.write_json(args.report, {"config": cfg.to_dict(), "summary": summary})
+        except OSError as e:
+            return fail(f"cannot write report {args.report}: {e.strerror}", 1)
+        print(f"report written to {args.report}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Turning a RunResult into what people read: summary tables, JSON, timelines."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+
+def metric_names(task: str) -> tuple[str, str]:
+    return ("accuracy", "accuracy") if task == "classification" else ("bit accuracy", "exact-sum accuracy")
+
+
+def _mean(a) -> float:
+    a = np.asarray(a, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
+def run_summary(result) -> dict:
+    """Plain-data summary of one run (what the JSON report holds, minus the config)."""
+    loss = result.series["loss"]
+    n = len(loss)
+    k = max(1, min(50, n // 10))
+    ev = result.final_eval
+    train_time = result.train_time
+    layers = []
+    for s in result.layers:
+        layers.append({
+            "layer": s["index"] + 1, "pid": s["pid"], "host": s["host"],
+            "steps": s["steps"], "updates": s["updates"], "sg_updates": s["sg_updates"],
+            "busy_s": s["busy"], "comm_s": s["comm"], "wait_s": s["wait"],
+            "busy_fraction": s["busy"] / train_time if train_time > 0 else float("nan"),
+            "cpu_percent": 100.0 * s["cpu_time"] / s["wall"] if s["wall"] > 0 else float("nan"),
+            "peak_rss_mb": s["peak_rss"] / 2**20,
+            "msgs_sent": s["msgs_sent"], "bytes_sent": s["bytes_sent"],
+            "flops_per_batch": s["flops_per_batch"], "sg_loss": s["sg_loss"],
+            "rejected": s["rejected"], "cached_steps": s["cached_steps"],
+        })
+    m1, m2 = metric_names(result.plan.task)
+    return {
+        "schedule": result.config.train.schedule,
+        "layers": result.plan.n_layers, "widths": list(result.plan.widths),
+        "steps": result.plan.steps, "batch_size": result.plan.batch_size,
+        "samples": result.feeder["samples"],
+        "train_time_s": train_time, "wall_s": result.wall,
+        "samples_per_s": result.samples_per_s,
+        "loss_first": _mean(loss[:k]), "loss_last": _mean(loss[-k:]),
+        "test_loss": ev["loss"], "test_metric": ev["metric"], "test_metric2": ev["metric2"],
+        "metric_name": m1, "metric2_name": m2,
+        "time_to_target_s": result.feeder.get("time_to_target"),
+        "target_accuracy": result.config.train.target_accuracy or None,
+        "evals": result.feeder["evals"],
+        "per_layer": layers,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    s = summary
+    lines = []
+    lines.append(f"schedule {s['schedule']}: {s['layers']} layers {'-'.join(map(str, s['widths']))}, "
+                 f"{s['steps']} steps of {s['batch_size']}")
+    rows = [
+        ("loss (train, first -> last)", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}"),
+        ("test loss", f"{s['test_loss']:.4f}"),
+        (f"test {s['metric_name']}", f"{100 * s['test_metric']:.2f}%"),
+    ]
+    if s["metric2_name"] != s["metric_name"]:
+        rows.append((f"test {s['metric2_name']}", f"{100 * s['test_metric2']:.2f}%"))
+    rows += [
+        ("samples/s", f"{s['samples_per_s']:.0f}"),
+        ("training time", f"{s['train_time_s']:.2f} s"),
+        ("wall-clock (with start-up)", f"{s['wall_s']:.2f} s"),
+    ]
+    if s.get("target_accuracy"):
+        t = s["time_to_target_s"]
+        rows.append((f"time to {100 * s['target_accuracy']:.1f}%", "not reached" if t is None else f"{t:.2f} s"))
+    w = max(len(r[0]) for r in rows)
+    lines += [f"  {a:<{w}}  {b}" for a, b in rows]
+    lines.append("")
+    hdr = f"  {'layer':>5} {'pid':>7} {'steps':>7} {'updates':>8} {'sg upd':>7} {'busy':>6} {'cpu':>5} {'rss MB':>7} {'sent MB':>8}"
+    lines.append(hdr)
+    for L in s["per_layer"]:
+        lines.append(f"  {L['layer']:>5} {L['pid']:>7} {L['steps']:>7} {L['updates']:>8} {L['sg_updates']:>7} "
+                     f"{100 * L['busy_fraction']:>5.1f}% {L['cpu_percent']:>4.0f}% {L['peak_rss_mb']:>7.1f} "
+                     f"{L['bytes_sent'] / 2**20:>8.1f}")
+    rejected = {}
+    for L in s["per_layer"]:
+        for k, v in L["rejected"].items():
+            rejected[k] = rejected.get(k, 0) + v
+    if rejected:
+        lines.append("  rejected messages: " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
+    return "\n".join(lines)
+
+
+def _clean(o):
+    """JSON-safe: NaN/inf become null, numpy scalars become Python numbers."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _clean(o.tolist())
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return f if math.isfinite(f) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(_clean(payload), f, indent=2)
+        f.write("\n")
+
+
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, label: str, stream=None, enabled: bool = True):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = self.stream.isatty()
+        self.last_decile = -1
+        self.t0 = time.perf_counter()
+
+    def __call__(self, f: dict) -> None:
+        if not self.enabled:
+            return
+        done, total = f["done"], f["total"]
+        frac = done / total if total else 1.0
+        loss = f.get("loss", float("nan"))
+        el = f.get("elapsed", 0.0)
+        rate = done / el if el > 0 else 0.0
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{total} steps  loss {loss:.4f}  {rate:.0f} steps/s ")
+            self.stream.flush()
+        else:
+            decile = int(frac * 10)
+            if decile > self.last_decile:
+                self.last_decile = decile
+                self.stream.write(f"{self.label}: {done}/{total} steps, loss {loss:.4f}, {rate:.0f} steps/s\n")
+                self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
