@@ -451,7 +451,6 @@ class FeederWorker(Worker):
         self.M = t.microbatches if self.schedule == "pipeline" else 1
         self.bounds = microbatch_bounds(t.batch_size, self.M)
         self.window = t.max_inflight if self.schedule == "async" else 1
-        self.release_kind = P.DONE if self.schedule in DNI_SCHEDULES else P.ACK
         self.losses = np.full(self.steps, np.nan)
         self.metric = np.full(self.steps, np.nan)
         self.done_at = np.full(self.steps, np.nan)   # training-clock time each step finished
@@ -491,6 +490,8 @@ class FeederWorker(Worker):
         next_progress = 0.0
         eval_every = self.cfg.train.eval_every
         target = self.cfg.train.target_accuracy
+        need = 1 if self.schedule in DNI_SCHEDULES else 3
+        got = np.zeros(self.steps, np.uint8)
         self.state = "training"
         while completed < self.steps:
             while sent < self.steps and sent - completed < self.window:
@@ -506,21 +507,21 @@ class FeederWorker(Worker):
             msg = self._pump(timeout)
             if msg is None:
                 continue
-            if msg.kind == P.DONE:
-                s = msg.step
-                if 0 <= s < self.steps:
-                    self.losses[s] = msg.fields["loss"]
-                    self.metric[s] = msg.fields["metric"]
-                if self.release_kind == P.DONE:
-                    completed += 1
-                    self.done_at[s] = time.perf_counter() - t0 - paused
-            elif msg.kind == P.ACK:
-                completed += 1
-                if 0 <= msg.step < self.steps:
-                    self.done_at[msg.step] = time.perf_counter() - t0 - paused
-            else:
+            s = msg.step
+            if msg.kind not in (P.DONE, P.ACK) or not 0 <= s < self.steps:
                 self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
                 continue
+            if msg.kind == P.DONE:
+                self.losses[s] = msg.fields["loss"]
+                self.metric[s] = msg.fields["metric"]
+            # a step is complete once its loss (DONE, from the last layer) and, for the
+            # update-locked schedules, its release (ACK, from layer 1) have both arrived;
+            # they travel different paths and may arrive in either order
+            got[s] |= 1 if msg.kind == P.DONE else 2
+            if got[s] != need:
+                continue
+            completed += 1
+            self.done_at[s] = time.perf_counter() - t0 - paused
             self.cur_step = completed
             now = time.perf_counter()
             if eval_every and completed % eval_every == 0 and completed == sent and completed < self.steps:

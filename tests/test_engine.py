@@ -1,0 +1,201 @@
+"""Integration tests: real worker processes, real sockets, a hard timeout each."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from asyncdni import config, coordinator, reference
+from asyncdni.model import load_datasets, make_plan
+from launch.local import LocalLauncher
+from tests.conftest import REPO, env_with_repo, pids_gone
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftover_processes")]
+
+SMALL = {"train.steps": 40, "model.width": 32, "data.train_size": 2048, "data.test_size": 256,
+         "runtime.progress": False}
+
+
+def small(**ov):
+    return config.build(overrides={**SMALL, **ov})
+
+
+@pytest.mark.parametrize("schedule,ref_schedule", [("sequential", "dni"), ("backprop", "backprop"),
+                                                   ("pipeline", "pipeline")])
+def test_multiprocess_matches_in_process_reference(schedule, ref_schedule):
+    cfg = small(**{"train.schedule": schedule, "train.seed": 3, "train.microbatches": 3})
+    result = coordinator.run(cfg)
+    train, _ = load_datasets(cfg)
+    ref = reference.train_reference(make_plan(cfg, train), ref_schedule, train, cfg.train.seed)
+    assert len(result.params) == cfg.model.layers
+    for i, node in enumerate(ref.nodes):
+        for name, want in node.params().items():
+            got = result.params[i][name]
+            assert got.shape == want.shape
+            assert np.allclose(got, want, rtol=1e-5, atol=1e-6), (schedule, i, name)
+        # the weights really moved away from their initialisation
+    init = reference.train_reference(make_plan(cfg, train), ref_schedule, train, cfg.train.seed, steps=0)
+    assert not np.allclose(init.nodes[0].dense.W, result.params[0]["W"])
+    assert np.allclose(ref.losses, result.series["loss"], rtol=1e-5)
+
+
+def test_pipeline_equals_backprop_up_to_rounding():
+    r_bp = coordinator.run(small(**{"train.schedule": "backprop"}))
+    r_pp = coordinator.run(small(**{"train.schedule": "pipeline", "train.microbatches": 4}))
+    for a, b in zip(r_bp.params, r_pp.params):
+        assert np.allclose(a["W"], b["W"], rtol=1e-4, atol=1e-5)
+
+
+def test_async_trains_and_reports():
+    cfg = small(**{"train.steps": 600, "model.width": 128, "train.max_inflight": 4})
+    r = coordinator.run(cfg)
+    loss = r.series["loss"]
+    assert np.isfinite(loss).all()
+    assert loss[-30:].mean() < loss[:30].mean() - 0.5      # the loss falls
+    assert r.final_eval["metric"] > 0.6                      # bit accuracy well above chance (0.5)
+    assert r.feeder["samples"] == 600 * cfg.train.batch_size
+    for i, s in enumerate(r.layers):
+        assert s["steps"] == 600 and s["updates"] == 600
+        assert s["sg_updates"] == (600 if i < cfg.model.layers - 1 else 0)
+        assert s["cached_steps"] == 0                        # every SG target arrived and was used
+        assert s["rejected"] == {}
+        assert 0 < s["busy"] < r.wall
+    # one distinct process per layer plus the feeder
+    assert len({s["pid"] for s in r.layers} | {r.feeder["pid"]}) == cfg.model.layers + 1
+
+
+def test_periodic_evaluation_and_time_to_target():
+    cfg = small(**{"train.steps": 600, "model.width": 128, "train.eval_every": 150, "train.target_accuracy": 0.55})
+    r = coordinator.run(cfg)
+    evals = r.feeder["evals"]
+    assert [e["step"] for e in evals] == [150, 300, 450, 600]
+    times = [e["train_time"] for e in evals]
+    assert times == sorted(times)
+    reached = [e for e in evals if e["metric"] >= 0.55]
+    assert reached and r.feeder["time_to_target"] == pytest.approx(reached[0]["train_time"])
+
+
+def test_worker_exception_ends_run_with_its_error(tmp_path):
+    class FaultyLauncher(LocalLauncher):
+        def start(self, name, module, args):
+            if name == "layer2":
+                return super().start(name, "tests.helpers.faulty_layer", [*args, "7"])
+            return super().start(name, module, args)
+
+    cfg = small(**{"train.steps": 100})
+    with pytest.raises(coordinator.WorkerFailed) as exc:
+        coordinator.run(cfg, launcher=FaultyLauncher(tmp_path))
+    err = exc.value
+    assert err.name == "layer 2"
+    assert "ZeroDivisionError: injected failure at step 7" in str(err)
+    assert "dni_forward" in err.tb                           # the worker's own traceback came back
+
+
+def test_worker_crash_on_start_is_reported(tmp_path):
+    class BrokenLauncher(LocalLauncher):
+        def start(self, name, module, args):
+            if name == "layer3":
+                return super().start(name, "tests.helpers.no_such_module", args)
+            return super().start(name, module, args)
+
+    with pytest.raises(coordinator.WorkerFailed, match=r"layer 3 .*exited with code 1 during start-up"):
+        coordinator.run(small(), launcher=BrokenLauncher(tmp_path))
+
+
+def _start_cli(tmp_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "asyncdni.cli", "train", *args],
+                            cwd=tmp_path, env=env_with_repo(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_workers(proc, n, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        if len(kids) >= n:
+            time.sleep(1.0)             # let them get into the training loop
+            return [k.pid for k in psutil.Process(proc.pid).children(recursive=True)]
+        time.sleep(0.05)
+    raise AssertionError("workers did not start")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
+def test_signal_stops_everything(tmp_path, sig, code):
+    proc = _start_cli(tmp_path, "--steps", "100000", "--no-progress")
+    try:
+        pids = _wait_for_workers(proc, 5)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == code
+    assert "interrupted" in err
+    assert "Traceback" not in err
+    assert pids_gone(pids) == []
+
+
+def test_coordinator_sigkill_leaves_no_orphans(tmp_path):
+    proc = _start_cli(tmp_path, "--steps", "100000", "--no-progress")
+    try:
+        pids = _wait_for_workers(proc, 5)
+        proc.kill()
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert pids_gone(pids, timeout=5.0) == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--schedule", "bogus"], "train.schedule: 'bogus' is not one of async, sequential, backprop, pipeline"),
+    (["--lr", "abc"], "train.lr: expected a number"),
+    (["--layers", "3", "--widths", "8"], "model.widths"),
+    (["--data-path", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--set", "train.nope=1"], "unknown setting train.nope"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--config", "missing.toml"], "missing.toml: no such file"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    proc = subprocess.run([sys.executable, "-m", "asyncdni.cli", "train", *args], cwd=tmp_path,
+                          env=env_with_repo(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_train_with_toml_and_json_report(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        "[model]\nlayers = 3\nwidth = 24\n[train]\nsteps = 60\nschedule = \"backprop\"\n"
+        "[data]\ntrain_size = 1024\ntest_size = 128\n")
+    proc = subprocess.run([sys.executable, "-m", "asyncdni.cli", "train", "--config", "run.toml", "--lr", "0.002",
+                           "--no-progress", "--report", "out.json"], cwd=tmp_path, env=env_with_repo(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "schedule backprop: 3 layers 16-24-24-9, 60 steps of 64" in proc.stdout
+    rep = json.loads((tmp_path / "out.json").read_text())
+    assert rep["config"]["train"]["lr"] == 0.002 and rep["config"]["model"]["width"] == 24
+    s = rep["summary"]
+    assert s["steps"] == 60 and len(s["per_layer"]) == 3
+    assert s["samples_per_s"] > 0 and 0 <= s["test_metric"] <= 1
+    assert all(L["updates"] == 60 for L in s["per_layer"])
+
+
+def test_idx_dataset_end_to_end(tmp_path):
+    from asyncdni.data import write_idx
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600).astype(np.uint8)
+    images = (rng.random((600, 4, 5)) * 60).astype(np.uint8)
+    images[np.arange(600), labels, 0] = 255                   # learnable: a bright pixel per class
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    cfg = config.build(overrides={"data.dataset": "idx", "data.path": str(tmp_path), "train.steps": 300,
+                                  "model.width": 32, "train.lr": 3e-3, "train.schedule": "backprop",
+                                  "runtime.progress": False})
+    r = coordinator.run(cfg)
+    assert r.plan.in_dim == 20 and r.plan.n_out == 3
+    assert r.final_eval["n"] == 120                            # 20% of 600 held out
+    assert r.final_eval["metric"] > 0.8
