@@ -86,6 +86,16 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     t = sub.add_parser("train", help="train one network under one schedule and print a summary")
     _add_train_flags(t)
+    b = sub.add_parser("bench", help="same model, data and seed under every schedule; speedups and bounds")
+    _add_train_flags(b)
+    b.add_argument("--schedules", default="sequential,async,backprop,pipeline,inprocess",
+                   help="comma-separated subset of sequential,async,backprop,pipeline,inprocess")
+    b.add_argument("--json", metavar="FILE", help="write all figures as JSON")
+    b.add_argument("--csv", metavar="FILE", help="write one row per schedule and layer as CSV")
+    b.add_argument("--trace", metavar="FILE", help="write a Chrome Trace Event file (Perfetto, chrome://tracing)")
+    b.add_argument("--plots", metavar="DIR", help="write PNG plots (needs matplotlib: pip install '.[plot]')")
+    b.add_argument("--sweep", action="store_true", help="sweep layers {2,4,8} x width {256,1024} x batch {32,128}")
+    b.add_argument("--transport", action="store_true", help="run the transport micro-benchmark only")
     return p
 
 
@@ -126,11 +136,81 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench, report
+    from .coordinator import Interrupted, RunError, WorkerFailed
+    from .data import DataError
+    from launch.local import LaunchError
+    from .transport import TransportError
+
+    def log(line):
+        print(line, flush=True)
+
+    try:
+        if args.transport:
+            from . import transport_bench
+            log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 5 trials)")
+            rows = transport_bench.run(log=log)
+            if args.json:
+                report.write_json(args.json, {"transport": rows})
+            return 0
+        ov = overrides_from_args(args)
+        ov.setdefault("runtime.progress", False)
+        cfg = C.build(args.config, ov)
+        if args.sweep:
+            log("sweep: samples/s of sequential, async and backprop")
+            rows = bench.sweep(cfg, log=log)
+            if args.json:
+                report.write_json(args.json, {"sweep": rows})
+            if args.csv:
+                report.write_csv(args.csv, rows)
+            return 0
+        schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+        for s in schedules:
+            if s not in bench.SCHEDULE_ORDER:
+                raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(bench.SCHEDULE_ORDER)}")
+        res = bench.bench(cfg, schedules, log=log)
+    except (C.ConfigError, DataError) as e:
+        return fail(str(e), 2)
+    except Interrupted as e:
+        return fail(str(e), 130)
+    except WorkerFailed as e:
+        if e.tb:
+            print(e.tb.rstrip(), file=sys.stderr)
+        return fail(f"run failed: {e}", 1)
+    except (RunError, LaunchError, TransportError) as e:
+        return fail(f"run failed: {e}", 1)
+    print(bench.format_bench(res))
+    public = {k: v for k, v in res.items() if not k.startswith("_")}
+    try:
+        if args.json:
+            report.write_json(args.json, {"config": cfg.to_dict(), "bench": public})
+        if args.csv:
+            rows = []
+            for s, r in res["runs"].items():
+                base = {k: v for k, v in r.items() if k not in ("per_layer", "evals")}
+                rows.append({**base, "layer": ""})
+                for L in r["per_layer"]:
+                    rows.append({"schedule": s, **L})
+            report.write_csv(args.csv, rows)
+        if args.trace:
+            report.write_trace(args.trace, res["_traces"])
+        if args.plots:
+            files = report.write_plots(args.plots, res)
+            if not files:
+                print("plots skipped: matplotlib is not installed (pip install '.[plot]')", file=sys.stderr)
+    except OSError as e:
+        return fail(f"cannot write output: {e}", 1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "bench":
+        return cmd_bench(args)
     parser.print_help()
     return 2
 

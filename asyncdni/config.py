@@ -67,7 +67,7 @@ class TrainConfig:
     sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
     sg_lr: float = 1e-3
     cond: bool = True                   # label-conditioned SG (cDNI)
-    max_inflight: int = 8               # async: steps in flight between feeder and last layer
+    max_inflight: int = 2               # async: steps in flight between feeder and last layer (staleness bound)
     microbatches: int = 4               # pipeline: micro-batches per step
     seed: int = 0
     eval_every: int = 0                 # evaluate on the test set every N steps (0: at the end only)

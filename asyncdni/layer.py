@@ -121,9 +121,9 @@ class LayerNode:
             gh, metrics = self._loss(h, y)
         elif self.sg is not None:
             c = self._cond(y)
-            gh = self.sg.predict(h, c)
-            gh *= 1.0 / B
-            self.cache[step] = (h, c)
+            pred, ctx = self.sg.predict_keep(h, c)
+            gh = pred * (1.0 / B)
+            self.cache[step] = (ctx, pred)
         else:
             gh = None
         self.fwd_steps += 1
@@ -136,12 +136,10 @@ class LayerNode:
     def sg_update(self, step: int, g: np.ndarray) -> float:
         """Regress the SG model onto the gradient that the next layer sent back for ``step``."""
         try:
-            h, c = self.cache.pop(step)
+            ctx, pred = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
-        if self.sg is None:
-            return float("nan")
-        loss, grads = self.sg.loss_and_grads(h, c, g * h.shape[0])
+        loss, grads = self.sg.grads_from(ctx, pred, g * pred.shape[0])
         self.sg_opt.step(grads)
         self.sg_updates += 1
         self.last_sg_loss = loss

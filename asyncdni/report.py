@@ -151,3 +151,88 @@ class Progress:
         if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+TRACE_NAMES = {0: "forward", 1: "backward", 2: "eval", 3: "wait", 4: "send"}
+
+
+def chrome_trace(traces_by_run: dict) -> dict:
+    """Chrome Trace Event format (opens in Perfetto / chrome://tracing): one process
+    track per schedule, one thread per worker, compute and wait intervals as slices."""
+    events = []
+    for pid, (run, traces) in enumerate(traces_by_run.items(), start=1):
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": run}})
+        t0 = min((float(t["t"][0]) for t in traces if len(t["t"])), default=0.0)
+        for tid, tr in enumerate(traces):
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": tr["name"]}})
+            for start, dur, code in zip(tr["t"], tr["d"], tr["c"]):
+                events.append({"ph": "X", "name": TRACE_NAMES.get(int(code), str(code)), "pid": pid, "tid": tid,
+                               "ts": round((float(start) - t0) * 1e6, 1), "dur": round(float(dur) * 1e6, 1)})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def write_trace(path: str, traces_by_run: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(chrome_trace(traces_by_run), f)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    import csv
+    keys = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _clean(v) if not isinstance(v, (dict, list)) else json.dumps(_clean(v)) for k, v in r.items()})
+
+
+def write_plots(directory: str, res: dict) -> list[str]:
+    """Loss and accuracy vs wall-clock per schedule, and layer utilisation. Needs matplotlib
+    (the optional `plot` extra); returns the files written, [] without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    import os
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for s, ser in res.get("_series", {}).items():
+        t, loss = np.asarray(ser["done_at"]), np.asarray(ser["loss"])
+        ok = np.isfinite(t) & np.isfinite(loss)
+        k = max(1, ok.sum() // 100)
+        sm = np.convolve(loss[ok], np.ones(k) / k, mode="valid")
+        ax[0].plot(t[ok][k - 1:], sm, label=s)
+    for s, r in res["runs"].items():
+        ev = r.get("evals") or []
+        if ev:
+            ax[1].plot([e["train_time"] for e in ev], [e["metric"] for e in ev], marker="o", label=s)
+    ax[0].set(xlabel="training time (s)", ylabel="training loss", title="loss vs wall-clock")
+    ax[1].set(xlabel="training time (s)", ylabel="test accuracy", title="accuracy vs wall-clock")
+    for a in ax:
+        a.legend()
+    p = os.path.join(directory, "loss_accuracy.png")
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [s for s in res["runs"] if res["runs"][s]["per_layer"]]
+    for j, s in enumerate(names):
+        fr = [L["busy_fraction"] for L in res["runs"][s]["per_layer"]]
+        x = np.arange(len(fr)) + j / (len(names) + 1)
+        ax.bar(x, fr, width=1 / (len(names) + 1), label=s)
+    ax.set(xlabel="layer (0-based)", ylabel="busy fraction of training time", title="layer utilisation")
+    ax.legend()
+    p = os.path.join(directory, "utilisation.png")
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+    return written

@@ -8,7 +8,12 @@ Conventions
   its scale does not depend on the batch size; the layer divides the prediction by B.
 * Output layers are initialised to zero (as in the DNI paper), so an untrained model predicts
   a zero gradient and training starts from "no update" rather than from noise.
-* Training is regression with the summed-over-features, batch-mean squared error.
+* Training is regression with the summed-over-features, batch-mean squared error. The
+  layer keeps the prediction it made in the forward pass and the regression step uses it
+  (``predict_keep`` / ``grads_from``), so the SG's forward is computed once per step. That
+  is the exact gradient whenever the SG has not been updated between the prediction and
+  its target's arrival (always under ``sequential``); under ``async`` it is the gradient at
+  the parameters of a few updates ago, the same bounded delay the layer weights see.
 """
 from __future__ import annotations
 
@@ -28,6 +33,15 @@ class SGModel:
 
     def loss_and_grads(self, h, c, target):
         """MSE of predict(h, c) against target; returns (loss, grads aligned with params)."""
+        pred, ctx = self.predict_keep(h, c)
+        return self.grads_from(ctx, pred, target)
+
+    def predict_keep(self, h, c):
+        """predict(h, c) plus what the regression step needs, so that it need not predict again."""
+        raise NotImplementedError
+
+    def grads_from(self, ctx, pred, target):
+        """(loss, grads) of the MSE regression, at the parameters that made ``pred``."""
         raise NotImplementedError
 
     def flops(self, batch: int) -> tuple[int, int]:
@@ -58,8 +72,12 @@ class LinearSG(SGModel):
             g += c @ self.C
         return g
 
-    def loss_and_grads(self, h, c, target):
-        loss, gd = _mse(self.predict(h, c), target)
+    def predict_keep(self, h, c):
+        return self.predict(h, c), (h, c)
+
+    def grads_from(self, ctx, pred, target):
+        h, c = ctx
+        loss, gd = _mse(pred, target)
         grads = [h.T @ gd, gd.sum(axis=0)]
         if self.C is not None:
             grads.append(c.T @ gd)
@@ -69,7 +87,7 @@ class LinearSG(SGModel):
         d = self.A.shape[0]
         k = 0 if self.C is None else self.C.shape[0]
         pred = 2 * batch * (d + k) * d
-        return pred, pred + 2 * batch * (d + k) * d
+        return pred, 2 * batch * (d + k) * d
 
 
 class MLPSG(SGModel):
@@ -97,10 +115,14 @@ class MLPSG(SGModel):
         g += self.a2
         return g
 
-    def loss_and_grads(self, h, c, target):
+    def predict_keep(self, h, c):
         u = self._hidden(h, c)
         pred = u @ self.A2
         pred += self.a2
+        return pred, (h, c, u)
+
+    def grads_from(self, ctx, pred, target):
+        h, c, u = ctx
         loss, gd = _mse(pred, target)
         gA2 = u.T @ gd
         ga2 = gd.sum(axis=0)
@@ -115,8 +137,8 @@ class MLPSG(SGModel):
         d, hid = self.A1.shape
         k = 0 if self.C1 is None else self.C1.shape[0]
         pred = 2 * batch * (d + k) * hid + 2 * batch * hid * d
-        # update: forward again, then dA2, du, dA1 (and dC1)
-        return pred, pred + 2 * batch * hid * d * 2 + 2 * batch * (d + k) * hid
+        # update (prediction kept from the forward pass): dA2, du, dA1 (and dC1)
+        return pred, 2 * batch * hid * d * 2 + 2 * batch * (d + k) * hid
 
 
 def make_sg_model(kind: str, dim: int, cond_dim: int, hidden: int, rng, dtype=np.float32) -> SGModel:

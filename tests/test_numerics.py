@@ -360,8 +360,10 @@ def test_dni_forward_with_untrained_sg_leaves_weights_unchanged(optimizer, sg_mo
     assert metrics is None
     np.testing.assert_array_equal(gx, np.zeros((7, 5)))        # zero synthetic gradient passed down
     assert 42 in node.cache
-    np.testing.assert_array_equal(node.cache[42][0], h)
-    assert node.cache[42][1] is None                           # no conditioning
+    ctx, pred = node.cache[42]                                 # what the SG regression step will need
+    np.testing.assert_array_equal(ctx[0], h)
+    assert ctx[1] is None                                      # no conditioning
+    np.testing.assert_array_equal(pred, np.zeros((7, 4)))      # the prediction the update was made with
     assert node.fwd_steps == 1
 
 
@@ -371,7 +373,7 @@ def test_dni_forward_caches_condition_vector():
     y = np.array([2, 0, 1, 2])
     h, gx, _ = node.dni_forward(7, x, y)
     assert gx is None                                          # first layer
-    c = node.cache[7][1]
+    c = node.cache[7][0][1]
     np.testing.assert_array_equal(c, np.eye(3)[y])
     assert c.dtype == F64
 

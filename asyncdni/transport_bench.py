@@ -1,0 +1,131 @@
+"""Transport micro-benchmark: round trip and GB/s of the protocol against raw pyzmq.
+
+Both modes use the same pair of sockets (PUSH out, PULL back, loopback TCP) to a peer
+process, interleaved trial by trial so that machine noise hits both alike:
+
+* raw: ``send_multipart([array], copy=False)``; the peer rebuilds ``np.frombuffer``.
+* protocol: ``transport.send`` (msgpack header + zero-copy frame); the peer runs the
+  full ``protocol.decode`` validation.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from . import transport
+
+SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
+
+
+def peer(out_ep: str, back_ep: str) -> None:
+    """The far end: consume (stream) or echo (ping-pong) messages as told."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(out_ep)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(back_ep)
+    try:
+        while True:
+            cmd = json.loads(pull.recv())
+            if cmd["mode"] == "quit":
+                return
+            proto = cmd["mode"] == "protocol"
+            for _ in range(cmd["n"]):
+                frames = pull.recv_multipart(copy=False)
+                if proto:
+                    msg = P.decode(frames)
+                    a = msg.arrays[0]
+                else:
+                    a = np.frombuffer(frames[0].buffer, np.float32)
+                if cmd["echo"]:
+                    if proto:
+                        transport.send(push, P.BWD, msg.step, (a,))
+                    else:
+                        push.send_multipart([a], copy=False)
+            if not cmd["echo"]:
+                push.send(b"done")
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()
+
+
+def run(sizes=SIZES, trials: int = 5, min_bytes: int = 64 << 20, log=None) -> list[dict]:
+    ctx = zmq.Context()
+    out, out_ep = transport.bind(ctx, zmq.PUSH, "127.0.0.1")
+    back, back_ep = transport.bind(ctx, zmq.PULL, "127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-c", f"from asyncdni.transport_bench import peer; peer({out_ep!r}, {back_ep!r})"])
+    rows = []
+    try:
+        for size in sizes:
+            a = np.random.default_rng(0).standard_normal(size // 4).astype(np.float32).reshape(-1, 256 if size >= 1024 else 1)
+            n_stream = max(20, min(5000, min_bytes // size))
+            n_ping = max(20, min(1000, (8 << 20) // size))
+            res = {"raw": {"gbps": [], "rtt": []}, "protocol": {"gbps": [], "rtt": []}}
+            for trial in range(trials + 1):                  # trial 0 is warm-up
+                for mode in ("raw", "protocol"):
+                    gbps, rtt = _trial(out, back, a, mode, n_stream, n_ping)
+                    if trial:
+                        res[mode]["gbps"].append(gbps)
+                        res[mode]["rtt"].append(rtt)
+            row = {"bytes": size}
+            for mode in ("raw", "protocol"):
+                row[f"{mode}_gbps"] = statistics.median(res[mode]["gbps"])
+                row[f"{mode}_rtt_us"] = statistics.median(res[mode]["rtt"]) * 1e6
+            row["protocol_vs_raw"] = row["protocol_gbps"] / row["raw_gbps"]
+            rows.append(row)
+            if log:
+                log(format_row(row))
+        out.send(json.dumps({"mode": "quit"}).encode())
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        transport.close_all(out, back)
+        ctx.term()
+    return rows
+
+
+def _trial(out, back, a, mode, n_stream, n_ping):
+    proto = mode == "protocol"
+    # stream: n messages one way, one reply at the end
+    out.send(json.dumps({"mode": mode, "n": n_stream, "echo": False}).encode())
+    t0 = time.perf_counter()
+    for i in range(n_stream):
+        if proto:
+            transport.send(out, P.BWD, i, (a,))
+        else:
+            out.send_multipart([a], copy=False)
+    back.recv()
+    dt = time.perf_counter() - t0
+    gbps = n_stream * a.nbytes / dt / 1e9
+    # ping-pong: median round trip
+    out.send(json.dumps({"mode": mode, "n": n_ping, "echo": True}).encode())
+    rtts = []
+    for i in range(n_ping):
+        t1 = time.perf_counter()
+        if proto:
+            transport.send(out, P.BWD, i, (a,))
+            frames = back.recv_multipart(copy=False)
+            P.decode(frames)
+        else:
+            out.send_multipart([a], copy=False)
+            frames = back.recv_multipart(copy=False)
+            np.frombuffer(frames[0].buffer, np.float32)
+        rtts.append(time.perf_counter() - t1)
+    return gbps, statistics.median(rtts)
+
+
+def format_row(r: dict) -> str:
+    size = r["bytes"]
+    label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+    return (f"  {label:>7}  raw {r['raw_gbps']:6.2f} GB/s rtt {r['raw_rtt_us']:7.1f} us | protocol "
+            f"{r['protocol_gbps']:6.2f} GB/s rtt {r['protocol_rtt_us']:7.1f} us | protocol/raw {100 * r['protocol_vs_raw']:5.1f}%")
