@@ -36,6 +36,19 @@ TRACE_CODES = {"fwd": 0, "bwd": 1, "eval": 2, "wait": 3, "send": 4}
 PROGRESS_INTERVAL = 0.25        # seconds between feeder progress reports
 
 
+def peak_rss(ru) -> int:
+    """Peak resident memory of this process in bytes. VmHWM, because ru_maxrss carries the
+    parent's high-water mark across fork+exec and would report the coordinator's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return ru.ru_maxrss * 1024
+
+
 class CoordinatorLost(RuntimeError):
     pass
 
@@ -181,7 +194,7 @@ class Worker:
         return {
             "role": self.role, "index": self.index, "pid": os.getpid(), "host": self.host,
             "wall": wall, "busy": self.busy, "comm": self.comm, "wait": self.wait,
-            "cpu_time": cpu, "peak_rss": ru.ru_maxrss * 1024,
+            "cpu_time": cpu, "peak_rss": peak_rss(ru),
             "msgs_sent": self.msgs_sent, "bytes_sent": self.bytes_sent,
             "msgs_recv": self.msgs_recv, "bytes_recv": self.bytes_recv,
             "rejected": dict(self.rejected), "trace_dropped": self.n_trace >= TRACE_LIMIT,

@@ -1,0 +1,53 @@
+"""`make bench`: every benchmark with its target, printing measured figures.
+
+1. transport: protocol vs raw pyzmq, 4 KiB .. 4 MiB (target: >= 90% of raw from 256 KiB)
+2. speed: 4 layers of width 1024, batch 128, 1 BLAS thread per worker, all schedules
+   (targets: async >= 1.8x sequential; async vs backprop and pipeline reported with FLOPs)
+3. depth: 16 layers on this machine's cores still run, in-flight bound respected, RSS printed
+4. MNIST accuracy and time to 94% (skipped when ../shared/data/mnist is absent)
+"""
+from __future__ import annotations
+
+import sys
+
+from asyncdni import bench, config, transport_bench
+from benchmarks import mnist_accuracy
+
+
+def main() -> int:
+    print("== transport: protocol vs raw pyzmq (same sockets, loopback, medians of 5 trials)", flush=True)
+    rows = transport_bench.run(log=print)
+    big = [r for r in rows if r["bytes"] >= 256 << 10]
+    worst = min(r["protocol_vs_raw"] for r in big)
+    print(f"   target protocol >= 90% of raw for >= 256 KiB: worst {100 * worst:.1f}% -> "
+          f"{'met' if worst >= 0.9 else 'MISSED'}", flush=True)
+
+    print("\n== speed: 4 layers of width 1024, batch 128, 200 steps", flush=True)
+    cfg = config.build(overrides={"model.width": 1024, "train.batch_size": 128, "train.steps": 200,
+                                  "runtime.progress": False})
+    res = bench.bench(cfg)
+    print(bench.format_bench(res), flush=True)
+    sp = res["async_speedup"]
+    print(f"   target async >= 1.8x sequential: {sp['sequential']:.2f}x -> {'met' if sp['sequential'] >= 1.8 else 'MISSED'}")
+    print(f"   target async faster than backprop: {sp['backprop']:.2f}x -> {'met' if sp['backprop'] > 1 else 'MISSED'} "
+          f"(DNI {res['flops_per_sample']['async'] / 1e6:.1f} vs backprop {res['flops_per_sample']['backprop'] / 1e6:.1f} "
+          f"MFLOP/sample)", flush=True)
+
+    print("\n== depth: 16 layers of width 256, batch 64, 300 steps, async", flush=True)
+    cfg16 = config.build(overrides={"model.layers": 16, "model.width": 256, "train.steps": 300,
+                                    "runtime.progress": False})
+    r16 = bench.bench(cfg16, schedules=("async",))
+    run = r16["runs"]["async"]
+    rss = [L["peak_rss_mb"] for L in run["per_layer"]]
+    cached = max(L["cached_steps"] for L in run["per_layer"])
+    print(f"   {run['samples_per_s']:.0f} samples/s, {run['train_time_s']:.2f} s, every layer did "
+          f"{min(L['updates'] for L in run['per_layer'])} updates, peak RSS per worker "
+          f"{min(rss):.0f}-{max(rss):.0f} MB (total {sum(rss):.0f} MB), SG cache left at end {cached}", flush=True)
+
+    print("\n== MNIST accuracy (10 epochs) and time to 94% test accuracy", flush=True)
+    code = mnist_accuracy.main([])
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
