@@ -1,0 +1,77 @@
+"""The measurement tools: bench over schedules, reports, trace file, transport micro-benchmark."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from asyncdni import bench, config, report, transport_bench
+from tests.conftest import env_with_repo
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_processes")]
+
+
+def test_bench_all_schedules_consistent_figures(tmp_path):
+    cfg = config.build(overrides={"train.steps": 30, "model.width": 32, "data.train_size": 2048,
+                                  "data.test_size": 128, "runtime.progress": False})
+    res = bench.bench(cfg)
+    runs = res["runs"]
+    assert set(runs) == set(bench.SCHEDULE_ORDER)
+    for s, r in runs.items():
+        assert r["samples_per_s"] == pytest.approx(30 * 64 / r["train_time_s"])
+        assert 0 <= r["test_metric"] <= 1
+        if s != "inprocess":
+            assert len(r["per_layer"]) == 4
+            assert all(L["updates"] == 30 for L in r["per_layer"])
+    for s, v in res["async_speedup"].items():
+        assert v == pytest.approx(runs["async"]["samples_per_s"] / runs[s]["samples_per_s"])
+    assert 1.0 <= res["async_bound"] <= bench.cores()
+    # DNI does strictly more arithmetic per sample than backprop; pipeline the same as backprop
+    f = res["flops_per_sample"]
+    assert f["async"] == f["sequential"] == f["inprocess"] > f["backprop"] == f["pipeline"] > 0
+    text = bench.format_bench(res)
+    assert "speedup async / sequential" in text and "work bound" in text
+    # sequential DNI over sockets and in one process are the same math: same loss curve end
+    assert runs["sequential"]["loss_last"] == pytest.approx(runs["inprocess"]["loss_last"], rel=1e-5)
+
+    trace_path = tmp_path / "trace.json"
+    report.write_trace(str(trace_path), res["_traces"])
+    tr = json.loads(trace_path.read_text())
+    slices = [e for e in tr["traceEvents"] if e["ph"] == "X"]
+    names = {e["args"]["name"] for e in tr["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"}
+    assert names == {"sequential", "async", "backprop", "pipeline"}
+    assert {e["name"] for e in slices} >= {"forward", "backward"}
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in slices)
+    csv_path = tmp_path / "rows.csv"
+    report.write_csv(str(csv_path), [{"a": 1, "b": float("nan")}, {"a": 2, "c": "x"}])
+    assert csv_path.read_text().splitlines()[0] == "a,b,c"
+
+
+def test_flops_per_sample_counts_matmuls():
+    cfg = config.build(overrides={"model.layers": 3, "model.widths": "100,100", "train.batch_size": 10,
+                                  "data.bits": 4, "train.cond": False})
+    from asyncdni.model import load_datasets, make_plan
+    plan = make_plan(cfg, load_datasets(cfg)[0])
+    # backprop: forward + weight grad (+ input grad except layer 1), 2 flops per multiply-add
+    mm = [8 * 100, 100 * 100, 100 * 5]
+    bp = 2 * (2 * mm[0] + 3 * mm[1] + 3 * mm[2])
+    assert bench.flops_per_sample(plan, "backprop") == bp
+    # DNI adds a linear SG (100x100) prediction and regression for the two hidden layers
+    assert bench.flops_per_sample(plan, "async") == bp + 2 * 2 * (2 * 100 * 100)
+
+
+def test_transport_benchmark_measures_both_modes():
+    rows = transport_bench.run(sizes=(64 << 10,), trials=1, min_bytes=4 << 20)
+    (row,) = rows
+    assert row["bytes"] == 64 << 10
+    for mode in ("raw", "protocol"):
+        assert row[f"{mode}_gbps"] > 0 and row[f"{mode}_rtt_us"] > 0
+    assert row["protocol_vs_raw"] == pytest.approx(row["protocol_gbps"] / row["raw_gbps"])
+
+
+def test_bench_cli_rejects_unknown_schedule(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "asyncdni.cli", "bench", "--schedules", "async,fast"],
+                          cwd=tmp_path, env=env_with_repo(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "'fast' is not one of" in proc.stderr and "Traceback" not in proc.stderr
