@@ -104,27 +104,42 @@ def fail(message: str, code: int) -> int:
     return code
 
 
-def cmd_train(args) -> int:
-    from . import report
-    from .coordinator import Interrupted, RunError, WorkerFailed, run
+def guarded(fn):
+    """Run fn(); map the errors a user can cause or meet to one line and an exit code.
+    Returns (value, None) or (None, exit_code)."""
+    from .coordinator import Interrupted, RunError, WorkerFailed
     from .data import DataError
     from launch.local import LaunchError
     from .transport import TransportError
     try:
+        return fn(), None
+    except (C.ConfigError, DataError) as e:
+        return None, fail(str(e), 2)
+    except Interrupted as e:
+        return None, fail(str(e), 130)
+    except WorkerFailed as e:
+        if e.tb:                       # the worker's own traceback: a fault in the engine, not the user's
+            print(e.tb.rstrip(), file=sys.stderr)
+        return None, fail(f"run failed: {e}", 1)
+    except (RunError, LaunchError, TransportError) as e:
+        return None, fail(f"run failed: {e}", 1)
+
+
+def cmd_train(args) -> int:
+    from . import report
+    from .coordinator import run
+
+    def train():
         cfg = C.build(args.config, overrides_from_args(args))
         progress = report.Progress(cfg.train.schedule, enabled=cfg.runtime.progress)
         result = run(cfg, on_progress=progress)
         progress.close()
-    except (C.ConfigError, DataError) as e:
-        return fail(str(e), 2)
-    except Interrupted as e:
-        return fail(str(e), 130)
-    except WorkerFailed as e:
-        if e.tb:
-            print(e.tb.rstrip(), file=sys.stderr)
-        return fail(f"run failed: {e}", 1)
-    except (RunError, LaunchError, TransportError) as e:
-        return fail(f"run failed: {e}", 1)
+        return cfg, result
+
+    out, code = guarded(train)
+    if code is not None:
+        return code
+    cfg, result = out
     summary = report.run_summary(result)
     print(report.format_summary(summary))
     if args.report:
@@ -138,48 +153,41 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import bench, report
-    from .coordinator import Interrupted, RunError, WorkerFailed
-    from .data import DataError
-    from launch.local import LaunchError
-    from .transport import TransportError
 
     def log(line):
         print(line, flush=True)
 
-    try:
-        if args.transport:
-            from . import transport_bench
-            log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 5 trials)")
-            rows = transport_bench.run(log=log)
-            if args.json:
-                report.write_json(args.json, {"transport": rows})
-            return 0
+    if args.transport:
+        from . import transport_bench
+        log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 5 trials)")
+        rows = transport_bench.run(log=log)
+        if args.json:
+            report.write_json(args.json, {"transport": rows})
+        return 0
+
+    def measure():
         ov = overrides_from_args(args)
         ov.setdefault("runtime.progress", False)
         cfg = C.build(args.config, ov)
         if args.sweep:
             log("sweep: samples/s of sequential, async and backprop")
-            rows = bench.sweep(cfg, log=log)
-            if args.json:
-                report.write_json(args.json, {"sweep": rows})
-            if args.csv:
-                report.write_csv(args.csv, rows)
-            return 0
+            return cfg, None, bench.sweep(cfg, log=log)
         schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
         for s in schedules:
             if s not in bench.SCHEDULE_ORDER:
                 raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(bench.SCHEDULE_ORDER)}")
-        res = bench.bench(cfg, schedules, log=log)
-    except (C.ConfigError, DataError) as e:
-        return fail(str(e), 2)
-    except Interrupted as e:
-        return fail(str(e), 130)
-    except WorkerFailed as e:
-        if e.tb:
-            print(e.tb.rstrip(), file=sys.stderr)
-        return fail(f"run failed: {e}", 1)
-    except (RunError, LaunchError, TransportError) as e:
-        return fail(f"run failed: {e}", 1)
+        return cfg, bench.bench(cfg, schedules, log=log), None
+
+    out, code = guarded(measure)
+    if code is not None:
+        return code
+    cfg, res, sweep_rows = out
+    if sweep_rows is not None:
+        if args.json:
+            report.write_json(args.json, {"sweep": sweep_rows})
+        if args.csv:
+            report.write_csv(args.csv, sweep_rows)
+        return 0
     print(bench.format_bench(res))
     public = {k: v for k, v in res.items() if not k.startswith("_")}
     try:

@@ -4,7 +4,6 @@ The wire format itself belongs to :mod:`asyncdni.protocol`; this module only mov
 """
 from __future__ import annotations
 
-import socket as _socket
 
 import zmq
 
@@ -86,15 +85,6 @@ def send(sock: zmq.Socket, kind: str, step: int = -1, arrays=(), fields=None, *,
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
     return sock.recv_multipart(flags, copy=False)
-
-
-def check_tcp_reachable(host: str, port: int, timeout: float = 2.0) -> bool:
-    """Whether something accepts TCP connections at host:port (used for clear start-up errors)."""
-    try:
-        with _socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def close_all(*socks) -> None:
