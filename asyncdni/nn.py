@@ -12,11 +12,12 @@ ACTIVATIONS = ("sigmoid", "relu", "tanh", "linear")
 INITS = ("he", "xavier")
 
 
-def activate(name: str, z: np.ndarray) -> np.ndarray:
+def activate(name: str, z: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Apply an activation; with ``inplace`` the result may overwrite ``z``."""
     if name == "relu":
-        return np.maximum(z, 0)
+        return np.maximum(z, 0, out=z if inplace else None)
     if name == "tanh":
-        return np.tanh(z)
+        return np.tanh(z, out=z if inplace else None)
     if name == "sigmoid":
         # split on sign so that exp never overflows
         out = np.empty_like(z)
@@ -77,7 +78,7 @@ class Dense:
     def forward(self, x: np.ndarray) -> np.ndarray:
         z = x @ self.W
         z += self.b
-        return activate(self.activation, z)
+        return activate(self.activation, z, inplace=True)
 
     def backward(self, x: np.ndarray, h: np.ndarray, gh: np.ndarray, need_input_grad: bool = True):
         """Return (gW, gb, gx) for upstream gradient gh = dL/dh; gx is None when not needed."""

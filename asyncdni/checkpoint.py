@@ -1,0 +1,538 @@
+"""Checkpoints: each layer process saves its own state; the coordinator commits them.
+
+On-disk format
+--------------
+::
+
+    ROOT/
+      step-000000120/            one directory per checkpoint, named by the global step (9 digits)
+        layer-1.npz ... layer-K.npz   one file per layer, written by that layer's process
+        manifest.json             written LAST by the coordinator, atomically; its presence + valid checksums = complete
+
+``layer-N.npz`` is a numpy ``.npz`` archive (a stored, uncompressed zip of ``.npy``
+entries; never pickled, so it loads with ``allow_pickle=False``). The entries of a layer
+file (see :func:`node_state`):
+
+* ``W``, ``b``: the dense layer's weights and bias;
+* ``opt.<k>``: the layer optimizer's state (``opt.t``, a 0-d int64 step count, then
+  ``opt.m0``, ``opt.v0``, ... for Adam, ``opt.v0``, ... for momentum);
+* ``sg.<i>``: the synthetic-gradient model's parameters, in ``SGModel.params`` order
+  (absent for the last layer, which has no SG model);
+* ``sgopt.<k>``: the SG optimizer's state, named as for ``opt.``;
+* ``counters``: int64 ``[fwd_steps, updates, sg_updates]``.
+
+In-flight synthetic-gradient targets are not saved: a restored layer starts with no steps
+in flight. ``manifest.json``::
+
+    {"format": "asyncdni-checkpoint", "version": 1, "step": 120,
+     "config_digest": "<RunConfig.digest()>", "n_layers": 4,
+     "files": {"layer-1.npz": {"sha256": "<hex>", "bytes": 12345}, ...},
+     "created": 1714000000.0, "extra": {...free JSON map...}}
+
+Every file (layer files and the manifest) is written to a hidden temporary file in the
+same directory (``.<name>.<random>.tmp``), flushed, ``fsync``-ed, renamed over the final
+name with ``os.replace`` and the directory is ``fsync``-ed, so a crash leaves either the
+old file or the new one, never a partial file under the final name. A checkpoint
+directory without a manifest is *incomplete* (a crash or a layer that never reported);
+one whose manifest does not match its files is *corrupt*. :func:`find_latest` returns the
+newest checkpoint that is neither, and says why it skipped each newer one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "asyncdni-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+_STEP_RE = re.compile(r"^step-(\d{9,})$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)   # fixed entry timestamps: same arrays -> same bytes -> same sha256
+
+
+class CheckpointError(RuntimeError):
+    """One-line message naming the checkpoint directory/file and the problem."""
+
+
+def _one_line(s) -> str:
+    return " ".join(str(s).split())
+
+
+# -------------------------------------------------------------------- names
+def step_dir(root, step: int) -> Path:
+    """``ROOT/step-000000120``."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
+    return Path(root) / f"step-{int(step):09d}"
+
+
+def layer_file(index: int) -> str:
+    """0-based layer index -> ``layer-1.npz``."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"layer index must be a non-negative integer, got {index!r}")
+    return f"layer-{int(index) + 1}.npz"
+
+
+def _parse_step_name(name: str) -> int | None:
+    """Step of a canonical checkpoint directory name, else None."""
+    m = _STEP_RE.match(name)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if f"step-{step:09d}" == name else None
+
+
+# ------------------------------------------------------------ atomic writes
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return                      # platforms that cannot open directories
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``, fsync the dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------- arrays
+def _check_key(path, key) -> None:
+    if not isinstance(key, str) or not key or any(c in key for c in "/\\\0") or not key.isprintable():
+        raise CheckpointError(f"{path}: invalid array name {key!r} (want a plain non-empty name)")
+
+
+def write_arrays(path, arrays: dict) -> dict:
+    """Atomically write ``arrays`` (name -> array) as an npz archive at ``path``.
+
+    Returns ``{"sha256": <hex of the file's bytes>, "bytes": <size>}``, the manifest entry.
+    Object arrays are refused (they would need pickle).
+    """
+    path = Path(path)
+    prepared = {}
+    for key, value in arrays.items():
+        _check_key(path, key)
+        arr = np.asarray(value)
+        if arr.dtype.hasobject:
+            raise CheckpointError(f"{path}: array {key!r} has object dtype, which cannot be saved without pickle")
+        prepared[key] = arr
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, arr in prepared.items():
+                info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_EPOCH)
+                info.compress_type = zipfile.ZIP_STORED
+                info.external_attr = 0o644 << 16
+                with zf.open(info, "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, arr, allow_pickle=False)
+
+    _atomic_write(path, write)
+    return {"sha256": _sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _check_bytes(path: Path, data: bytes, expected: dict) -> None:
+    want_size, want_sha = expected.get("bytes"), expected.get("sha256")
+    if want_size is not None and len(data) != want_size:
+        raise CheckpointError(f"{path}: size mismatch (corrupt or truncated): {len(data)} bytes, manifest says {want_size}")
+    if want_sha is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != want_sha:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupt): sha256 {got[:12]}..., manifest says {str(want_sha)[:12]}...")
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {_one_line(e.strerror or e)}") from None
+
+
+def read_arrays(path, expected: dict | None = None) -> dict:
+    """Load an npz written by :func:`write_arrays`; returns name -> array (owned, writable copies).
+
+    With ``expected`` (a manifest entry ``{"sha256", "bytes"}``) the size and checksum are
+    verified first, on the same bytes that are then loaded.
+    """
+    path = Path(path)
+    data = _read_file(path)
+    if expected is not None:
+        _check_bytes(path, data, expected)
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:   # zipfile.BadZipFile, ValueError (pickled/bad header), EOFError, OSError, ...
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {_one_line(e)})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise CheckpointError(f"{path}: not an npz archive")
+    out = {}
+    try:
+        with loaded:
+            for key in loaded.files:
+                arr = loaded[key]
+                out[key] = arr if arr.flags.owndata and arr.flags.writeable else np.array(arr)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {_one_line(e)})") from None
+    return out
+
+
+# --------------------------------------------------------------- node state
+def _expected_layout(node) -> dict:
+    """name -> (shape, dtype) of every entry :func:`node_state` writes for this node."""
+    out = {"W": (node.dense.W.shape, node.dense.W.dtype), "b": (node.dense.b.shape, node.dense.b.dtype)}
+    for k, v in node.opt.state().items():
+        v = np.asarray(v)
+        out[f"opt.{k}"] = (v.shape, v.dtype)
+    if node.sg is not None:
+        for i, p in enumerate(node.sg.params):
+            out[f"sg.{i}"] = (p.shape, p.dtype)
+        for k, v in node.sg_opt.state().items():
+            v = np.asarray(v)
+            out[f"sgopt.{k}"] = (v.shape, v.dtype)
+    out["counters"] = ((3,), np.dtype(np.int64))
+    return out
+
+
+def node_state(node) -> dict:
+    """Everything needed to continue training a ``LayerNode`` exactly, as name -> array copies.
+
+    Must be taken between steps: a half-accumulated pipeline step cannot be saved.
+    """
+    if getattr(node, "_acc_count", 0):
+        raise CheckpointError(f"layer {node.spec.index + 1}: a pipeline step is partly accumulated "
+                              f"({node._acc_count} of {node.spec.microbatches} micro-batches); checkpoint between steps")
+    out = {"W": node.dense.W.copy(), "b": node.dense.b.copy()}
+    out.update({f"opt.{k}": np.array(v, copy=True) for k, v in node.opt.state().items()})
+    if node.sg is not None:
+        out.update({f"sg.{i}": p.copy() for i, p in enumerate(node.sg.params)})
+        out.update({f"sgopt.{k}": np.array(v, copy=True) for k, v in node.sg_opt.state().items()})
+    out["counters"] = np.array([node.fwd_steps, node.updates, node.sg_updates], dtype=np.int64)
+    return out
+
+
+def restore_node(node, state: dict) -> None:
+    """Load :func:`node_state` output into an already constructed ``LayerNode`` of the same spec.
+
+    Everything is checked (every key present, no unexpected key, shapes and dtypes equal)
+    before anything is changed; then parameters and optimizer state are overwritten in
+    place (the optimizers hold references to the parameter arrays). In-flight steps
+    (``node.cache``) and any pipeline accumulation are dropped.
+    """
+    who = f"layer {node.spec.index + 1}"
+    layout = _expected_layout(node)
+    for key, (shape, dtype) in layout.items():
+        if key not in state:
+            raise CheckpointError(f"{who}: checkpoint state has no {key!r} (expected shape {tuple(shape)})")
+        got = np.asarray(state[key])
+        if got.shape != tuple(shape):
+            raise CheckpointError(f"{who}: {key!r} has shape {got.shape}, expected {tuple(shape)}")
+        if got.dtype != dtype:
+            raise CheckpointError(f"{who}: {key!r} has dtype {got.dtype}, expected {np.dtype(dtype)}")
+    extra = sorted(set(state) - set(layout))
+    if extra:
+        raise CheckpointError(f"{who}: checkpoint state has unexpected entries {', '.join(extra)} "
+                              "(saved from a layer with a different spec?)")
+    counters = np.asarray(state["counters"])
+    if (counters < 0).any():
+        raise CheckpointError(f"{who}: 'counters' has negative values {counters.tolist()}")
+
+    node.dense.W[...] = state["W"]
+    node.dense.b[...] = state["b"]
+    node.opt.load_state({k[len("opt."):]: np.asarray(v) for k, v in state.items() if k.startswith("opt.")})
+    if node.sg is not None:
+        for i, p in enumerate(node.sg.params):
+            p[...] = state[f"sg.{i}"]
+        node.sg_opt.load_state({k[len("sgopt."):]: np.asarray(v) for k, v in state.items() if k.startswith("sgopt.")})
+    node.fwd_steps, node.updates, node.sg_updates = (int(c) for c in counters)
+    node.cache.clear()
+    if hasattr(node, "_acc"):
+        node._acc, node._acc_count = None, 0
+
+
+# ----------------------------------------------------------------- manifest
+def _check_file_entry(where: str, name, entry) -> None:
+    if (not isinstance(name, str) or not name or name == MANIFEST or name.startswith(".")
+            or any(c in name for c in "/\\\0") or name in (".", "..") or not name.isprintable()):
+        raise CheckpointError(f"{where}: invalid file name {name!r} in manifest")
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: manifest entry for {name} is not an object")
+    sha, size = entry.get("sha256"), entry.get("bytes")
+    if not isinstance(sha, str) or not _SHA_RE.match(sha):
+        raise CheckpointError(f"{where}: manifest entry for {name} has no valid 'sha256' (64 lowercase hex digits)")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise CheckpointError(f"{where}: manifest entry for {name} has no valid 'bytes' (a non-negative integer)")
+
+
+def write_manifest(root, step, config_digest, n_layers, files: dict, extra: dict | None = None,
+                   *, verify: bool = True) -> Path:
+    """Commit checkpoint ``step``: atomically write ``ROOT/step-.../manifest.json``; returns its path.
+
+    ``files`` maps file name -> the entry :func:`write_arrays` returned and must cover
+    ``layer-1.npz`` .. ``layer-<n_layers>.npz`` (more files are allowed). With ``verify``
+    (default) every listed file must exist in the step directory with the listed size
+    (checksums are not recomputed here; :func:`validate` does that).
+    """
+    directory = step_dir(root, step)
+    where = str(directory)
+    if not isinstance(config_digest, str):
+        raise CheckpointError(f"{where}: config digest must be a string, got {config_digest!r}")
+    if isinstance(n_layers, bool) or not isinstance(n_layers, (int, np.integer)) or n_layers < 1:
+        raise CheckpointError(f"{where}: n_layers must be a positive integer, got {n_layers!r}")
+    files = {name: {"sha256": e.get("sha256"), "bytes": e.get("bytes")} if isinstance(e, dict) else e
+             for name, e in files.items()}
+    for name, entry in files.items():
+        _check_file_entry(where, name, entry)
+    missing = [layer_file(i) for i in range(int(n_layers)) if layer_file(i) not in files]
+    if missing:
+        raise CheckpointError(f"{where}: cannot commit, no entry for {', '.join(missing)}")
+    if verify:
+        for name, entry in files.items():
+            p = directory / name
+            try:
+                size = p.stat().st_size
+            except OSError:
+                raise CheckpointError(f"{p}: cannot commit, file is missing") from None
+            if size != entry["bytes"]:
+                raise CheckpointError(f"{p}: cannot commit, file has {size} bytes, entry says {entry['bytes']}")
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{where}: manifest 'extra' must be a dict, got {type(extra).__name__}")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "config_digest": config_digest,
+        "n_layers": int(n_layers),
+        "files": files,
+        "created": time.time(),
+        "extra": extra,
+    }
+    try:
+        text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: manifest 'extra' is not JSON-serialisable: {_one_line(e)}") from None
+    path = directory / MANIFEST
+    _atomic_write(path, lambda f: f.write(text.encode()))
+    return path
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    directory: Path
+    config_digest: str
+    n_layers: int
+    files: dict
+    extra: dict
+    created: float = field(default=0.0, compare=False)
+
+    def layer_path(self, index) -> Path:
+        return self.directory / layer_file(index)
+
+    def read_layer(self, index) -> dict:
+        """The layer's arrays, size and checksum verified against the manifest."""
+        name = layer_file(index)
+        return read_arrays(self.directory / name, self.files[name])
+
+
+def _int_field(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory}: not a directory")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {directory}: incomplete (no {MANIFEST})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {_one_line(e.strerror or e)}") from None
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(m, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    if m.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format is {m.get('format')!r}, expected {FORMAT!r}")
+    version = m.get("version")
+    if not _int_field(version) or version != VERSION:
+        newer = " (written by a newer asyncdni?)" if _int_field(version) and version > VERSION else ""
+        raise CheckpointError(f"{path}: version {version!r} is not supported, expected {VERSION}{newer}")
+    types = {"step": "a non-negative integer", "config_digest": "a string", "n_layers": "a positive integer",
+             "files": "an object", "created": "a number", "extra": "an object"}
+    missing = [k for k in types if k not in m]
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {', '.join(missing)}")
+    ok = {
+        "step": _int_field(m["step"]) and m["step"] >= 0,
+        "config_digest": isinstance(m["config_digest"], str),
+        "n_layers": _int_field(m["n_layers"]) and m["n_layers"] >= 1,
+        "files": isinstance(m["files"], dict),
+        "created": isinstance(m["created"], (int, float)) and not isinstance(m["created"], bool)
+                   and math.isfinite(m["created"]),
+        "extra": isinstance(m["extra"], dict),
+    }
+    for k, good in ok.items():
+        if not good:
+            raise CheckpointError(f"{path}: {k!r} must be {types[k]}, got {m[k]!r:.60}")
+    for name, entry in m["files"].items():
+        _check_file_entry(str(path), name, entry)
+    return m
+
+
+def validate(directory, config_digest: str | None = None, n_layers: int | None = None) -> Checkpoint:
+    """Check that ``directory`` holds a complete, intact checkpoint (of this configuration).
+
+    ``config_digest`` / ``n_layers`` of None are not checked. Raises :class:`CheckpointError`
+    with a one-line reason; every layer file's size and sha256 are verified.
+    """
+    directory = Path(directory)
+    m = _read_manifest(directory)
+    where = f"checkpoint {directory}"
+    name_step = _parse_step_name(directory.name)
+    if name_step is None:
+        raise CheckpointError(f"{where}: directory name is not step-<9 digits>")
+    if m["step"] != name_step:
+        raise CheckpointError(f"{where}: step in manifest ({m['step']}) does not match the directory name ({name_step})")
+    if config_digest is not None and m["config_digest"] != config_digest:
+        raise CheckpointError(f"{where}: made by a different configuration (config digest {m['config_digest']}, "
+                              f"this run {config_digest})")
+    if n_layers is not None and m["n_layers"] != n_layers:
+        raise CheckpointError(f"{where}: has {m['n_layers']} layers, this run has {n_layers}")
+    files = m["files"]
+    missing = [layer_file(i) for i in range(m["n_layers"]) if layer_file(i) not in files]
+    if missing:
+        raise CheckpointError(f"{where}: manifest lists no entry for {', '.join(missing)}")
+    for name in sorted(files, key=lambda n: (len(n), n)):
+        p = directory / name
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{p}: missing (listed in the manifest)") from None
+        except OSError as e:
+            raise CheckpointError(f"{p}: cannot be read: {_one_line(e.strerror or e)}") from None
+        if size != files[name]["bytes"]:
+            raise CheckpointError(f"{p}: size mismatch (corrupt or truncated): {size} bytes, "
+                                  f"manifest says {files[name]['bytes']}")
+        got = _sha256_file(p)
+        if got != files[name]["sha256"]:
+            raise CheckpointError(f"{p}: checksum mismatch (corrupt): sha256 {got[:12]}..., "
+                                  f"manifest says {files[name]['sha256'][:12]}...")
+    return Checkpoint(step=m["step"], directory=directory, config_digest=m["config_digest"],
+                      n_layers=m["n_layers"], files=files, extra=m["extra"], created=float(m["created"]))
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Canonically named checkpoint directories in ``root``, newest first."""
+    out = []
+    for entry in root.iterdir():
+        step = _parse_step_name(entry.name)
+        if step is not None and entry.is_dir():
+            out.append((step, entry))
+    out.sort(key=lambda t: t[0], reverse=True)
+    return out
+
+
+def _check_root(root) -> Path:
+    root = Path(root)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} is not a directory")
+    return root
+
+
+def find_latest(root, config_digest: str | None = None, n_layers: int | None = None) -> tuple[Checkpoint, list[str]]:
+    """The newest valid checkpoint under ``root`` and the reasons each newer one was skipped."""
+    root = _check_root(root)
+    candidates = _step_dirs(root)
+    if not candidates:
+        raise CheckpointError(f"no checkpoints in {root}")
+    skipped = []
+    for _step, directory in candidates:
+        try:
+            return validate(directory, config_digest, n_layers), skipped
+        except CheckpointError as e:
+            skipped.append(_one_line(e))
+    raise CheckpointError(f"no usable checkpoint in {root}: " + "; ".join(skipped))
+
+
+def prune(root, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (``keep`` < 1 counts as 1), and
+    every incomplete or corrupt directory older than the newest complete one.
+
+    Directories newer than the newest complete checkpoint are left alone (one may be being
+    written). A directory's manifest is removed first, so an interrupted prune never leaves
+    a half-deleted directory that looks complete. Returns the deleted paths, newest first.
+    """
+    root = _check_root(root)
+    keep = max(1, int(keep))
+    complete_seen = 0
+    deleted = []
+    for _step, directory in _step_dirs(root):
+        try:
+            validate(directory)
+            ok = True
+        except CheckpointError:
+            ok = False
+        if ok:
+            complete_seen += 1
+            if complete_seen <= keep:
+                continue
+        elif complete_seen == 0:
+            continue                # newer than every complete checkpoint: maybe in progress
+        try:
+            (directory / MANIFEST).unlink()
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(directory)
+        deleted.append(directory)
+    if deleted:
+        _fsync_dir(root)
+    return deleted
