@@ -27,7 +27,7 @@ TRAIN_FLAGS = {
     "--loss": ("train.loss", dict(type=str, help="auto, softmax_ce, sigmoid_bce or mse")),
     "--sg-model": ("train.sg_model", dict(type=str, help="synthetic-gradient model: linear or mlp (default linear)")),
     "--sg-hidden": ("train.sg_hidden", dict(type=str, metavar="N", help="hidden width of the mlp SG model")),
-    "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 1e-3)")),
+    "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 3e-3)")),
     "--max-inflight": ("train.max_inflight", dict(type=str, metavar="N", help="async: steps in flight (default 8)")),
     "--microbatches": ("train.microbatches", dict(type=str, metavar="M", help="pipeline: micro-batches per step (default 4)")),
     "--seed": ("train.seed", dict(type=str, help="seed of initialisation and batching")),
@@ -39,6 +39,11 @@ TRAIN_FLAGS = {
     "--ports": ("runtime.ports", dict(type=str, metavar="P,..", help="explicit ports: fwd,bwd per worker, then control")),
     "--blas-threads": ("runtime.blas_threads", dict(type=str, metavar="N", help="BLAS threads per worker (default 1)")),
     "--heartbeat-interval": ("runtime.heartbeat_interval", dict(type=str, metavar="S", help="seconds between heartbeats")),
+    "--checkpoint-every": ("runtime.checkpoint_every", dict(type=str, metavar="N", help="checkpoint every N steps")),
+    "--checkpoint-dir": ("runtime.checkpoint_dir", dict(type=str, metavar="DIR", help="where checkpoints are written")),
+    "--keep-checkpoints": ("runtime.keep_checkpoints", dict(type=str, metavar="N", help="complete checkpoints kept (default 3)")),
+    "--resume": ("runtime.resume", dict(type=str, metavar="DIR", help="continue from the newest complete checkpoint in DIR")),
+    "--max-restarts": ("runtime.max_restarts", dict(type=str, metavar="N", help="restart from the last checkpoint after a worker failure, up to N times (default 0)")),
 }
 
 
@@ -58,6 +63,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config field, e.g. --set train.sg_lr=3e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--fail-on-nonfinite", action="store_true",
+                   help="stop cleanly at the first NaN/Inf loss, gradient or output (default: skip and count)")
     p.add_argument("--report", metavar="FILE.json", help="write the summary as JSON")
 
 
@@ -73,6 +80,8 @@ def overrides_from_args(args) -> dict:
         ov["train.cond"] = args.cond
     if args.no_progress:
         ov["runtime.progress"] = False
+    if args.fail_on_nonfinite:
+        ov["runtime.fail_on_nonfinite"] = True
     for item in args.set:
         key, eq, value = item.partition("=")
         if not eq or "." not in key:
@@ -107,6 +116,7 @@ def fail(message: str, code: int) -> int:
 def guarded(fn):
     """Run fn(); map the errors a user can cause or meet to one line and an exit code.
     Returns (value, None) or (None, exit_code)."""
+    from .checkpoint import CheckpointError
     from .coordinator import Interrupted, RunError, WorkerFailed
     from .data import DataError
     from launch.local import LaunchError
@@ -115,6 +125,8 @@ def guarded(fn):
         return fn(), None
     except (C.ConfigError, DataError) as e:
         return None, fail(str(e), 2)
+    except CheckpointError as e:
+        return None, fail(f"checkpoint: {e}", 1)
     except Interrupted as e:
         return None, fail(str(e), 130)
     except WorkerFailed as e:
@@ -132,7 +144,11 @@ def cmd_train(args) -> int:
     def train():
         cfg = C.build(args.config, overrides_from_args(args))
         progress = report.Progress(cfg.train.schedule, enabled=cfg.runtime.progress)
-        result = run(cfg, on_progress=progress)
+
+        def log(line):
+            progress.interject(f"asyncdni: {line}")
+
+        result = run(cfg, on_progress=progress, log=log)
         progress.close()
         return cfg, result
 

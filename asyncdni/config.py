@@ -65,7 +65,8 @@ class TrainConfig:
     loss: str = "auto"                  # auto: softmax_ce for classification, sigmoid_bce for bits
     sg_model: str = "linear"            # synthetic-gradient model: linear or mlp
     sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
-    sg_lr: float = 1e-3
+    sg_lr: float = 3e-3
+    sg_reuse_prediction: bool = False   # SG regression reuses the forward prediction (faster, less accurate under async)
     cond: bool = True                   # label-conditioned SG (cDNI)
     max_inflight: int = 2               # async: steps in flight between feeder and last layer (staleness bound)
     microbatches: int = 4               # pipeline: micro-batches per step
@@ -85,6 +86,12 @@ class RuntimeConfig:
     heartbeat_misses: int = 4           # missed intervals before a peer is declared dead
     start_timeout: float = 60.0         # seconds for all workers to come up
     progress: bool = True               # progress bar on stderr
+    checkpoint_every: int = 0           # steps between checkpoints (0: none)
+    checkpoint_dir: str = ""            # where checkpoints go (every worker must see the same path)
+    keep_checkpoints: int = 3           # complete checkpoints kept; older ones are pruned
+    resume: str = ""                    # checkpoint directory to continue from (newest complete one)
+    max_restarts: int = 0               # restarts from the last checkpoint after a worker failure
+    fail_on_nonfinite: bool = False     # stop the run at the first non-finite loss, gradient or output
 
 
 @dataclass(frozen=True)
@@ -98,12 +105,18 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Hash of everything that determines the model's arithmetic (not runtime placement)."""
+        """Hash of what determines the model's state: architecture, data, optimizer and seeds.
+        Not the placement ([runtime]), nor how long or in which order training runs, so a
+        checkpoint can be resumed with more steps or under another schedule."""
         d = self.to_dict()
         d.pop("runtime")
+        for k in RUN_ONLY_TRAIN_FIELDS:
+            d["train"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "microbatches", "eval_every",
+                         "eval_batch", "target_accuracy")
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -285,6 +298,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("runtime.heartbeat_misses", r.heartbeat_misses, 1)
     if not (0 < r.start_timeout <= 3600):
         raise ConfigError(f"runtime.start_timeout: must be between 0 and 3600 seconds, got {r.start_timeout}")
+    _positive("runtime.checkpoint_every", r.checkpoint_every, 0)
+    _positive("runtime.keep_checkpoints", r.keep_checkpoints, 1)
+    _positive("runtime.max_restarts", r.max_restarts, 0)
+    if r.checkpoint_every and not (r.checkpoint_dir or r.resume):
+        raise ConfigError("runtime.checkpoint_dir: required when runtime.checkpoint_every is set")
+    if r.max_restarts and not r.checkpoint_every:
+        raise ConfigError("runtime.max_restarts: needs runtime.checkpoint_every (restarts resume from a checkpoint)")
     return cfg
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from . import checkpoint as CK
 from . import protocol as P
 from . import transport
 from .config import RunConfig
@@ -68,6 +69,9 @@ class RunResult:
     series: dict                  # per-step loss / metric / done_at from the feeder
     traces: list[dict]            # per worker: {"name", "t", "d", "c"}
     wall: float                   # coordinator wall clock, start-up and shutdown included
+    checkpoints: list[int] = field(default_factory=list)   # steps of checkpoints committed in this run
+    resumed_from: int | None = None
+    restarts: list[dict] = field(default_factory=list)      # one entry per restart (see run())
 
     @property
     def train_time(self) -> float:
@@ -88,9 +92,15 @@ def _raise_interrupt(signum, frame):
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, *, launcher=None, on_progress=None, run_dir: str | None = None,
-                 datasets=None):
+                 datasets=None, resume: CK.Checkpoint | None = None, on_started=None, log=None):
         self.cfg = cfg
         self.rt = cfg.runtime
+        self.resume = resume
+        self.on_started = on_started          # called with the coordinator once every worker has START
+        self.log = log or (lambda line: None)
+        self.progress_done = resume.step if resume else 0
+        self.ckpt_files: dict[int, dict] = {}
+        self.ckpt_committed: list[int] = []
         train, _test = datasets if datasets is not None else load_datasets(cfg)
         self.plan = make_plan(cfg, train)
         self.on_progress = on_progress
@@ -112,6 +122,11 @@ class Coordinator:
         widest = max(self.plan.widths)
         rows = max(cfg.train.batch_size, cfg.train.eval_batch)
         self.max_message = 2 * widest * rows * 8 + (1 << 20)
+        # control messages: the largest is a layer's BYE (its parameters and its timeline)
+        param_bytes = max(4 * (s.fan_in + 2) * s.fan_out * 2 + 4 * (s.fan_out + s.n_out + 1) * s.fan_out
+                          for s in self.plan.specs)
+        self.max_ctrl_message = param_bytes + 20 * 200_000 + (16 << 20)
+        self.ckpt_root = self.rt.checkpoint_dir or self.rt.resume
 
     # ------------------------------------------------------------- identity
     def _by_identity(self, ident: bytes) -> WorkerInfo | None:
@@ -138,12 +153,14 @@ class Coordinator:
         self.ctx = zmq.Context()
         self.ctrl = None
         try:
-            self.ctrl, ctrl_ep = transport.bind(self.ctx, zmq.ROUTER, self.rt.host, self.control_port)
+            self.ctrl, ctrl_ep = transport.bind(self.ctx, zmq.ROUTER, self.rt.host, self.control_port,
+                                                max_message=self.max_ctrl_message)
             self.ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)
             spec = {
                 "config": self.cfg.to_dict(), "control": ctrl_ep, "nodes": self.nodes,
                 "specs": [s.__dict__ for s in self.plan.specs], "steps": self.plan.steps,
-                "max_message": self.max_message,
+                "max_message": self.max_message, "checkpoint_dir": str(self.ckpt_root or ""),
+                "resume": {"dir": str(self.resume.directory), "step": self.resume.step} if self.resume else None,
             }
             spec_path = self.run_dir / "spec.json"
             spec_path.write_text(json.dumps(spec))
@@ -188,7 +205,10 @@ class Coordinator:
             tail = p.log_tail()
             code = p.exit_code()
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            doing = f" while {w.state} (step {w.step})" if w and w.state != "starting" else " during start-up"
+            if w is None or w.state in ("starting", "ready"):
+                doing = " during start-up"
+            else:
+                doing = f" while {w.state}" + (f" (last reported step {w.step})" if w.step >= 0 else "")
             raise WorkerFailed(name, p.pid, w.host if w else "?", f"{how}{doing}" + (f"\n{tail}" if tail else ""))
 
     def _recv_ctrl(self, timeout_ms: int):
@@ -239,6 +259,8 @@ class Coordinator:
         for w in self.workers:
             w.last_seen = now
             self._send(w, P.START, peers=peers)
+        if self.on_started is not None:
+            self.on_started(self)
 
     def _heartbeats(self, now: float) -> None:
         if now >= self._next_hb:
@@ -251,7 +273,7 @@ class Coordinator:
             if w.stats is None and now - w.last_seen > limit:
                 raise WorkerFailed(w.name, w.pid, w.host,
                                    f"no heartbeat for {now - w.last_seen:.1f} s (hung or unreachable) "
-                                   f"while {w.state} at step {w.step}")
+                                   f"while {w.state}" + (f" (last reported step {w.step})" if w.step >= 0 else ""))
 
     def _watch(self) -> None:
         self._next_hb = 0.0
@@ -263,10 +285,31 @@ class Coordinator:
             w, msg = self._recv_ctrl(poll_ms)
             if msg is None or self._handle_common(w, msg):
                 continue
-            if msg.kind == P.PROGRESS and self.on_progress is not None:
-                self.on_progress(msg.fields)
+            if msg.kind == P.PROGRESS and w is self.workers[0]:
+                self.progress_done = msg.fields["done"]
+                if self.on_progress is not None:
+                    self.on_progress(msg.fields)
+            elif msg.kind == P.CKPT_DONE and w is not None:
+                self._checkpoint_part(w, msg)
             elif msg.kind == P.STATS and w is self.workers[0] and msg.fields.get("finished"):
                 return
+
+    def _checkpoint_part(self, w: WorkerInfo, msg) -> None:
+        """A worker saved its part of checkpoint ``step``; commit it once all parts are in."""
+        f = msg.fields
+        name = f.get("file")
+        expected = CK.layer_file(w.index) if w.role == "layer" else "feeder.npz"
+        if name != expected or not isinstance(f.get("sha256"), str) or not isinstance(f.get("bytes"), int):
+            raise WorkerFailed(w.name, w.pid, w.host, f"malformed checkpoint report {f!r}")
+        parts = self.ckpt_files.setdefault(msg.step, {})
+        parts[name] = {"sha256": f["sha256"], "bytes": f["bytes"]}
+        if len(parts) == len(self.workers):
+            CK.write_manifest(self.ckpt_root, msg.step, self.cfg.digest(), self.plan.n_layers, parts,
+                              extra={"schedule": self.cfg.train.schedule, "steps": self.plan.steps})
+            del self.ckpt_files[msg.step]
+            self.ckpt_committed.append(msg.step)
+            CK.prune(self.ckpt_root, self.rt.keep_checkpoints)
+            self.log(f"checkpoint at step {msg.step} committed in {self.ckpt_root}")
 
     def _collect(self) -> RunResult:
         for w in self.workers:
@@ -280,7 +323,9 @@ class Coordinator:
             if msg is None or w is None or self._handle_common(w, msg):
                 self._check_exits()
                 continue
-            if msg.kind == P.BYE:
+            if msg.kind == P.CKPT_DONE:
+                self._checkpoint_part(w, msg)
+            elif msg.kind == P.BYE:
                 w.stats = msg.fields["stats"]
                 names = list(msg.fields.get("params", [])) + list(msg.fields.get("series", []))
                 names += ["trace_t", "trace_d", "trace_c"]
@@ -292,7 +337,9 @@ class Coordinator:
         series = {k: feeder.arrays[k] for k in ("loss", "metric", "done_at")}
         traces = [{"name": w.name, "t": w.arrays["trace_t"], "d": w.arrays["trace_d"], "c": w.arrays["trace_c"]}
                   for w in self.workers]
-        return RunResult(self.cfg, self.plan, feeder.stats, [w.stats for w in layers], params, series, traces, 0.0)
+        return RunResult(self.cfg, self.plan, feeder.stats, [w.stats for w in layers], params, series, traces, 0.0,
+                         checkpoints=list(self.ckpt_committed),
+                         resumed_from=self.resume.step if self.resume else None)
 
 
 def _main_thread() -> bool:
@@ -300,5 +347,47 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def run(cfg: RunConfig, **kw) -> RunResult:
-    return Coordinator(cfg, **kw).run()
+def find_resume_point(cfg: RunConfig, n_layers: int, log=None) -> CK.Checkpoint:
+    """The newest complete checkpoint of ``cfg.runtime.resume`` made by this configuration."""
+    ck, skipped = CK.find_latest(cfg.runtime.resume, cfg.digest(), n_layers)
+    for reason in skipped:
+        if log:
+            log(f"skipping checkpoint: {reason}")
+    return ck
+
+
+def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
+    """Run to completion. With ``runtime.max_restarts`` > 0, a worker failure restarts the
+    whole pipeline from the newest complete checkpoint (or from the start if there is none
+    yet); the result's ``restarts`` says what failed, at which step, and how many steps of
+    work were lost (steps done past the checkpoint that had to be repeated)."""
+    log = log or (lambda line: None)
+    resume = None
+    if cfg.runtime.resume:
+        train = kw.get("datasets")[0] if kw.get("datasets") else None
+        n_layers = cfg.model.layers if train is None else make_plan(cfg, train).n_layers
+        resume = find_resume_point(cfg, n_layers, log)
+        log(f"resuming from step {resume.step} ({resume.directory})")
+    restarts: list[dict] = []
+    first_resume = resume.step if resume else None
+    while True:
+        c = Coordinator(cfg, resume=resume, log=log, **kw)
+        try:
+            result = c.run()
+        except WorkerFailed as e:
+            if len(restarts) >= cfg.runtime.max_restarts:
+                raise
+            try:
+                ck, skipped = CK.find_latest(c.ckpt_root, cfg.digest(), c.plan.n_layers)
+            except CK.CheckpointError:
+                ck = None
+            back_to = ck.step if ck else 0
+            restarts.append({"error": str(e).splitlines()[0], "failed_at_step": c.progress_done,
+                             "resumed_from_step": back_to, "steps_lost": max(0, c.progress_done - back_to)})
+            log(f"restart {len(restarts)}/{cfg.runtime.max_restarts}: {str(e).splitlines()[0]}; "
+                f"resuming from step {back_to}")
+            resume = ck
+            continue
+        result.restarts = restarts
+        result.resumed_from = first_resume
+        return result

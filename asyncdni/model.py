@@ -62,6 +62,7 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
             init=cfg.model.init, loss=loss, task=train.task, n_out=train.n_out,
             optimizer=t.optimizer, lr=t.lr, sg_model=t.sg_model, sg_hidden=t.sg_hidden, sg_lr=t.sg_lr,
             cond=t.cond, microbatches=t.microbatches if t.schedule == "pipeline" else 1, seed=t.seed,
+            sg_reuse=t.sg_reuse_prediction,
         ))
     steps_per_epoch = len(train) // t.batch_size
     steps = t.steps if t.steps > 0 else max(1, round(t.epochs * steps_per_epoch))

@@ -38,6 +38,7 @@ def run_summary(result) -> dict:
             "msgs_sent": s["msgs_sent"], "bytes_sent": s["bytes_sent"],
             "flops_per_batch": s["flops_per_batch"], "sg_loss": s["sg_loss"],
             "rejected": s["rejected"], "cached_steps": s["cached_steps"],
+            "nonfinite_skipped": s.get("nonfinite_skipped", 0), "nonfinite_outputs": s.get("nonfinite_outputs", 0),
         })
     m1, m2 = metric_names(result.plan.task)
     return {
@@ -53,8 +54,22 @@ def run_summary(result) -> dict:
         "time_to_target_s": result.feeder.get("time_to_target"),
         "target_accuracy": result.config.train.target_accuracy or None,
         "evals": result.feeder["evals"],
+        "checkpoints": result.checkpoints, "resumed_from_step": result.resumed_from,
+        "restarts": result.restarts,
+        "steps_lost": sum(r["steps_lost"] for r in result.restarts),
+        "rejected": _merge_counts([L["rejected"] for L in layers] + [result.feeder.get("rejected", {})]),
+        "nonfinite_skipped": sum(L["nonfinite_skipped"] for L in layers),
+        "nonfinite_outputs": sum(L["nonfinite_outputs"] for L in layers),
         "per_layer": layers,
     }
+
+
+def _merge_counts(dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
 
 
 def format_summary(summary: dict) -> str:
@@ -86,12 +101,20 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {L['layer']:>5} {L['pid']:>7} {L['steps']:>7} {L['updates']:>8} {L['sg_updates']:>7} "
                      f"{100 * L['busy_fraction']:>5.1f}% {L['cpu_percent']:>4.0f}% {L['peak_rss_mb']:>7.1f} "
                      f"{L['bytes_sent'] / 2**20:>8.1f}")
-    rejected = {}
-    for L in s["per_layer"]:
-        for k, v in L["rejected"].items():
-            rejected[k] = rejected.get(k, 0) + v
-    if rejected:
-        lines.append("  rejected messages: " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
+    faults = []
+    if s["resumed_from_step"] is not None:
+        faults.append(f"resumed from the checkpoint at step {s['resumed_from_step']}")
+    if s["checkpoints"]:
+        faults.append(f"checkpoints committed at steps {', '.join(map(str, s['checkpoints'][-5:]))}"
+                      + (" (last 5)" if len(s["checkpoints"]) > 5 else ""))
+    for i, r in enumerate(s["restarts"], 1):
+        faults.append(f"restart {i}: {r['error']} at step {r['failed_at_step']}; resumed from step "
+                      f"{r['resumed_from_step']}, {r['steps_lost']} steps lost and redone")
+    faults.append("rejected messages: " + (", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none"))
+    faults.append(f"non-finite updates skipped: {s['nonfinite_skipped']}, non-finite outputs zeroed: "
+                  f"{s['nonfinite_outputs']}")
+    lines.append("")
+    lines += [f"  {f}" for f in faults]
     return "\n".join(lines)
 
 
@@ -146,6 +169,11 @@ class Progress:
                 self.last_decile = decile
                 self.stream.write(f"{self.label}: {done}/{total} steps, loss {loss:.4f}, {rate:.0f} steps/s\n")
                 self.stream.flush()
+
+    def interject(self, line: str) -> None:
+        """A message on its own line, even while a progress bar is drawn."""
+        self.stream.write(("\n" if self.enabled and self.tty else "") + line + "\n")
+        self.stream.flush()
 
     def close(self) -> None:
         if self.enabled and self.tty:

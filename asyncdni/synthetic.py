@@ -8,12 +8,12 @@ Conventions
   its scale does not depend on the batch size; the layer divides the prediction by B.
 * Output layers are initialised to zero (as in the DNI paper), so an untrained model predicts
   a zero gradient and training starts from "no update" rather than from noise.
-* Training is regression with the summed-over-features, batch-mean squared error. The
-  layer keeps the prediction it made in the forward pass and the regression step uses it
-  (``predict_keep`` / ``grads_from``), so the SG's forward is computed once per step. That
-  is the exact gradient whenever the SG has not been updated between the prediction and
-  its target's arrival (always under ``sequential``); under ``async`` it is the gradient at
-  the parameters of a few updates ago, the same bounded delay the layer weights see.
+* Training is regression with the summed-over-features, batch-mean squared error
+  (``predict_keep`` / ``grads_from``). By default the layer predicts again at regression
+  time, so the gradient is taken at the SG's current parameters. With
+  ``train.sg_reuse_prediction`` it reuses the forward pass's prediction instead: one matmul
+  less, exact under ``sequential`` (nothing updates the SG in between), but under ``async``
+  a gradient at parameters a few updates old, which measurably costs accuracy.
 """
 from __future__ import annotations
 

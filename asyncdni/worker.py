@@ -26,10 +26,15 @@ import traceback
 import numpy as np
 import zmq
 
+from . import checkpoint as CK
 from . import protocol as P
 from . import transport
 from .config import DNI_SCHEDULES, from_dict
-from .layer import LayerNode, LayerSpec
+from .data import DataError
+from .layer import LayerNode, LayerSpec, NonFiniteError, StepError, all_finite
+
+# failures that a user causes or must act on: reported in one line, without a traceback
+USER_ERRORS = (DataError, transport.TransportError, CK.CheckpointError, NonFiniteError)
 
 TRACE_LIMIT = 200_000           # timeline events kept per worker
 TRACE_CODES = {"fwd": 0, "bwd": 1, "eval": 2, "wait": 3, "send": 4}
@@ -131,6 +136,9 @@ class Worker:
     def send_ctrl(self, kind, step=-1, arrays=(), **fields):
         transport.send(self.ctrl, kind, step, arrays, fields)
 
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     def recv(self, sock, expect=None, check_finite=False):
         """Receive and validate one message; None if it was rejected (and counted)."""
         t0 = time.perf_counter()
@@ -138,7 +146,7 @@ class Worker:
         try:
             msg = P.decode(frames, expect=expect, check_finite=check_finite)
         except P.ProtocolError as e:
-            self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
+            self.reject(e.reason)
             msg = None
         self.comm += time.perf_counter() - t0
         self.msgs_recv += 1
@@ -167,6 +175,9 @@ class Worker:
         pass
 
     # ------------------------------------------------------------- life cycle
+    def setup(self) -> None:
+        """Heavy start-up (data, model, resumed state); errors here reach the coordinator."""
+
     def bind_inboxes(self) -> dict:
         raise NotImplementedError
 
@@ -187,6 +198,15 @@ class Worker:
     def bye_payload(self) -> tuple[list, dict]:
         return [], {}
 
+    def checkpoint_root(self):
+        return self.spec.get("checkpoint_dir") or ""
+
+    def save_checkpoint_file(self, step: int, name: str, arrays: dict) -> None:
+        """Write this worker's part of checkpoint ``step`` and tell the coordinator."""
+        path = CK.step_dir(self.checkpoint_root(), step) / name
+        info = CK.write_arrays(path, arrays)
+        self.send_ctrl(P.CKPT_DONE, step, file=name, sha256=info["sha256"], bytes=info["bytes"])
+
     def stats(self) -> dict:
         wall = time.time() - self.t_start
         ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -203,6 +223,7 @@ class Worker:
     def run(self) -> int:
         code = 0
         try:
+            self.setup()
             endpoints = self.bind_inboxes()
             self.send_ctrl(P.HELLO, role=self.role, index=self.index, pid=os.getpid(),
                            host=_socket.gethostname(), **endpoints)
@@ -220,9 +241,11 @@ class Worker:
             code = 3
         except Exception as e:  # noqa: BLE001 - every failure goes back to the coordinator as data
             code = 1
+            user = isinstance(e, USER_ERRORS)
             try:
                 self.send_ctrl(P.ERROR, role=self.role, index=self.index,
-                               error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+                               error=str(e) if user else f"{type(e).__name__}: {e}",
+                               traceback="" if user else traceback.format_exc())
             except Exception:
                 pass
         finally:
@@ -260,7 +283,6 @@ class LayerWorker(Worker):
     def __init__(self, spec: dict, index: int):
         super().__init__(spec, index)
         self.lspec = LayerSpec(**spec["specs"][index])
-        self.node = LayerNode(self.lspec)
         self.K = self.lspec.n_layers
         self.first = self.lspec.is_first
         self.last = self.lspec.is_last
@@ -268,13 +290,24 @@ class LayerWorker(Worker):
         self.batch_size = self.cfg.train.batch_size
         self.dni = self.schedule in DNI_SCHEDULES
         self.seq = self.schedule == "sequential"
-        self.pending = None          # sequential: outgoing message held until the ACK from below
+        self.pending = None          # sequential: (step, target, message) held until the ACK from below
+        self.marker = None           # checkpoint step waiting for this layer's in-flight state to drain
         self.metrics_acc = None      # pipeline (last layer): per-step metric accumulator
         self.sg_losses = []
+        self.nonfinite_outputs = 0   # outgoing activations/gradients that had to be zeroed
         yshape = (None,) if self.lspec.task == "classification" else (None, self.lspec.n_out)
         xshape = (None, self.lspec.fan_in)
         self.expect_fwd = {P.FWD: [xshape, yshape], P.EVAL: [xshape, yshape]}
         self.expect_bwd = {P.BWD: [(None, self.lspec.fan_out)]}
+        self.next_step = 0           # the only FWD step this layer accepts next (micro-steps in pipeline)
+
+    def setup(self) -> None:
+        self.node = LayerNode(self.lspec, fail_on_nonfinite=self.rt.fail_on_nonfinite)
+        resume = self.spec.get("resume")
+        if resume:
+            ck = CK.validate(resume["dir"], None, self.K)
+            CK.restore_node(self.node, ck.read_layer(self.index))
+            self.next_step = ck.step * self.M
 
     def bind_inboxes(self) -> dict:
         node = self.spec["nodes"][self._node_id]
@@ -317,11 +350,14 @@ class LayerWorker(Worker):
             if self.bwd_in in events:
                 # gradients first: they free cached state and unblock the sequential order
                 while self.bwd_in.poll(0):
-                    msg = self.recv(self.bwd_in, self.expect_bwd)
+                    msg = self.recv(self.bwd_in, self.expect_bwd, check_finite=True)
                     if msg is not None:
                         self.on_bwd(msg)
-            if self.fwd_in in events:
-                msg = self.recv(self.fwd_in, self.expect_fwd)
+            if self.marker is not None:
+                self.try_checkpoint()
+            # while a checkpoint marker waits, nothing from upstream may touch the weights
+            if self.fwd_in in events and self.marker is None:
+                msg = self.recv(self.fwd_in, self.expect_fwd, check_finite=True)
                 if msg is not None:
                     self.on_fwd(msg)
 
@@ -334,6 +370,16 @@ class LayerWorker(Worker):
         self.trace(code, w0, d)
         return out
 
+    def finite_out(self, a, what: str):
+        """Outgoing arrays are finite: a NaN/Inf one is zeroed (and counted) so the step still
+        completes downstream, or ends the run under fail_on_nonfinite."""
+        if a is None or all_finite(a):
+            return a
+        self.nonfinite_outputs += 1
+        if self.rt.fail_on_nonfinite:
+            raise NonFiniteError(f"{self.label}: non-finite {what}; stopping (fail_on_nonfinite)")
+        return np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+
     # --------------------------------------------------------------- forward
     def on_fwd(self, msg) -> None:
         kind = msg.kind
@@ -343,24 +389,31 @@ class LayerWorker(Worker):
         if kind == P.EVAL:
             self.on_eval(msg)
             return
-        if kind != P.FWD:
-            self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
+        if kind == P.MARKER:
+            self.on_marker(msg)
             return
-        x, y = msg.arrays
+        if kind != P.FWD:
+            self.reject("unexpected")
+            return
         step = msg.step
+        if step != self.next_step or self.pending is not None:
+            self.reject("step")            # out of sequence: a replay, a stranger, or a gap
+            return
+        self.next_step = step + 1
+        x, y = msg.arrays
         self.cur_step = step
         if self.dni:
             h, gx, metrics = self._timed(0, self.node.dni_forward, step, x, y)
             if gx is not None:
-                self.send(self.down, P.BWD, step, (gx,))
+                self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
             if self.last:
                 out = (P.DONE, step, (), _metric_fields(metrics))
                 target = self.sink
             else:
-                out = (P.FWD, step, (h, y), None)
+                out = (P.FWD, step, (self.finite_out(h, "activations"), y), None)
                 target = self.up
             if self.seq and not self.first:
-                self.pending = (target, out)      # strictly one layer at a time: wait for the ACK
+                self.pending = (step, target, out)      # strictly one layer at a time: wait for the ACK
             else:
                 self.send(target, *out)
             return
@@ -368,10 +421,10 @@ class LayerWorker(Worker):
         scale = x.shape[0] / self.batch_size if self.M > 1 else 1.0
         h, gx, metrics = self._timed(0, self.node.bp_forward, step, x, y, scale)
         if not self.last:
-            self.send(self.up, P.FWD, step, (h, y))
+            self.send(self.up, P.FWD, step, (self.finite_out(h, "activations"), y))
             return
         if not self.first:
-            self.send(self.down, P.BWD, step, (gx,))
+            self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
         full_step = step // self.M
         if self.M > 1:
             acc = self.metrics_acc or {"loss": 0.0, "metric": 0.0, "metric2": 0.0, "n": 0}
@@ -388,10 +441,10 @@ class LayerWorker(Worker):
             self.send(self.down, P.ACK, full_step)
 
     def release_pending(self, step: int) -> None:
-        if self.pending is None:
-            self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
+        if self.pending is None or self.pending[0] != step:
+            self.reject("step")
             return
-        target, out = self.pending
+        _step, target, out = self.pending
         self.pending = None
         self.send(target, *out)
 
@@ -405,24 +458,48 @@ class LayerWorker(Worker):
             self.send(self.sink, P.EVAL_RESULT, msg.step, (),
                       {"eid": msg.fields["eid"], "loss": loss, "metric": m, "metric2": m2, "n": n})
         else:
-            self.send(self.up, P.EVAL, msg.step, (h, y), {"eid": msg.fields["eid"]})
+            self.send(self.up, P.EVAL, msg.step, (self.finite_out(h, "activations"), y), {"eid": msg.fields["eid"]})
+
+    # ------------------------------------------------------------ checkpoint
+    def on_marker(self, msg) -> None:
+        if msg.fields.get("purpose") != "ckpt" or not self.checkpoint_root() or msg.step * self.M != self.next_step:
+            self.reject("step")
+            return
+        self.marker = msg.step
+        self.try_checkpoint()
+
+    def try_checkpoint(self) -> None:
+        """Save once every step before the marker is fully applied here: no SG target and
+        no pipeline gradient still outstanding (they arrive on bwd_in, which keeps flowing)."""
+        if self.node.cache or not self.node.step_complete or self.pending is not None:
+            return
+        step, self.marker = self.marker, None
+        t0 = time.perf_counter()
+        self.save_checkpoint_file(step, CK.layer_file(self.index), CK.node_state(self.node))
+        self.busy += time.perf_counter() - t0
+        if not self.last:
+            self.send(self.up, P.MARKER, step, (), {"purpose": "ckpt"})
 
     # -------------------------------------------------------------- backward
     def on_bwd(self, msg) -> None:
         if msg.kind != P.BWD:
-            self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
+            self.reject("unexpected")
             return
         g = msg.arrays[0]
         step = msg.step
-        if self.dni:
-            loss = self._timed(1, self.node.sg_update, step, g)
-            self.sg_losses.append(loss)
-            if self.seq:
-                self.send(self.up, P.ACK, step)
+        try:
+            if self.dni:
+                loss = self._timed(1, self.node.sg_update, step, g)
+                self.sg_losses.append(loss)
+                if self.seq:
+                    self.send(self.up, P.ACK, step)
+                return
+            gx = self._timed(1, self.node.bp_backward, step, g)
+        except StepError:
+            self.reject("step")            # a gradient for a step that is not in flight here
             return
-        gx = self._timed(1, self.node.bp_backward, step, g)
         if not self.first:
-            self.send(self.down, P.BWD, step, (gx,))
+            self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
         elif self.node.step_complete:
             self.send(self.down, P.ACK, step // self.M)
 
@@ -431,7 +508,8 @@ class LayerWorker(Worker):
         s = super().stats()
         s.update(steps=self.node.fwd_steps, updates=self.node.updates, sg_updates=self.node.sg_updates,
                  sg_loss=float(np.mean(self.sg_losses[-50:])) if self.sg_losses else None,
-                 cached_steps=len(self.node.cache),
+                 cached_steps=len(self.node.cache), nonfinite_skipped=self.node.nonfinite_skipped,
+                 nonfinite_outputs=self.nonfinite_outputs,
                  fan_in=self.lspec.fan_in, fan_out=self.lspec.fan_out,
                  flops_per_batch=self.node.flops_per_batch(self.batch_size, self.schedule))
         return s
@@ -451,14 +529,14 @@ def _metric_fields(m: dict) -> dict:
 # ============================================================================ feeder
 class FeederWorker(Worker):
     role = "feeder"
+    FILE = "feeder.npz"
 
-    def __init__(self, spec: dict, index: int = 0):
-        super().__init__(spec, index)
+    def setup(self) -> None:
         from .data import BatchStream, eval_batches
         from .model import load_datasets, microbatch_bounds
         self.train, self.test = load_datasets(self.cfg)
         t = self.cfg.train
-        self.steps = int(spec["steps"])
+        self.steps = int(self.spec["steps"])
         self.stream = BatchStream(self.train, t.batch_size, t.seed)
         self.eval_set = eval_batches(self.test, t.eval_batch)
         self.M = t.microbatches if self.schedule == "pipeline" else 1
@@ -469,6 +547,17 @@ class FeederWorker(Worker):
         self.done_at = np.full(self.steps, np.nan)   # training-clock time each step finished
         self.evals: list[dict] = []
         self.time_to_target = None
+        self.start_step = 0
+        self.time_offset = 0.0                       # training time already spent before a resume
+        resume = self.spec.get("resume")
+        if resume:
+            ck = CK.validate(resume["dir"], None, None)
+            self.start_step = ck.step
+            if self.FILE in ck.files:
+                st = CK.read_arrays(ck.directory / self.FILE, ck.files[self.FILE])
+                n = min(self.steps, len(st["loss"]), self.start_step)
+                self.losses[:n], self.metric[:n], self.done_at[:n] = st["loss"][:n], st["metric"][:n], st["done_at"][:n]
+                self.time_offset = float(st["train_time"])
 
     def bind_inboxes(self) -> dict:
         node = self.spec["nodes"][0]
@@ -495,21 +584,28 @@ class FeederWorker(Worker):
             return self.recv(self.inbox)
         return None
 
+    def _pause_point(self, step: int) -> bool:
+        """Steps at which the pipeline drains: periodic evaluation and checkpoints."""
+        t = self.cfg.train
+        ck = self.rt.checkpoint_every
+        return step > self.start_step and ((t.eval_every and step % t.eval_every == 0) or (ck and step % ck == 0))
+
     def loop(self) -> None:
         timeout = int(self.hb_interval * 1000)
-        sent = completed = 0
+        sent = completed = self.start_step
         paused = 0.0
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - self.time_offset
         next_progress = 0.0
         eval_every = self.cfg.train.eval_every
+        ck_every = self.rt.checkpoint_every
         target = self.cfg.train.target_accuracy
         need = 1 if self.schedule in DNI_SCHEDULES else 3
         got = np.zeros(self.steps, np.uint8)
         self.state = "training"
         while completed < self.steps:
             while sent < self.steps and sent - completed < self.window:
-                if eval_every and sent > 0 and sent % eval_every == 0 and sent > completed:
-                    break                       # drain before the periodic evaluation
+                if self._pause_point(sent) and sent > completed:
+                    break                       # drain before evaluating or checkpointing
                 x, y = self.stream.batch(sent)
                 if self.M == 1:
                     self.send(self.up, P.FWD, sent, (x, y))
@@ -521,8 +617,11 @@ class FeederWorker(Worker):
             if msg is None:
                 continue
             s = msg.step
-            if msg.kind not in (P.DONE, P.ACK) or not 0 <= s < self.steps:
-                self.rejected["unexpected"] = self.rejected.get("unexpected", 0) + 1
+            if msg.kind not in (P.DONE, P.ACK):
+                self.reject("unexpected")
+                continue
+            if not self.start_step <= s < sent or got[s] == need:
+                self.reject("step")             # not in flight, or already complete
                 continue
             if msg.kind == P.DONE:
                 self.losses[s] = msg.fields["loss"]
@@ -537,14 +636,17 @@ class FeederWorker(Worker):
             self.done_at[s] = time.perf_counter() - t0 - paused
             self.cur_step = completed
             now = time.perf_counter()
-            if eval_every and completed % eval_every == 0 and completed == sent and completed < self.steps:
-                p0 = time.perf_counter()
-                ev = self.evaluate()
-                ev.update(step=completed, train_time=p0 - t0 - paused)
-                paused += time.perf_counter() - p0        # evaluation is off the training clock
-                self.evals.append(ev)
-                if target and self.time_to_target is None and ev["metric"] >= target:
-                    self.time_to_target = ev["train_time"]
+            if completed == sent and completed < self.steps and self._pause_point(completed):
+                if ck_every and completed % ck_every == 0:
+                    self.checkpoint(completed, now - t0 - paused)
+                if eval_every and completed % eval_every == 0:
+                    p0 = time.perf_counter()
+                    ev = self.evaluate()
+                    ev.update(step=completed, train_time=p0 - t0 - paused)
+                    paused += time.perf_counter() - p0        # evaluation is off the training clock
+                    self.evals.append(ev)
+                    if target and self.time_to_target is None and ev["metric"] >= target:
+                        self.time_to_target = ev["train_time"]
             if now >= next_progress or completed == self.steps:
                 i = completed - 1
                 self.send_ctrl(P.PROGRESS, done=completed, total=self.steps,
@@ -552,6 +654,11 @@ class FeederWorker(Worker):
                                elapsed=now - t0 - paused)
                 next_progress = now + PROGRESS_INTERVAL
         self.train_time = time.perf_counter() - t0 - paused
+        if ck_every and self.steps > self.start_step:
+            # a last checkpoint at the final step, so that a finished run can be extended; the
+            # evaluation batches travel behind the marker, so every layer has saved by the time
+            # the last result is back
+            self.checkpoint(self.steps, self.train_time)
         self.state = "evaluating"
         ev = self.evaluate()
         ev.update(step=self.steps, train_time=self.train_time)
@@ -563,22 +670,35 @@ class FeederWorker(Worker):
         while True:                        # until STOP
             self._pump(timeout)
 
+    def checkpoint(self, step: int, train_time: float) -> None:
+        """The pipeline is drained at ``step``: save the feeder's history, then send the
+        marker that makes every layer save its state for the same step."""
+        self.save_checkpoint_file(step, self.FILE, {
+            "loss": self.losses[:step], "metric": self.metric[:step], "done_at": self.done_at[:step],
+            "train_time": np.array(train_time)})
+        self.send(self.up, P.MARKER, step, (), {"purpose": "ckpt"})
+
     def evaluate(self) -> dict:
         for eid, (x, y) in enumerate(self.eval_set):
             self.send(self.up, P.EVAL, eid, (x, y), {"eid": eid})
         got = {}
         while len(got) < len(self.eval_set):
             msg = self._pump(int(self.hb_interval * 1000))
-            if msg is not None and msg.kind == P.EVAL_RESULT:
-                got[msg.fields["eid"]] = msg.fields
+            if msg is None:
+                continue
+            eid = msg.fields.get("eid") if msg.kind == P.EVAL_RESULT else None
+            if eid is None or not 0 <= eid < len(self.eval_set) or eid in got:
+                self.reject("unexpected")
+                continue
+            got[eid] = msg.fields
         n = sum(r["n"] for r in got.values())
         return {k: sum(r[k] * r["n"] for r in got.values()) / n for k in ("loss", "metric", "metric2")} | {"n": n}
 
     def stats(self) -> dict:
         s = super().stats()
-        s.update(steps=self.steps, train_time=getattr(self, "train_time", None), evals=self.evals,
-                 time_to_target=self.time_to_target, batch_size=self.cfg.train.batch_size,
-                 samples=self.steps * self.cfg.train.batch_size)
+        s.update(steps=self.steps, start_step=self.start_step, train_time=getattr(self, "train_time", None),
+                 evals=self.evals, time_to_target=self.time_to_target, batch_size=self.cfg.train.batch_size,
+                 samples=self.steps * self.cfg.train.batch_size)   # train_time includes time before a resume
         return s
 
     def bye_payload(self):

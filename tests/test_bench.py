@@ -57,8 +57,12 @@ def test_flops_per_sample_counts_matmuls():
     mm = [8 * 100, 100 * 100, 100 * 5]
     bp = 2 * (2 * mm[0] + 3 * mm[1] + 3 * mm[2])
     assert bench.flops_per_sample(plan, "backprop") == bp
-    # DNI adds a linear SG (100x100) prediction and regression for the two hidden layers
-    assert bench.flops_per_sample(plan, "async") == bp + 2 * 2 * (2 * 100 * 100)
+    # DNI adds, for the two hidden layers, a linear SG (100x100) prediction, its prediction
+    # again at regression time, and the regression's weight gradient
+    assert bench.flops_per_sample(plan, "async") == bp + 2 * 3 * (2 * 100 * 100)
+    reuse = config.replace(cfg, **{"train.sg_reuse_prediction": True})
+    plan_reuse = make_plan(reuse, load_datasets(reuse)[0])
+    assert bench.flops_per_sample(plan_reuse, "async") == bp + 2 * 2 * (2 * 100 * 100)
 
 
 def test_transport_benchmark_measures_both_modes():

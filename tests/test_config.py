@@ -83,6 +83,11 @@ def test_digest_stable_and_hex():
     {"runtime.heartbeat_interval": 2.0},
     {"runtime.host": "10.0.0.1"},
     {"runtime.ports": list(range(20000, 20011))},
+    # how long and in which order training runs does not change what a checkpoint holds
+    {"train.schedule": "backprop"},
+    {"train.steps": 5},
+    {"train.epochs": 2.0},
+    {"train.max_inflight": 5},
 ])
 def test_digest_ignores_runtime(override):
     assert build(None, override).digest() == RunConfig().digest()
@@ -90,7 +95,8 @@ def test_digest_ignores_runtime(override):
 
 @pytest.mark.parametrize("override", [
     {"train.lr": 0.01},
-    {"train.schedule": "backprop"},
+    {"train.sg_lr": 0.01},
+    {"train.optimizer": "sgd"},
     {"train.seed": 1},
     {"model.width": 32},
     {"model.activation": "tanh"},
