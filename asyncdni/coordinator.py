@@ -190,11 +190,32 @@ class Coordinator:
                         self._send(w, P.STOP, reason="coordinator shutting down")
                 except zmq.ZMQError:
                     pass
+            self._feeder_final_count()
         self.launcher.stop(grace=2.0)
         transport.close_all(self.ctrl)
         self.ctx.term()
         if self._own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _feeder_final_count(self, timeout: float = 1.0) -> None:
+        """After a failure: the feeder's exact count of completed steps, from its BYE, so that
+        the steps lost to a restart are counted, not estimated from progress reports."""
+        feeder = self.workers[0]
+        if feeder.stats is not None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                w, msg = self._recv_ctrl(50)
+            except zmq.ZMQError:
+                return
+            if w is feeder and msg is not None and msg.kind == P.BYE:
+                done = msg.fields.get("stats", {}).get("completed")
+                if isinstance(done, int):
+                    self.progress_done = max(self.progress_done, done)
+                return
+            if any(p.pid == feeder.pid for p in self.launcher.exited()):
+                return
 
     def _check_exits(self) -> None:
         for p in self.launcher.exited():
@@ -205,7 +226,7 @@ class Coordinator:
             tail = p.log_tail()
             code = p.exit_code()
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            if w is None or w.state in ("starting", "ready"):
+            if w is None or w.state == "starting":
                 doing = " during start-up"
             else:
                 doing = f" while {w.state}" + (f" (last reported step {w.step})" if w.step >= 0 else "")
@@ -232,7 +253,9 @@ class Coordinator:
                                msg.fields["error"], msg.fields["traceback"])
         if msg.kind == P.HEARTBEAT:
             if w is not None:
-                w.state = msg.fields.get("state", w.state)
+                state = msg.fields.get("state", w.state)
+                if not (w.state != "starting" and state == "starting"):   # a beat sent before START
+                    w.state = state
                 w.step = msg.fields.get("step", w.step)
             return True
         return False
@@ -252,12 +275,12 @@ class Coordinator:
                 w.endpoints = {"fwd": msg.fields.get("fwd", ""), "bwd": msg.fields.get("bwd", "")}
                 w.pid = msg.fields["pid"]
                 w.host = msg.fields["host"]
-                w.state = "ready"
                 pending.discard(id(w))
         peers = [w.endpoints for w in self.workers]
         now = time.monotonic()
         for w in self.workers:
             w.last_seen = now
+            w.state = "running"
             self._send(w, P.START, peers=peers)
         if self.on_started is not None:
             self.on_started(self)

@@ -548,11 +548,12 @@ class FeederWorker(Worker):
         self.evals: list[dict] = []
         self.time_to_target = None
         self.start_step = 0
+        self.completed = 0
         self.time_offset = 0.0                       # training time already spent before a resume
         resume = self.spec.get("resume")
         if resume:
             ck = CK.validate(resume["dir"], None, None)
-            self.start_step = ck.step
+            self.start_step = self.completed = ck.step
             if self.FILE in ck.files:
                 st = CK.read_arrays(ck.directory / self.FILE, ck.files[self.FILE])
                 n = min(self.steps, len(st["loss"]), self.start_step)
@@ -633,6 +634,7 @@ class FeederWorker(Worker):
             if got[s] != need:
                 continue
             completed += 1
+            self.completed = completed
             self.done_at[s] = time.perf_counter() - t0 - paused
             self.cur_step = completed
             now = time.perf_counter()
@@ -696,7 +698,8 @@ class FeederWorker(Worker):
 
     def stats(self) -> dict:
         s = super().stats()
-        s.update(steps=self.steps, start_step=self.start_step, train_time=getattr(self, "train_time", None),
+        s.update(steps=self.steps, start_step=self.start_step, completed=int(self.completed),
+                 train_time=getattr(self, "train_time", None),
                  evals=self.evals, time_to_target=self.time_to_target, batch_size=self.cfg.train.batch_size,
                  samples=self.steps * self.cfg.train.batch_size)   # train_time includes time before a resume
         return s
