@@ -44,9 +44,30 @@ def _layer_rows(summary_layers):
                                "cached_steps", "rejected")} for L in summary_layers]
 
 
-def run_inprocess(cfg: C.RunConfig, datasets) -> dict:
-    """The single-process run of the same DNI math (no sockets), timed like the others."""
-    train, test = datasets
+def run_inprocess(cfg: C.RunConfig) -> dict:
+    """The single-process run of the same DNI math (no sockets), timed like the others, in a
+    process of its own pinned to ``runtime.blas_threads`` BLAS threads like every worker."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+    from launch.local import LocalLauncher
+    with tempfile.TemporaryDirectory(prefix="asyncdni-inproc-") as d:
+        cfg_path, out_path = Path(d) / "config.json", Path(d) / "out.json"
+        cfg_path.write_text(json.dumps(cfg.to_dict()))
+        env = LocalLauncher(Path(d), cfg.runtime.blas_threads).env()
+        proc = subprocess.run([sys.executable, "-m", "workers.inprocess", str(cfg_path), str(out_path)],
+                              env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            raise coordinator.RunError(f"in-process run failed (exit {proc.returncode}): {tail}")
+        return json.loads(out_path.read_text())
+
+
+def run_inprocess_here(cfg: C.RunConfig) -> dict:
+    """The in-process run in the calling process (whatever its BLAS threads)."""
+    train, test = load_datasets(cfg)
     plan = make_plan(cfg, train)
     t = cfg.train
     r = reference.train_reference(plan, "dni", train, t.seed, test=test, eval_every=t.eval_every,
@@ -75,7 +96,7 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
         if log:
             log(f"bench: running {s} ...")
         if s == "inprocess":
-            runs[s] = run_inprocess(cfg, datasets)
+            runs[s] = run_inprocess(cfg)
             continue
         c = C.replace(cfg, **{"train.schedule": s})
         r = coordinator.run(c, on_progress=on_progress, datasets=datasets)

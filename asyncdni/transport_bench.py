@@ -57,7 +57,17 @@ def peer(out_ep: str, back_ep: str) -> None:
         ctx.term()
 
 
-def run(sizes=SIZES, trials: int = 5, min_bytes: int = 64 << 20, log=None) -> list[dict]:
+def codec_cost_us(size: int, number: int = 2000) -> tuple[float, float]:
+    """In-process encode and decode time of one message of ``size`` bytes (best of 5)."""
+    import timeit
+    a = np.ones(size // 4, np.float32)
+    frames = [bytes(f) for f in P.encode(P.BWD, 5, (a,))]
+    enc = min(timeit.repeat(lambda: P.encode(P.BWD, 5, (a,)), number=number, repeat=5)) / number
+    dec = min(timeit.repeat(lambda: P.decode(frames), number=number, repeat=5)) / number
+    return enc * 1e6, dec * 1e6
+
+
+def run(sizes=SIZES, trials: int = 9, min_bytes: int = 64 << 20, log=None) -> list[dict]:
     ctx = zmq.Context()
     out, out_ep = transport.bind(ctx, zmq.PUSH, "127.0.0.1")
     back, back_ep = transport.bind(ctx, zmq.PULL, "127.0.0.1")
@@ -69,17 +79,25 @@ def run(sizes=SIZES, trials: int = 5, min_bytes: int = 64 << 20, log=None) -> li
             n_stream = max(20, min(5000, min_bytes // size))
             n_ping = max(20, min(1000, (8 << 20) // size))
             res = {"raw": {"gbps": [], "rtt": []}, "protocol": {"gbps": [], "rtt": []}}
+            ratios = []
             for trial in range(trials + 1):                  # trial 0 is warm-up
-                for mode in ("raw", "protocol"):
-                    gbps, rtt = _trial(out, back, a, mode, n_stream, n_ping)
-                    if trial:
-                        res[mode]["gbps"].append(gbps)
-                        res[mode]["rtt"].append(rtt)
+                order = ("raw", "protocol") if trial % 2 else ("protocol", "raw")
+                got = {}
+                for mode in order:
+                    got[mode] = _trial(out, back, a, mode, n_stream, n_ping)
+                if trial:
+                    for mode in order:
+                        res[mode]["gbps"].append(got[mode][0])
+                        res[mode]["rtt"].append(got[mode][1])
+                    ratios.append(got["protocol"][0] / got["raw"][0])
             row = {"bytes": size}
             for mode in ("raw", "protocol"):
                 row[f"{mode}_gbps"] = statistics.median(res[mode]["gbps"])
                 row[f"{mode}_rtt_us"] = statistics.median(res[mode]["rtt"]) * 1e6
-            row["protocol_vs_raw"] = row["protocol_gbps"] / row["raw_gbps"]
+            # the median of paired ratios: each pair ran back to back on the same sockets,
+            # so machine noise that lasts longer than a pair cancels out
+            row["protocol_vs_raw"] = statistics.median(ratios)
+            row["encode_us"], row["decode_us"] = codec_cost_us(size)
             rows.append(row)
             if log:
                 log(format_row(row))
@@ -128,4 +146,5 @@ def format_row(r: dict) -> str:
     size = r["bytes"]
     label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
     return (f"  {label:>7}  raw {r['raw_gbps']:6.2f} GB/s rtt {r['raw_rtt_us']:7.1f} us | protocol "
-            f"{r['protocol_gbps']:6.2f} GB/s rtt {r['protocol_rtt_us']:7.1f} us | protocol/raw {100 * r['protocol_vs_raw']:5.1f}%")
+            f"{r['protocol_gbps']:6.2f} GB/s rtt {r['protocol_rtt_us']:7.1f} us | protocol/raw {100 * r['protocol_vs_raw']:5.1f}%"
+            f" | encode {r['encode_us']:.1f} us decode {r['decode_us']:.1f} us")

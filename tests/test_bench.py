@@ -71,7 +71,8 @@ def test_transport_benchmark_measures_both_modes():
     assert row["bytes"] == 64 << 10
     for mode in ("raw", "protocol"):
         assert row[f"{mode}_gbps"] > 0 and row[f"{mode}_rtt_us"] > 0
-    assert row["protocol_vs_raw"] == pytest.approx(row["protocol_gbps"] / row["raw_gbps"])
+    assert 0 < row["protocol_vs_raw"] < 10          # median of paired per-trial ratios
+    assert 0 < row["encode_us"] < 1000 and 0 < row["decode_us"] < 1000
 
 
 def test_bench_cli_rejects_unknown_schedule(tmp_path):

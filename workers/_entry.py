@@ -29,6 +29,12 @@ def _die_with_parent() -> None:
         os._exit(3)
 
 
+def pin_blas(threads) -> None:
+    """Fix the BLAS thread count; must run before numpy is first imported."""
+    for var in BLAS_VARS:
+        os.environ[var] = str(threads)
+
+
 def main(role: str, argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m workers.{role}")
     ap.add_argument("spec", help="run spec JSON written by the coordinator")
@@ -45,8 +51,6 @@ def main(role: str, argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"{role}: cannot read run spec {args.spec}: {e}", file=sys.stderr)
         return 2
-    threads = str(spec["config"]["runtime"]["blas_threads"])
-    for var in BLAS_VARS:
-        os.environ[var] = threads
+    pin_blas(spec["config"]["runtime"]["blas_threads"])
     from asyncdni.worker import run_worker     # numpy is imported here, after the thread variables
     return run_worker(spec, role, getattr(args, "index", 0))
