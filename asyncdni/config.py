@@ -61,14 +61,14 @@ class TrainConfig:
     epochs: float = 8.0
     batch_size: int = 64
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float = 5e-4
     loss: str = "auto"                  # auto: softmax_ce for classification, sigmoid_bce for bits
     sg_model: str = "linear"            # synthetic-gradient model: linear or mlp
     sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
-    sg_lr: float = 3e-3
+    sg_lr: float = 1e-3
     sg_reuse_prediction: bool = False   # SG regression reuses the forward prediction (faster, less accurate under async)
     cond: bool = True                   # label-conditioned SG (cDNI)
-    max_inflight: int = 2               # async: steps in flight between feeder and last layer (staleness bound)
+    max_inflight: int = 3               # async: steps in flight between feeder and last layer (staleness bound)
     microbatches: int = 4               # pipeline: micro-batches per step
     seed: int = 0
     eval_every: int = 0                 # evaluate on the test set every N steps (0: at the end only)

@@ -22,8 +22,8 @@ TARGETS = {"async": 0.94, "backprop": 0.95}
 def mnist_config(path, schedule, epochs=10.0, **extra):
     ov = {"data.dataset": "idx", "data.path": str(path), "data.test_fraction": 0.2, "data.seed": 0,
           "model.layers": 4, "model.width": 256, "model.activation": "relu",
-          "train.batch_size": 64, "train.optimizer": "adam", "train.lr": 1e-3,
-          "train.sg_lr": 3e-3, "train.cond": True, "train.epochs": epochs, "train.schedule": schedule,
+          "train.batch_size": 64, "train.optimizer": "adam", "train.lr": 5e-4,
+          "train.sg_lr": 1e-3, "train.cond": True, "train.epochs": epochs, "train.schedule": schedule,
           "runtime.progress": False}
     ov.update(extra)
     return config.build(overrides=ov)
