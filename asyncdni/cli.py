@@ -175,7 +175,7 @@ def cmd_bench(args) -> int:
 
     if args.transport:
         from . import transport_bench
-        log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 9 paired trials)")
+        log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 41 short paired trials)")
         rows = transport_bench.run(log=log)
         if args.json:
             report.write_json(args.json, {"transport": rows})

@@ -473,6 +473,10 @@ def encode(kind: str, step: int = -1, arrays: Sequence[np.ndarray] = (),
         step = int(step)
     if type(step) is not int or step < -1:
         raise ProtocolError("step", f"{kind}: step must be an int >= -1, got {type(step).__name__} {_one_line(repr(step), 40)}")
+    c = _COMPILED.get(kind) or _compiled(kind)
+    if not c.lo <= len(arrays) <= c.hi:
+        want = str(c.lo) if c.lo == c.hi else f"{c.lo}..{c.hi}"
+        raise ProtocolError("frames", f"{kind}: carries {want} arrays, got {len(arrays)}")
     descr = []
     bufs = []
     for i, arr in enumerate(arrays, 1):
@@ -497,7 +501,11 @@ def encode(kind: str, step: int = -1, arrays: Sequence[np.ndarray] = (),
                          "f": {} if fields is None else fields})
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError("fields", f"{kind}: fields cannot be encoded ({_one_line(e, 120)})") from None
-    _parse_header(header, 1 + len(bufs))   # self-check: the peer must accept what we send
+    if fields or c.required:
+        # self-check of the fields against the kind's schema: the peer must accept what we
+        # send. Without fields, everything in the header was checked above (kind, step,
+        # array count, dtypes, shapes, sizes), so the hot path skips the second unpack.
+        _parse_header(header, 1 + len(bufs))
     return [header, *bufs]
 
 

@@ -181,7 +181,9 @@ class Progress:
             self.stream.flush()
 
 
-TRACE_NAMES = {0: "forward", 1: "backward", 2: "eval", 3: "wait", 4: "send"}
+# timeline event codes, as workers record them (uint8) and as the Chrome trace names them
+TRACE_CODES = {"forward": 0, "backward": 1, "eval": 2, "wait": 3}
+TRACE_NAMES = {code: name for name, code in TRACE_CODES.items()}
 
 
 def chrome_trace(traces_by_run: dict) -> dict:

@@ -32,12 +32,13 @@ from . import transport
 from .config import DNI_SCHEDULES, from_dict
 from .data import DataError
 from .layer import LayerNode, LayerSpec, NonFiniteError, StepError, all_finite
+from .report import TRACE_CODES
 
 # failures that a user causes or must act on: reported in one line, without a traceback
 USER_ERRORS = (DataError, transport.TransportError, CK.CheckpointError, NonFiniteError)
 
 TRACE_LIMIT = 200_000           # timeline events kept per worker
-TRACE_CODES = {"fwd": 0, "bwd": 1, "eval": 2, "wait": 3, "send": 4}
+T_FWD, T_BWD, T_EVAL, T_WAIT = (TRACE_CODES[k] for k in ("forward", "backward", "eval", "wait"))
 PROGRESS_INTERVAL = 0.25        # seconds between feeder progress reports
 
 
@@ -342,7 +343,7 @@ class LayerWorker(Worker):
             dt = pc() - t0
             self.wait += dt
             if dt > 1e-4:
-                self.trace(3, time.time() - dt, dt)
+                self.trace(T_WAIT, time.time() - dt, dt)
             now = time.monotonic()
             self.heartbeat(now)
             if self.ctrl in events:
@@ -403,7 +404,7 @@ class LayerWorker(Worker):
         x, y = msg.arrays
         self.cur_step = step
         if self.dni:
-            h, gx, metrics = self._timed(0, self.node.dni_forward, step, x, y)
+            h, gx, metrics = self._timed(T_FWD, self.node.dni_forward, step, x, y)
             if gx is not None:
                 self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
             if self.last:
@@ -419,7 +420,7 @@ class LayerWorker(Worker):
             return
         # backprop / pipeline: step here is a micro-step (step * M + j)
         scale = x.shape[0] / self.batch_size if self.M > 1 else 1.0
-        h, gx, metrics = self._timed(0, self.node.bp_forward, step, x, y, scale)
+        h, gx, metrics = self._timed(T_FWD, self.node.bp_forward, step, x, y, scale)
         if not self.last:
             self.send(self.up, P.FWD, step, (self.finite_out(h, "activations"), y))
             return
@@ -450,7 +451,7 @@ class LayerWorker(Worker):
 
     def on_eval(self, msg) -> None:
         x, y = msg.arrays
-        h = self._timed(2, self.node.forward_only, x)
+        h = self._timed(T_EVAL, self.node.forward_only, x)
         if self.last:
             from . import losses
             loss, _ = losses.compute(self.lspec.loss, h, y)
@@ -489,12 +490,12 @@ class LayerWorker(Worker):
         step = msg.step
         try:
             if self.dni:
-                loss = self._timed(1, self.node.sg_update, step, g)
+                loss = self._timed(T_BWD, self.node.sg_update, step, g)
                 self.sg_losses.append(loss)
                 if self.seq:
                     self.send(self.up, P.ACK, step)
                 return
-            gx = self._timed(1, self.node.bp_backward, step, g)
+            gx = self._timed(T_BWD, self.node.bp_backward, step, g)
         except StepError:
             self.reject("step")            # a gradient for a step that is not in flight here
             return

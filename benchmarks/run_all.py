@@ -18,7 +18,7 @@ from benchmarks import mnist_accuracy
 
 
 def main() -> int:
-    print("== transport: protocol vs raw pyzmq (same sockets, loopback, medians of 9 paired trials)", flush=True)
+    print("== transport: protocol vs raw pyzmq (same sockets, loopback, medians of 41 short paired trials)", flush=True)
     rows = transport_bench.run(log=print)
     big = [r for r in rows if r["bytes"] >= 256 << 10]
     worst = min(r["protocol_vs_raw"] for r in big)
