@@ -122,10 +122,10 @@ class Coordinator:
         widest = max(self.plan.widths)
         rows = max(cfg.train.batch_size, cfg.train.eval_batch)
         self.max_message = 2 * widest * rows * 8 + (1 << 20)
-        # control messages: the largest is a layer's BYE (its parameters and its timeline)
-        param_bytes = max(4 * (s.fan_in + 2) * s.fan_out * 2 + 4 * (s.fan_out + s.n_out + 1) * s.fan_out
-                          for s in self.plan.specs)
-        self.max_ctrl_message = param_bytes + 20 * 200_000 + (16 << 20)
+        # control messages: the largest is a layer's BYE (float32 parameters, its timeline)
+        from .worker import TRACE_LIMIT
+        param_bytes = 4 * max(s.param_count() for s in self.plan.specs)
+        self.max_ctrl_message = param_bytes + 17 * TRACE_LIMIT + (16 << 20)
         self.ckpt_root = self.rt.checkpoint_dir or self.rt.resume
 
     # ------------------------------------------------------------- identity

@@ -68,6 +68,17 @@ class LayerSpec:
     def cond_dim(self) -> int:
         return self.n_out if self.cond else 0
 
+    def param_count(self) -> int:
+        """Scalars in this layer's parameters: the dense layer plus its SG model, if any."""
+        n = (self.fan_in + 1) * self.fan_out
+        if self.is_last:
+            return n
+        d, k = self.fan_out, self.cond_dim
+        if self.sg_model == "linear":
+            return n + (d + 1 + k) * d
+        h = self.sg_hidden or d
+        return n + (d + k) * h + h + h * d + d
+
 
 def condition_vector(task: str, n_out: int, y: np.ndarray, dtype=np.float32) -> np.ndarray:
     """What a label-conditioned SG model sees of the targets: one-hot labels or the target bits."""

@@ -784,3 +784,14 @@ def test_metrics_bits_mse():
     targets = np.array([[1, 0], [1, 1], [1, 0]])
     bit_acc, row_acc, n = losses.metrics("mse", probs, targets)
     assert (bit_acc, row_acc, n) == (pytest.approx(5 / 6), pytest.approx(2 / 3), 3)
+
+
+@pytest.mark.parametrize("sg,hidden,cond,last", [("linear", 0, True, False), ("linear", 0, False, False),
+                                                 ("mlp", 0, True, False), ("mlp", 7, False, False),
+                                                 ("linear", 0, True, True)])
+def test_param_count_matches_the_arrays(sg, hidden, cond, last):
+    spec = LayerSpec(index=2 if last else 1, n_layers=3, fan_in=6, fan_out=5, activation="relu", init="he",
+                     loss="softmax_ce", task="classification", n_out=3, optimizer="adam", lr=1e-3,
+                     sg_model=sg, sg_hidden=hidden, sg_lr=1e-3, cond=cond, microbatches=1, seed=0)
+    node = LayerNode(spec)
+    assert spec.param_count() == sum(p.size for p in node.params().values())
