@@ -246,7 +246,8 @@ def write_plots(directory: str, res: dict) -> list[str]:
     ax[0].set(xlabel="training time (s)", ylabel="training loss", title="loss vs wall-clock")
     ax[1].set(xlabel="training time (s)", ylabel="test accuracy", title="accuracy vs wall-clock")
     for a in ax:
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     p = os.path.join(directory, "loss_accuracy.png")
     fig.tight_layout()
     fig.savefig(p, dpi=110)
@@ -254,11 +255,14 @@ def write_plots(directory: str, res: dict) -> list[str]:
     written.append(p)
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [s for s in res["runs"] if res["runs"][s]["per_layer"]]
+    width = 1 / (len(names) + 1)
+    n_layers = 0
     for j, s in enumerate(names):
         fr = [L["busy_fraction"] for L in res["runs"][s]["per_layer"]]
-        x = np.arange(len(fr)) + j / (len(names) + 1)
-        ax.bar(x, fr, width=1 / (len(names) + 1), label=s)
-    ax.set(xlabel="layer (0-based)", ylabel="busy fraction of training time", title="layer utilisation")
+        n_layers = max(n_layers, len(fr))
+        ax.bar(np.arange(len(fr)) + (j - (len(names) - 1) / 2) * width, fr, width=width, label=s)
+    ax.set_xticks(np.arange(n_layers), [f"layer {i + 1}" for i in range(n_layers)])
+    ax.set(ylabel="busy fraction of training time", title="layer utilisation")
     ax.legend()
     p = os.path.join(directory, "utilisation.png")
     fig.tight_layout()

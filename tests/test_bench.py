@@ -80,3 +80,15 @@ def test_bench_cli_rejects_unknown_schedule(tmp_path):
                           cwd=tmp_path, env=env_with_repo(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "'fast' is not one of" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plots_are_written_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = {"runs": {"async": {"per_layer": [{"busy_fraction": 0.5}, {"busy_fraction": 0.25}],
+                              "evals": [{"train_time": 1.0, "metric": 0.5}, {"train_time": 2.0, "metric": 0.7}]}},
+           "_series": {"async": {"loss": np.linspace(2, 1, 50), "done_at": np.linspace(0, 2, 50)}}}
+    files = report.write_plots(str(tmp_path / "plots"), res)
+    assert [p.split("/")[-1] for p in files] == ["loss_accuracy.png", "utilisation.png"]
+    for p in files:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
