@@ -27,6 +27,10 @@ DATASETS = ("addition", "idx")
 LOSS_CHOICES = ("auto", "softmax_ce", "sigmoid_bce", "mse")
 
 
+HEARTBEAT_INTERVAL = 0.5   # seconds between heartbeats, both ways (runtime.heartbeat_interval)
+HEARTBEAT_MISSES = 4       # missed beats before a peer is declared dead: 2 s, inside the 3 s promise
+
+
 class ConfigError(ValueError):
     """Invalid configuration: the message names the field and what is allowed."""
 
@@ -82,8 +86,8 @@ class RuntimeConfig:
     hosts: tuple[str, ...] = ()         # per-worker host (feeder first, then layers); empty: all on `host`
     ports: tuple[int, ...] = ()         # explicit ports, 2 per worker (fwd, bwd) + 1 control; empty: free ports
     blas_threads: int = 1               # BLAS threads in each worker
-    heartbeat_interval: float = 0.5     # seconds between heartbeats
-    heartbeat_misses: int = 4           # missed intervals before a peer is declared dead
+    heartbeat_interval: float = HEARTBEAT_INTERVAL   # seconds between heartbeats
+    heartbeat_misses: int = HEARTBEAT_MISSES         # missed intervals before a peer is declared dead
     start_timeout: float = 60.0         # seconds for all workers to come up
     progress: bool = True               # progress bar on stderr
     checkpoint_every: int = 0           # steps between checkpoints (0: none)
