@@ -89,6 +89,10 @@ def run_inprocess_here(cfg: C.RunConfig) -> dict:
 def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None) -> dict:
     """Run every schedule on the same config; returns a plain-data result."""
     from . import report
+    # one bench runs several schedules on the same config: checkpoints, resume and restarts
+    # would mix their files in one directory, and are not what is being measured
+    cfg = C.replace(cfg, **{"runtime.checkpoint_every": 0, "runtime.checkpoint_dir": "", "runtime.resume": "",
+                            "runtime.max_restarts": 0})
     datasets = load_datasets(cfg)
     plan = make_plan(cfg, datasets[0])
     runs, traces, series = {}, {}, {}

@@ -110,8 +110,16 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``, fsync the dir."""
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, rename over ``path``, fsync the dir.
+    An OS failure (no such directory, no space, no permission) is a one-line CheckpointError."""
     path = Path(path)
+    try:
+        _atomic_write_os(path, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {_one_line(e.strerror or e)}") from None
+
+
+def _atomic_write_os(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -426,11 +434,14 @@ def _read_manifest(directory: Path) -> dict:
     return m
 
 
-def validate(directory, config_digest: str | None = None, n_layers: int | None = None) -> Checkpoint:
+def validate(directory, config_digest: str | None = None, n_layers: int | None = None,
+             verify_files: bool = True) -> Checkpoint:
     """Check that ``directory`` holds a complete, intact checkpoint (of this configuration).
 
     ``config_digest`` / ``n_layers`` of None are not checked. Raises :class:`CheckpointError`
-    with a one-line reason; every layer file's size and sha256 are verified.
+    with a one-line reason. With ``verify_files`` every file's size and sha256 are verified;
+    without, only the manifest and the files' presence and sizes (cheap: for a worker that
+    reads and verifies just its own file, or for pruning).
     """
     directory = Path(directory)
     m = _read_manifest(directory)
@@ -460,6 +471,8 @@ def validate(directory, config_digest: str | None = None, n_layers: int | None =
         if size != files[name]["bytes"]:
             raise CheckpointError(f"{p}: size mismatch (corrupt or truncated): {size} bytes, "
                                   f"manifest says {files[name]['bytes']}")
+        if not verify_files:
+            continue
         got = _sha256_file(p)
         if got != files[name]["sha256"]:
             raise CheckpointError(f"{p}: checksum mismatch (corrupt): sha256 {got[:12]}..., "
@@ -488,6 +501,12 @@ def _check_root(root) -> Path:
     return root
 
 
+def has_checkpoints(root) -> bool:
+    """Whether ``root`` exists and holds any checkpoint directory, complete or not."""
+    root = Path(root)
+    return root.is_dir() and bool(_step_dirs(root))
+
+
 def find_latest(root, config_digest: str | None = None, n_layers: int | None = None) -> tuple[Checkpoint, list[str]]:
     """The newest valid checkpoint under ``root`` and the reasons each newer one was skipped."""
     root = _check_root(root)
@@ -503,9 +522,13 @@ def find_latest(root, config_digest: str | None = None, n_layers: int | None = N
     raise CheckpointError(f"no usable checkpoint in {root}: " + "; ".join(skipped))
 
 
-def prune(root, keep: int) -> list[Path]:
+def prune(root, keep: int, config_digest: str | None = None) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints (``keep`` < 1 counts as 1), and
     every incomplete or corrupt directory older than the newest complete one.
+
+    With ``config_digest``, only checkpoints of that configuration count and are deleted;
+    others in the same directory are left alone. Completeness is judged from the manifest
+    and file sizes, not by re-hashing every kept checkpoint on every commit.
 
     Directories newer than the newest complete checkpoint are left alone (one may be being
     written). A directory's manifest is removed first, so an interrupted prune never leaves
@@ -516,8 +539,14 @@ def prune(root, keep: int) -> list[Path]:
     complete_seen = 0
     deleted = []
     for _step, directory in _step_dirs(root):
+        if config_digest is not None:
+            try:
+                if _read_manifest(directory)["config_digest"] != config_digest:
+                    continue        # another configuration's checkpoint: not ours to delete
+            except CheckpointError:
+                pass
         try:
-            validate(directory)
+            validate(directory, verify_files=False)
             ok = True
         except CheckpointError:
             ok = False

@@ -123,6 +123,8 @@ def guarded(fn):
     from .transport import TransportError
     try:
         return fn(), None
+    except KeyboardInterrupt:          # Ctrl-C outside a run (loading data, between restarts)
+        return None, fail("interrupted", 130)
     except (C.ConfigError, DataError) as e:
         return None, fail(str(e), 2)
     except CheckpointError as e:

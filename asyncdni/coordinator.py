@@ -101,6 +101,7 @@ class Coordinator:
         self.progress_done = resume.step if resume else 0
         self.ckpt_files: dict[int, dict] = {}
         self.ckpt_committed: list[int] = []
+        self._exit_seen: dict[int, float] = {}
         train, _test = datasets if datasets is not None else load_datasets(cfg)
         self.plan = make_plan(cfg, train)
         self.on_progress = on_progress
@@ -123,9 +124,11 @@ class Coordinator:
         rows = max(cfg.train.batch_size, cfg.train.eval_batch)
         self.max_message = 2 * widest * rows * 8 + (1 << 20)
         # control messages: the largest is a layer's BYE (float32 parameters, its timeline)
-        from .worker import TRACE_LIMIT
+        from .worker import EVAL_KEYS, TRACE_LIMIT
         param_bytes = 4 * max(s.param_count() for s in self.plan.specs)
-        self.max_ctrl_message = param_bytes + 17 * TRACE_LIMIT + (16 << 20)
+        n_evals = self.plan.steps // max(1, cfg.train.eval_every) + 2
+        feeder_bytes = 8 * 3 * self.plan.steps + 8 * len(EVAL_KEYS) * n_evals   # the feeder's history
+        self.max_ctrl_message = max(param_bytes, feeder_bytes) + 17 * TRACE_LIMIT + (16 << 20)
         self.ckpt_root = self.rt.checkpoint_dir or self.rt.resume
 
     # ------------------------------------------------------------- identity
@@ -144,7 +147,15 @@ class Coordinator:
         return b"feeder" if w.role == "feeder" else f"layer{w.index}".encode()
 
     def _send(self, w: WorkerInfo, kind: str, **fields) -> None:
-        transport.send(self.ctrl, kind, -1, (), fields, prefix=(self._identity(w),))
+        try:
+            transport.send(self.ctrl, kind, -1, (), fields, prefix=(self._identity(w),))
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            # its control connection is gone (ROUTER_MANDATORY): the process most likely
+            # ended; say so in the usual words if the launcher already knows
+            self._check_exits()
+            raise WorkerFailed(w.name, w.pid, w.host, f"control connection lost while {w.state}") from None
 
     # ------------------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -188,8 +199,8 @@ class Coordinator:
                 try:
                     if w.stats is None:
                         self._send(w, P.STOP, reason="coordinator shutting down")
-                except zmq.ZMQError:
-                    pass
+                except (zmq.ZMQError, WorkerFailed):
+                    pass                  # already gone: the launcher ends it below either way
             self._feeder_final_count()
         self.launcher.stop(grace=2.0)
         transport.close_all(self.ctrl)
@@ -199,7 +210,8 @@ class Coordinator:
 
     def _feeder_final_count(self, timeout: float = 1.0) -> None:
         """After a failure: the feeder's exact count of completed steps, from its BYE, so that
-        the steps lost to a restart are counted, not estimated from progress reports."""
+        the steps lost to a restart are counted, not estimated from progress reports.
+        Checkpoint reports still arriving meanwhile are committed, not dropped."""
         feeder = self.workers[0]
         if feeder.stats is not None:
             return
@@ -209,6 +221,11 @@ class Coordinator:
                 w, msg = self._recv_ctrl(50)
             except zmq.ZMQError:
                 return
+            if msg is not None and msg.kind == P.CKPT_DONE and w is not None:
+                try:
+                    self._checkpoint_part(w, msg)
+                except (WorkerFailed, CK.CheckpointError):
+                    pass
             if w is feeder and msg is not None and msg.kind == P.BYE:
                 done = msg.fields.get("stats", {}).get("completed")
                 if isinstance(done, int):
@@ -217,12 +234,18 @@ class Coordinator:
             if any(p.pid == feeder.pid for p in self.launcher.exited()):
                 return
 
-    def _check_exits(self) -> None:
+    def _check_exits(self, grace: float = 0.0) -> None:
+        """Raise WorkerFailed for a worker whose process ended without saying BYE. With
+        ``grace``, an exit is only final once that long has passed since it was first seen,
+        so that a BYE still in flight is read first."""
+        now = time.monotonic()
         for p in self.launcher.exited():
             w = next((w for w in self.workers if w.pid == p.pid), None)
             name = w.name if w else p.name
             if w is not None and w.stats is not None:
                 continue                  # it said BYE: a normal exit
+            if grace and now - self._exit_seen.setdefault(p.pid, now) < grace:
+                continue
             tail = p.log_tail()
             code = p.exit_code()
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
@@ -263,11 +286,15 @@ class Coordinator:
     def _handshake(self) -> None:
         deadline = time.monotonic() + self.rt.start_timeout
         pending = {id(w) for w in self.workers}
+        self._next_hb = 0.0
         while pending:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 names = ", ".join(w.name for w in self.workers if id(w) in pending)
                 raise RunError(f"start-up timed out after {self.rt.start_timeout:.0f} s: no hello from {names}")
             self._check_exits()
+            # workers that are up wait for the others: keep them sure we are alive
+            self._heartbeats(now, [w for w in self.workers if id(w) not in pending], check=False)
             w, msg = self._recv_ctrl(100)
             if msg is None or w is None or self._handle_common(w, msg):
                 continue
@@ -285,12 +312,16 @@ class Coordinator:
         if self.on_started is not None:
             self.on_started(self)
 
-    def _heartbeats(self, now: float) -> None:
+    def _heartbeats(self, now: float, to=None, check: bool = True) -> None:
+        """Send due heartbeats (to every live worker, or to ``to``), then, with ``check``,
+        declare dead any worker silent for heartbeat_interval * heartbeat_misses."""
         if now >= self._next_hb:
-            for w in self.workers:
+            for w in (self.workers if to is None else to):
                 if w.stats is None:
                     self._send(w, P.HEARTBEAT)
             self._next_hb = now + self.rt.heartbeat_interval
+        if not check:
+            return
         limit = self.rt.heartbeat_interval * self.rt.heartbeat_misses
         for w in self.workers:
             if w.stats is None and now - w.last_seen > limit:
@@ -302,20 +333,27 @@ class Coordinator:
         self._next_hb = 0.0
         poll_ms = max(10, int(self.rt.heartbeat_interval * 250))
         while True:
-            now = time.monotonic()
-            self._heartbeats(now)
-            self._check_exits()
             w, msg = self._recv_ctrl(poll_ms)
-            if msg is None or self._handle_common(w, msg):
-                continue
-            if msg.kind == P.PROGRESS and w is self.workers[0]:
-                self.progress_done = msg.fields["done"]
-                if self.on_progress is not None:
-                    self.on_progress(msg.fields)
-            elif msg.kind == P.CKPT_DONE and w is not None:
-                self._checkpoint_part(w, msg)
-            elif msg.kind == P.STATS and w is self.workers[0] and msg.fields.get("finished"):
-                return
+            while msg is not None or w is not None:
+                if self._dispatch(w, msg):
+                    return
+                w, msg = self._recv_ctrl(0)       # drain what queued up before judging liveness
+            self._check_exits()
+            self._heartbeats(time.monotonic())
+
+    def _dispatch(self, w, msg) -> bool:
+        """Handle one message of the training phase; True when the feeder has finished."""
+        if msg is None or self._handle_common(w, msg):
+            return False
+        if msg.kind == P.PROGRESS and w is self.workers[0]:
+            self.progress_done = msg.fields["done"]
+            if self.on_progress is not None:
+                self.on_progress(msg.fields)
+        elif msg.kind == P.CKPT_DONE and w is not None:
+            self._checkpoint_part(w, msg)
+        elif msg.kind == P.STATS and w is self.workers[0] and msg.fields.get("finished"):
+            return True
+        return False
 
     def _checkpoint_part(self, w: WorkerInfo, msg) -> None:
         """A worker saved its part of checkpoint ``step``; commit it once all parts are in."""
@@ -331,7 +369,7 @@ class Coordinator:
                               extra={"schedule": self.cfg.train.schedule, "steps": self.plan.steps})
             del self.ckpt_files[msg.step]
             self.ckpt_committed.append(msg.step)
-            CK.prune(self.ckpt_root, self.rt.keep_checkpoints)
+            CK.prune(self.ckpt_root, self.rt.keep_checkpoints, self.cfg.digest())
             self.log(f"checkpoint at step {msg.step} committed in {self.ckpt_root}")
 
     def _collect(self) -> RunResult:
@@ -344,7 +382,7 @@ class Coordinator:
                 raise RunError(f"no final report from {missing} within {STOP_TIMEOUT:.0f} s of stop")
             w, msg = self._recv_ctrl(100)
             if msg is None or w is None or self._handle_common(w, msg):
-                self._check_exits()
+                self._check_exits(grace=1.0)      # a worker that exited may have a BYE in flight
                 continue
             if msg.kind == P.CKPT_DONE:
                 self._checkpoint_part(w, msg)
@@ -354,9 +392,11 @@ class Coordinator:
                 names += ["trace_t", "trace_d", "trace_c"]
                 w.arrays = {n: np.array(a) for n, a in zip(names, msg.arrays)}
         self.launcher.wait(5.0)
+        from .worker import evals_from_arrays
         feeder = self.workers[0]
+        feeder.stats["evals"] = evals_from_arrays(feeder.arrays)
         layers = self.workers[1:]
-        params = [{k: v for k, v in w.arrays.items() if not k.startswith("trace_")} for w in layers]
+        params = [{k: v for k, v in w.arrays.items() if not k.startswith(("trace_", "eval_"))} for w in layers]
         series = {k: feeder.arrays[k] for k in ("loss", "metric", "done_at")}
         traces = [{"name": w.name, "t": w.arrays["trace_t"], "d": w.arrays["trace_d"], "c": w.arrays["trace_c"]}
                   for w in self.workers]
@@ -379,20 +419,49 @@ def find_resume_point(cfg: RunConfig, n_layers: int, log=None) -> CK.Checkpoint:
     return ck
 
 
+def prepare_checkpoint_dir(cfg: RunConfig) -> None:
+    """Before any worker starts: the checkpoint directory exists and is writable, and a
+    fresh run does not mix its checkpoints with an earlier run's."""
+    rt = cfg.runtime
+    if not rt.checkpoint_every:
+        return
+    root = Path(rt.checkpoint_dir or rt.resume)
+    if not rt.resume and CK.has_checkpoints(root):
+        raise CK.CheckpointError(f"checkpoint directory {root} already holds checkpoints; continue them with "
+                                 f"--resume {root}, or choose an empty directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".asyncdni-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CK.CheckpointError(f"checkpoint directory {root} is not writable: {e.strerror or e}") from None
+
+
 def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
     """Run to completion. With ``runtime.max_restarts`` > 0, a worker failure restarts the
-    whole pipeline from the newest complete checkpoint (or from the start if there is none
-    yet); the result's ``restarts`` says what failed, at which step, and how many steps of
-    work were lost (steps done past the checkpoint that had to be repeated)."""
+    whole pipeline from the newest complete checkpoint of this run (or of the checkpoint it
+    resumed from; from the start if there is none yet). The result's ``restarts`` says what
+    failed, at which step, how many steps of work were lost (done past that checkpoint,
+    then redone) and from which step the run was recovered."""
     log = log or (lambda line: None)
+    prepare_checkpoint_dir(cfg)
     resume = None
     if cfg.runtime.resume:
         train = kw.get("datasets")[0] if kw.get("datasets") else None
         n_layers = cfg.model.layers if train is None else make_plan(cfg, train).n_layers
         resume = find_resume_point(cfg, n_layers, log)
+        steps = cfg.train.steps or None
+        if steps is None:
+            train = train if train is not None else load_datasets(cfg)[0]
+            steps = make_plan(cfg, train).steps
+        if resume.step > steps:
+            raise CK.CheckpointError(f"{resume.directory}: step {resume.step} is past this run's {steps} steps; "
+                                     f"ask for at least {resume.step} steps")
         log(f"resuming from step {resume.step} ({resume.directory})")
     restarts: list[dict] = []
     first_resume = resume.step if resume else None
+    lineage = [resume] if resume else []          # checkpoints this run may fall back to
     while True:
         c = Coordinator(cfg, resume=resume, log=log, **kw)
         try:
@@ -400,10 +469,12 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
         except WorkerFailed as e:
             if len(restarts) >= cfg.runtime.max_restarts:
                 raise
-            try:
-                ck, skipped = CK.find_latest(c.ckpt_root, cfg.digest(), c.plan.n_layers)
-            except CK.CheckpointError:
-                ck = None
+            for step in c.ckpt_committed:
+                try:
+                    lineage.append(CK.validate(CK.step_dir(c.ckpt_root, step), cfg.digest(), c.plan.n_layers))
+                except CK.CheckpointError:
+                    pass                              # pruned or damaged since: not a fallback
+            ck = max(lineage, key=lambda k: k.step) if lineage else None
             back_to = ck.step if ck else 0
             restarts.append({"error": str(e).splitlines()[0], "failed_at_step": c.progress_done,
                              "resumed_from_step": back_to, "steps_lost": max(0, c.progress_done - back_to)})

@@ -87,6 +87,8 @@ class Worker:
         self.cur_step = -1
         # accounting
         self.t_start = time.time()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu0 = ru0.ru_utime + ru0.ru_stime          # CPU used before this point (imports)
         self.busy = 0.0
         self.comm = 0.0
         self.wait = 0.0
@@ -211,7 +213,7 @@ class Worker:
     def stats(self) -> dict:
         wall = time.time() - self.t_start
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = ru.ru_utime + ru.ru_stime
+        cpu = ru.ru_utime + ru.ru_stime - self.cpu0
         return {
             "role": self.role, "index": self.index, "pid": os.getpid(), "host": self.host,
             "wall": wall, "busy": self.busy, "comm": self.comm, "wait": self.wait,
@@ -225,6 +227,7 @@ class Worker:
         code = 0
         try:
             self.setup()
+            self.last_coord = time.monotonic()   # set-up time is not the coordinator's silence
             endpoints = self.bind_inboxes()
             self.send_ctrl(P.HELLO, role=self.role, index=self.index, pid=os.getpid(),
                            host=_socket.gethostname(), **endpoints)
@@ -234,10 +237,15 @@ class Worker:
             self.loop()
         except StopRequested:
             self.state = "stopping"
-            arrays, extra = self.bye_payload()
-            n = self.n_trace
-            arrays = list(arrays) + [self.trace_t[:n].copy(), self.trace_d[:n].copy(), self.trace_c[:n].copy()]
-            self.send_ctrl(P.BYE, -1, arrays, stats=self.stats(), **extra)
+            try:
+                arrays, extra = self.bye_payload()
+                n = self.n_trace
+                arrays = list(arrays) + [self.trace_t[:n].copy(), self.trace_d[:n].copy(), self.trace_c[:n].copy()]
+                self.send_ctrl(P.BYE, -1, arrays, stats=self.stats(), **extra)
+            except Exception as e:  # noqa: BLE001 - the final report itself failed: say so
+                code = 1
+                self.send_ctrl(P.ERROR, role=self.role, index=self.index,
+                               error=f"final report failed: {type(e).__name__}: {e}", traceback=traceback.format_exc())
         except CoordinatorLost:
             code = 3
         except Exception as e:  # noqa: BLE001 - every failure goes back to the coordinator as data
@@ -254,6 +262,16 @@ class Worker:
         return code
 
     def wait_for_start(self) -> list[dict]:
+        # before START the coordinator may be busy starting other workers (a slow launcher):
+        # its silence is tolerated up to the start-up timeout, not just a few heartbeats
+        # (a local worker still dies with its parent at once)
+        self.hb_deadline = max(self.hb_deadline, self.rt.start_timeout)
+        try:
+            return self._wait_for_start()
+        finally:
+            self.hb_deadline = self.rt.heartbeat_interval * self.rt.heartbeat_misses
+
+    def _wait_for_start(self) -> list[dict]:
         while True:
             now = time.monotonic()
             self.heartbeat(now)
@@ -306,7 +324,8 @@ class LayerWorker(Worker):
         self.node = LayerNode(self.lspec, fail_on_nonfinite=self.rt.fail_on_nonfinite)
         resume = self.spec.get("resume")
         if resume:
-            ck = CK.validate(resume["dir"], None, self.K)
+            # the coordinator verified the whole checkpoint; each layer re-checks its own file
+            ck = CK.validate(resume["dir"], None, self.K, verify_files=False)
             CK.restore_node(self.node, ck.read_layer(self.index))
             self.next_step = ck.step * self.M
 
@@ -335,19 +354,21 @@ class LayerWorker(Worker):
         poller.register(self.ctrl, zmq.POLLIN)
         poller.register(self.bwd_in, zmq.POLLIN)
         poller.register(self.fwd_in, zmq.POLLIN)
+        holding = zmq.Poller()       # while a checkpoint marker waits: upstream is not read at all
+        holding.register(self.ctrl, zmq.POLLIN)
+        holding.register(self.bwd_in, zmq.POLLIN)
         timeout = int(self.hb_interval * 1000)
         pc = time.perf_counter
         while True:
             t0 = pc()
-            events = dict(poller.poll(timeout))
+            events = dict((holding if self.marker is not None else poller).poll(timeout))
             dt = pc() - t0
             self.wait += dt
             if dt > 1e-4:
                 self.trace(T_WAIT, time.time() - dt, dt)
-            now = time.monotonic()
-            self.heartbeat(now)
             if self.ctrl in events:
                 self.handle_ctrl()
+            self.heartbeat(time.monotonic())     # after draining control: queued beats count
             if self.bwd_in in events:
                 # gradients first: they free cached state and unblock the sequential order
                 while self.bwd_in.poll(0):
@@ -463,7 +484,8 @@ class LayerWorker(Worker):
 
     # ------------------------------------------------------------ checkpoint
     def on_marker(self, msg) -> None:
-        if msg.fields.get("purpose") != "ckpt" or not self.checkpoint_root() or msg.step * self.M != self.next_step:
+        if (msg.fields.get("purpose") != "ckpt" or not self.checkpoint_root() or self.pending is not None
+                or msg.step * self.M != self.next_step):
             self.reject("step")
             return
         self.marker = msg.step
@@ -507,7 +529,7 @@ class LayerWorker(Worker):
     # ------------------------------------------------------------------ bye
     def stats(self) -> dict:
         s = super().stats()
-        s.update(steps=self.node.fwd_steps, updates=self.node.updates, sg_updates=self.node.sg_updates,
+        s.update(steps=self.node.fwd_steps // self.M, updates=self.node.updates, sg_updates=self.node.sg_updates,
                  sg_loss=float(np.mean(self.sg_losses[-50:])) if self.sg_losses else None,
                  cached_steps=len(self.node.cache), nonfinite_skipped=self.node.nonfinite_skipped,
                  nonfinite_outputs=self.nonfinite_outputs,
@@ -560,6 +582,9 @@ class FeederWorker(Worker):
                 n = min(self.steps, len(st["loss"]), self.start_step)
                 self.losses[:n], self.metric[:n], self.done_at[:n] = st["loss"][:n], st["metric"][:n], st["done_at"][:n]
                 self.time_offset = float(st["train_time"])
+                self.evals = evals_from_arrays(st)
+                ttt = float(st["time_to_target"])
+                self.time_to_target = None if np.isnan(ttt) else ttt
 
     def bind_inboxes(self) -> dict:
         node = self.spec["nodes"][0]
@@ -579,9 +604,9 @@ class FeederWorker(Worker):
         t0 = time.perf_counter()
         ready = dict(self.poller.poll(timeout_ms))
         self.wait += time.perf_counter() - t0
-        self.heartbeat(time.monotonic())
         if self.ctrl in ready:
             self.handle_ctrl()
+        self.heartbeat(time.monotonic())     # after draining control: queued beats count
         if self.inbox in ready:
             return self.recv(self.inbox)
         return None
@@ -619,11 +644,12 @@ class FeederWorker(Worker):
             if msg is None:
                 continue
             s = msg.step
-            if msg.kind not in (P.DONE, P.ACK):
-                self.reject("unexpected")
+            if msg.kind not in (P.DONE, P.ACK) or (msg.kind == P.ACK and need == 1):
+                self.reject("unexpected")       # (the DNI schedules never release by ACK)
                 continue
-            if not self.start_step <= s < sent or got[s] == need:
-                self.reject("step")             # not in flight, or already complete
+            bit = 1 if msg.kind == P.DONE else 2
+            if not self.start_step <= s < sent or got[s] & bit:
+                self.reject("step")             # not in flight, or already reported
                 continue
             if msg.kind == P.DONE:
                 self.losses[s] = msg.fields["loss"]
@@ -631,7 +657,7 @@ class FeederWorker(Worker):
             # a step is complete once its loss (DONE, from the last layer) and, for the
             # update-locked schedules, its release (ACK, from layer 1) have both arrived;
             # they travel different paths and may arrive in either order
-            got[s] |= 1 if msg.kind == P.DONE else 2
+            got[s] |= bit
             if got[s] != need:
                 continue
             completed += 1
@@ -657,17 +683,18 @@ class FeederWorker(Worker):
                                elapsed=now - t0 - paused)
                 next_progress = now + PROGRESS_INTERVAL
         self.train_time = time.perf_counter() - t0 - paused
-        if ck_every and self.steps > self.start_step:
-            # a last checkpoint at the final step, so that a finished run can be extended; the
-            # evaluation batches travel behind the marker, so every layer has saved by the time
-            # the last result is back
-            self.checkpoint(self.steps, self.train_time)
         self.state = "evaluating"
         ev = self.evaluate()
         ev.update(step=self.steps, train_time=self.train_time)
         self.evals.append(ev)
         if target and self.time_to_target is None and ev["metric"] >= target:
             self.time_to_target = self.train_time
+        if ck_every and self.steps > self.start_step:
+            # a last checkpoint at the final step (its history includes the final evaluation),
+            # so that a finished run can be extended; then a barrier, so that every layer has
+            # saved before the coordinator is told the run is over
+            self.checkpoint(self.steps, self.train_time)
+            self.barrier()
         self.state = "finished"
         self.send_ctrl(P.STATS, finished=True)
         while True:                        # until STOP
@@ -678,8 +705,22 @@ class FeederWorker(Worker):
         marker that makes every layer save its state for the same step."""
         self.save_checkpoint_file(step, self.FILE, {
             "loss": self.losses[:step], "metric": self.metric[:step], "done_at": self.done_at[:step],
-            "train_time": np.array(train_time)})
+            "train_time": np.array(train_time), **evals_to_arrays(self.evals),
+            "time_to_target": np.array(np.nan if self.time_to_target is None else self.time_to_target)})
         self.send(self.up, P.MARKER, step, (), {"purpose": "ckpt"})
+
+    def barrier(self) -> None:
+        """Send one evaluation row behind everything already sent and wait for its result:
+        messages travel in order, so every layer has handled what came before."""
+        x, y = self.eval_set[0]
+        eid = len(self.eval_set)                 # an id no evaluation pass uses
+        self.send(self.up, P.EVAL, eid, (x[:1], y[:1]), {"eid": eid})
+        while True:
+            msg = self._pump(int(self.hb_interval * 1000))
+            if msg is not None and msg.kind == P.EVAL_RESULT and msg.fields.get("eid") == eid:
+                return
+            if msg is not None:
+                self.reject("unexpected")
 
     def evaluate(self) -> dict:
         for eid, (x, y) in enumerate(self.eval_set):
@@ -701,12 +742,26 @@ class FeederWorker(Worker):
         s = super().stats()
         s.update(steps=self.steps, start_step=self.start_step, completed=int(self.completed),
                  train_time=getattr(self, "train_time", None),
-                 evals=self.evals, time_to_target=self.time_to_target, batch_size=self.cfg.train.batch_size,
+                 n_evals=len(self.evals), time_to_target=self.time_to_target, batch_size=self.cfg.train.batch_size,
                  samples=self.steps * self.cfg.train.batch_size)   # train_time includes time before a resume
         return s
 
     def bye_payload(self):
-        return [self.losses, self.metric, self.done_at], {"series": ["loss", "metric", "done_at"]}
+        # the evaluations travel as arrays: a long run's list would outgrow a header
+        ev = evals_to_arrays(self.evals)
+        return [self.losses, self.metric, self.done_at, *ev.values()], {"series": ["loss", "metric", "done_at", *ev]}
+
+
+EVAL_KEYS = ("step", "train_time", "loss", "metric", "metric2", "n")
+
+
+def evals_to_arrays(evals: list[dict]) -> dict:
+    return {f"eval_{k}": np.array([e[k] for e in evals], np.float64) for k in EVAL_KEYS}
+
+
+def evals_from_arrays(arrays: dict) -> list[dict]:
+    cols = [arrays[f"eval_{k}"] for k in EVAL_KEYS]
+    return [{k: (int(v) if k in ("step", "n") else float(v)) for k, v in zip(EVAL_KEYS, row)} for row in zip(*cols)]
 
 
 def run_worker(spec: dict, role: str, index: int) -> int:

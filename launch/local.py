@@ -59,7 +59,7 @@ class LocalLauncher:
         return env
 
     def start(self, name: str, module: str, args: list[str]) -> WorkerProcess:
-        argv = [sys.executable, "-m", module, *args, "--die-with-parent"]
+        argv = [sys.executable, "-m", module, *args, "--die-with-parent", "--parent-pid", str(os.getpid())]
         w = WorkerProcess(name, argv, self.run_dir / f"{name}.log")
         try:
             log = open(w.log_path, "wb")

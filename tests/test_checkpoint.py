@@ -119,7 +119,7 @@ def test_crash_during_rename_keeps_old_file(tmp_path, monkeypatch):
         raise OSError("simulated crash before rename")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointError, match="cannot write .*layer-1.npz: simulated crash"):
         ck.write_arrays(path, {"W": np.ones(1000)})
     monkeypatch.undo()
     assert path.read_bytes() == old_bytes
@@ -378,7 +378,7 @@ def test_write_manifest_refuses_inconsistent(tmp_path):
     real = os.replace
     try:
         os.replace = lambda a, b: (_ for _ in ()).throw(OSError("crash"))
-        with pytest.raises(OSError):
+        with pytest.raises(CheckpointError, match="cannot write .*manifest.json"):
             ck.write_manifest(tmp_path, 5, DIGEST, 3, files)
     finally:
         os.replace = real
@@ -547,3 +547,23 @@ def test_prune_without_complete_deletes_nothing(tmp_path):
     assert ck.prune(tmp_path, keep=1) == []
     assert _listing(tmp_path) == ["step-000000001", "step-000000002"]
     _raises(ck.prune, tmp_path / "missing", 1, match_all=("missing",))
+
+
+def test_prune_leaves_other_configurations_alone(tmp_path):
+    def fake(step, digest):
+        d = ck.step_dir(tmp_path, step)
+        files = {ck.layer_file(0): ck.write_arrays(d / ck.layer_file(0), {"x": np.arange(3)})}
+        ck.write_manifest(tmp_path, step, digest, 1, files)
+    for step in (800, 900, 1000):
+        fake(step, "other")
+    fake(100, "mine")
+    assert ck.prune(tmp_path, 3, "mine") == []
+    assert ck.validate(ck.step_dir(tmp_path, 100), "mine", 1).step == 100
+    assert {p.name for p in tmp_path.iterdir()} == {"step-000000100", "step-000000800", "step-000000900",
+                                                    "step-000001000"}
+    fake(200, "mine")
+    fake(300, "mine")
+    fake(400, "mine")
+    deleted = ck.prune(tmp_path, 3, "mine")
+    assert [p.name for p in deleted] == ["step-000000100"]
+    assert ck.has_checkpoints(tmp_path) and not ck.has_checkpoints(tmp_path / "nope")

@@ -365,3 +365,97 @@ def test_resume_without_checkpoints_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     out = _cli(tmp_path, "--steps", "10", "--resume", str(tmp_path / "empty"))
     _one_line_failure(out, "no checkpoints")
+
+
+# ------------------------------------------------------------- review findings, pinned
+def test_a_worker_that_starts_late_does_not_break_the_run(tmp_path):
+    from launch.local import LocalLauncher
+
+    class LateLauncher(LocalLauncher):
+        """layer 2 says hello 3 s after the others (longer than heartbeat_interval * misses),
+        and the launcher itself is slow to start layer 3"""
+        def start(self, name, module, args):
+            if name == "layer2":
+                return super().start(name, "tests.helpers.slow_layer", ["3.0", *args])
+            if name == "layer3":
+                time.sleep(2.5)
+            return super().start(name, module, args)
+
+    res = coordinator.run(cfg_of(**{"train.steps": 30}), launcher=LateLauncher(tmp_path))
+    assert all(L["updates"] == 30 for L in res.layers)
+
+
+def test_sigkilled_layer_under_the_cli_is_always_one_line(tmp_path):
+    import psutil
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "asyncdni.cli", "train", "--layers", "3", "--steps", "100000",
+                                 "--no-progress"], cwd=tmp_path, env=env_with_repo(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while len(psutil.Process(proc.pid).children()) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)
+            kids = psutil.Process(proc.pid).children()
+            layer2 = [k for k in kids if "workers.layer" in k.cmdline() and k.cmdline()[k.cmdline().index("workers.layer") + 2] == "1"][0]
+            layer2.kill()
+            _out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "run failed: layer 2" in err and "killed by signal 9" in err
+        assert pids_gone([k.pid for k in kids]) == []
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints_and_unwritable_ones(tmp_path):
+    coordinator.run(cfg_of(**{"train.steps": 20, "runtime.checkpoint_every": 10, "runtime.checkpoint_dir": str(tmp_path)}))
+    with pytest.raises(CK.CheckpointError, match="already holds checkpoints; continue them with --resume"):
+        coordinator.run(cfg_of(**{"train.steps": 20, "runtime.checkpoint_every": 10,
+                                  "runtime.checkpoint_dir": str(tmp_path)}))
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "train", "--steps", "20", "--no-progress",
+                          "--checkpoint-every", "10", "--checkpoint-dir", "/proc/asyncdni-ckpt"], cwd=tmp_path,
+                         env=env_with_repo(), capture_output=True, text=True, timeout=60)
+    _one_line_failure(out, "checkpoint directory /proc/asyncdni-ckpt is not writable")
+
+
+def test_resume_past_the_requested_steps_is_refused(tmp_path):
+    coordinator.run(cfg_of(**{"train.steps": 40, "runtime.checkpoint_every": 20, "runtime.checkpoint_dir": str(tmp_path)}))
+    with pytest.raises(CK.CheckpointError, match="step 40 is past this run's 30 steps"):
+        coordinator.run(cfg_of(**{"train.steps": 30, "runtime.resume": str(tmp_path)}))
+
+
+def test_resumed_run_keeps_its_evaluation_history(tmp_path):
+    ov = {"train.schedule": "sequential", "train.eval_every": 10, "train.target_accuracy": 0.01}
+    whole = coordinator.run(cfg_of(**ov, **{"train.steps": 40}))
+    coordinator.run(cfg_of(**ov, **{"train.steps": 20, "runtime.checkpoint_every": 20,
+                                    "runtime.checkpoint_dir": str(tmp_path)}))
+    rest = coordinator.run(cfg_of(**ov, **{"train.steps": 40, "runtime.resume": str(tmp_path)}))
+    assert [e["step"] for e in rest.feeder["evals"]] == [e["step"] for e in whole.feeder["evals"]] == [10, 20, 30, 40]
+    for a, b in zip(whole.feeder["evals"], rest.feeder["evals"]):
+        assert a["metric"] == pytest.approx(b["metric"]) and a["loss"] == pytest.approx(b["loss"])
+    assert rest.feeder["time_to_target"] == pytest.approx(rest.feeder["evals"][0]["train_time"])
+
+
+def test_forged_ack_to_the_feeder_is_counted_not_obeyed():
+    """An ACK means nothing to the DNI schedules: it must be dropped, not mark a step done."""
+    def forge(c):
+        def send():
+            ctx = zmq.Context()
+            s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 2000)
+            s.connect(c.workers[0].endpoints["bwd"])
+            for step in range(5):
+                s.send_multipart(P.encode(P.ACK, step))
+            s.close()
+            ctx.term()
+        threading.Thread(target=send, daemon=True).start()
+
+    res = coordinator.run(cfg_of(**{"train.steps": 200}), on_started=forge)
+    assert res.feeder["rejected"].get("unexpected") == 5
+    assert np.isfinite(res.series["loss"]).all()        # every step's own DONE was counted
+
+
+def test_pipeline_reports_steps_not_micro_steps():
+    res = coordinator.run(cfg_of(**{"train.schedule": "pipeline", "train.microbatches": 3, "train.steps": 30}))
+    assert all(L["steps"] == 30 and L["updates"] == 30 for L in res.layers)

@@ -15,7 +15,7 @@ BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
              "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int | None) -> None:
     """Linux: have the kernel send SIGKILL when the parent (the coordinator) dies."""
     if not sys.platform.startswith("linux"):
         return
@@ -25,7 +25,8 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
     except OSError:
         return
-    if os.getppid() == 1:                      # the parent died before prctl took effect
+    # the parent died before prctl took effect: we were re-parented (to init or a subreaper)
+    if os.getppid() != (parent_pid or os.getppid()) or os.getppid() == 1:
         os._exit(3)
 
 
@@ -41,10 +42,11 @@ def main(role: str, argv: list[str] | None = None) -> int:
     if role == "layer":
         ap.add_argument("index", type=int, help="0-based layer index")
     ap.add_argument("--die-with-parent", action="store_true", help="exit when the launching process dies")
+    ap.add_argument("--parent-pid", type=int, default=None, help="pid of the launching process (with --die-with-parent)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the coordinator owns Ctrl-C and stops us by message
     if args.die_with_parent:
-        _die_with_parent()
+        _die_with_parent(args.parent_pid)
     try:
         with open(args.spec) as f:
             spec = json.load(f)
