@@ -8,13 +8,12 @@ floating-point work per sample of each schedule and the samples/s that work allo
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
 from . import config as C
 from . import coordinator, reference
-from .model import load_datasets, make_plan, microbatch_bounds
+from .model import load_datasets, make_plan
 
 SCHEDULE_ORDER = ("sequential", "async", "backprop", "pipeline", "inprocess")
 

@@ -446,15 +446,13 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
     then redone) and from which step the run was recovered."""
     log = log or (lambda line: None)
     prepare_checkpoint_dir(cfg)
+    # loaded once: the plan below and every restart attempt use the same data
+    kw["datasets"] = kw.get("datasets") or load_datasets(cfg)
+    plan = make_plan(cfg, kw["datasets"][0])
     resume = None
     if cfg.runtime.resume:
-        train = kw.get("datasets")[0] if kw.get("datasets") else None
-        n_layers = cfg.model.layers if train is None else make_plan(cfg, train).n_layers
-        resume = find_resume_point(cfg, n_layers, log)
-        steps = cfg.train.steps or None
-        if steps is None:
-            train = train if train is not None else load_datasets(cfg)[0]
-            steps = make_plan(cfg, train).steps
+        resume = find_resume_point(cfg, plan.n_layers, log)
+        steps = plan.steps
         if resume.step > steps:
             raise CK.CheckpointError(f"{resume.directory}: step {resume.step} is past this run's {steps} steps; "
                                      f"ask for at least {resume.step} steps")

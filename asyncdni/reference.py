@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from . import losses
 from .data import BatchStream, Dataset, eval_batches
 from .layer import LayerNode
@@ -44,7 +42,6 @@ def evaluate(nodes: list[LayerNode], loss_name: str, test: Dataset, batch: int) 
 
 def train_step(nodes: list[LayerNode], schedule: str, step: int, x, y, microbatches: int = 1) -> dict:
     """One training step of the given schedule; returns the last layer's metrics."""
-    K = len(nodes)
     if schedule in ("async", "sequential", "dni"):
         h = x
         metrics = None

@@ -232,6 +232,14 @@ def write_plots(directory: str, res: dict) -> list[str]:
     import os
     os.makedirs(directory, exist_ok=True)
     written = []
+
+    def save(fig, name: str) -> str:
+        path = os.path.join(directory, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for s, ser in res.get("_series", {}).items():
         t, loss = np.asarray(ser["done_at"]), np.asarray(ser["loss"])
@@ -248,11 +256,7 @@ def write_plots(directory: str, res: dict) -> list[str]:
     for a in ax:
         if a.get_legend_handles_labels()[0]:
             a.legend()
-    p = os.path.join(directory, "loss_accuracy.png")
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
+    written.append(save(fig, "loss_accuracy.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [s for s in res["runs"] if res["runs"][s]["per_layer"]]
     width = 1 / (len(names) + 1)
@@ -264,9 +268,5 @@ def write_plots(directory: str, res: dict) -> list[str]:
     ax.set_xticks(np.arange(n_layers), [f"layer {i + 1}" for i in range(n_layers)])
     ax.set(ylabel="busy fraction of training time", title="layer utilisation")
     ax.legend()
-    p = os.path.join(directory, "utilisation.png")
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
+    written.append(save(fig, "utilisation.png"))
     return written

@@ -46,6 +46,17 @@ def mnist_dir():
     return MNIST_DIR
 
 
+def raises_one_line(exc_type, fn, *args, match_all=(), **kwargs) -> str:
+    """Call fn, expect exc_type with a one-line message containing every item of match_all."""
+    with pytest.raises(exc_type) as ei:
+        fn(*args, **kwargs)
+    msg = str(ei.value)
+    assert "\n" not in msg, f"multi-line message: {msg!r}"
+    for s in match_all:
+        assert s in msg, f"{s!r} not in {msg!r}"
+    return msg
+
+
 def pids_gone(pids, timeout=5.0) -> list[int]:
     """Wait until none of pids is alive; returns the ones still alive."""
     deadline = time.monotonic() + timeout

@@ -4,11 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zipfile
 
 import numpy as np
 import pytest
 
+from tests.conftest import raises_one_line
 from asyncdni import checkpoint as ck
 from asyncdni.checkpoint import CheckpointError
 from asyncdni.layer import LayerNode, LayerSpec
@@ -18,13 +18,7 @@ DIGEST = "0123456789abcdef"
 
 def _raises(fn, *args, match_all=(), **kwargs) -> str:
     """Call fn, expect CheckpointError with a one-line message containing every item."""
-    with pytest.raises(CheckpointError) as ei:
-        fn(*args, **kwargs)
-    msg = str(ei.value)
-    assert "\n" not in msg, f"multi-line message: {msg!r}"
-    for s in match_all:
-        assert s in msg, f"{s!r} not in {msg!r}"
-    return msg
+    return raises_one_line(CheckpointError, fn, *args, match_all=match_all, **kwargs)
 
 
 def _listing(d):

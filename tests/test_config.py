@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from tests.conftest import raises_one_line
 from asyncdni import config as C
 from asyncdni.config import (
     ConfigError,
@@ -30,13 +31,7 @@ from asyncdni.synthetic import SG_MODELS
 
 def _raises(fn, *args, match_all=(), **kwargs) -> str:
     """Call fn, expect ConfigError, check its message is one line and names every item."""
-    with pytest.raises(ConfigError) as ei:
-        fn(*args, **kwargs)
-    msg = str(ei.value)
-    assert "\n" not in msg, f"multi-line message: {msg!r}"
-    for s in match_all:
-        assert s in msg, f"{s!r} not in {msg!r}"
-    return msg
+    return raises_one_line(ConfigError, fn, *args, match_all=match_all, **kwargs)
 
 
 def _write(tmp_path, text: str, name: str = "run.toml"):

@@ -12,7 +12,7 @@ import pytest
 from asyncdni import config, coordinator, reference
 from asyncdni.model import load_datasets, make_plan
 from launch.local import LocalLauncher
-from tests.conftest import REPO, env_with_repo, pids_gone
+from tests.conftest import env_with_repo, pids_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftover_processes")]
 
