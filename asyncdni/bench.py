@@ -51,11 +51,11 @@ def run_inprocess(cfg: C.RunConfig) -> dict:
     import sys
     import tempfile
     from pathlib import Path
-    from launch.local import LocalLauncher
+    from launch.local import worker_env
     with tempfile.TemporaryDirectory(prefix="asyncdni-inproc-") as d:
         cfg_path, out_path = Path(d) / "config.json", Path(d) / "out.json"
         cfg_path.write_text(json.dumps(cfg.to_dict()))
-        env = LocalLauncher(Path(d), cfg.runtime.blas_threads).env()
+        env = worker_env(cfg.runtime.blas_threads)
         proc = subprocess.run([sys.executable, "-m", "workers.inprocess", str(cfg_path), str(out_path)],
                               env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -22,6 +22,8 @@ from .optim import OPTIMIZERS
 from .synthetic import SG_MODELS
 
 SCHEDULES = ("async", "sequential", "backprop", "pipeline")
+LAUNCHERS = ("local", "agents", "ray")
+SECURITY = ("auto", "curve", "insecure")
 DNI_SCHEDULES = ("async", "sequential")
 DATASETS = ("addition", "idx")
 LOSS_CHOICES = ("auto", "softmax_ce", "sigmoid_bce", "mse")
@@ -83,7 +85,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     host: str = "127.0.0.1"             # address every worker binds and is reached at
-    hosts: tuple[str, ...] = ()         # per-worker host (feeder first, then layers); empty: all on `host`
+    hosts: tuple[str, ...] = ()         # per-worker placement (feeder first, then layers): local: bind
+                                        # addresses; agents: agent names; ray: node addresses
+    launcher: str = "local"             # local, agents (asyncdni agent on each host) or ray
+    listen: str = ""                    # agents: ADDR:PORT the coordinator waits for agents on
+    keys: str = ""                      # directory of CURVE keys (asyncdni keys DIR): coordinator and agents
+    security: str = "auto"              # auto: CURVE iff anything binds off loopback; curve: always; insecure: never
+    ray_address: str = ""               # ray: cluster address (empty: start or join a local Ray)
     ports: tuple[int, ...] = ()         # explicit ports, 2 per worker (fwd, bwd) + 1 control; empty: free ports
     blas_threads: int = 1               # BLAS threads in each worker
     heartbeat_interval: float = HEARTBEAT_INTERVAL   # seconds between heartbeats
@@ -285,8 +293,24 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not r.host:
         raise ConfigError("runtime.host: must not be empty")
     n_workers = m.layers + 1
+    _choice("runtime.launcher", r.launcher, LAUNCHERS)
+    _choice("runtime.security", r.security, SECURITY)
+    if r.hosts and len(r.hosts) == m.layers and r.launcher != "local":
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(r, hosts=(r.hosts[0], *r.hosts)))
+        r = cfg.runtime               # K names: the feeder shares layer 1's host
     if r.hosts and len(r.hosts) != n_workers:
-        raise ConfigError(f"runtime.hosts: {len(r.hosts)} hosts given, need {n_workers} (the feeder, then one per layer)")
+        also = "" if r.launcher == "local" else f" or {m.layers} (the feeder then shares layer 1's host)"
+        raise ConfigError(f"runtime.hosts: {len(r.hosts)} hosts given, need {n_workers} (the feeder, then one "
+                          f"per layer){also}")
+    if r.launcher == "agents":
+        if not r.listen:
+            raise ConfigError("runtime.listen: the agents launcher needs ADDR:PORT to wait for agents on (--listen)")
+        if not r.hosts:
+            raise ConfigError("runtime.hosts: the agents launcher needs the agent name of every worker (--hosts)")
+    if r.listen:
+        host, sep, port = r.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"runtime.listen: {r.listen!r} is not ADDR:PORT")
     if r.ports:
         need = 2 * n_workers + 1
         if len(r.ports) != need:

@@ -1,14 +1,15 @@
 """The coordinator: launches a run, watches it, stops it, and gathers what it measured.
 
-Liveness and shutdown belong here. Workers are started by a launcher, say HELLO with
-the endpoints they bound, get START with every peer's endpoints, and then heartbeat.
+Liveness and shutdown belong here. Workers are started by a launcher (local processes,
+per-host agents or Ray actors: ``launch/``), say HELLO, get their run spec in the reply
+(SPEC), bind their inboxes, say READY with the endpoints they bound, get START with
+every peer's endpoints (and, under CURVE, public keys), and then heartbeat.
 A worker that exits, reports an error, or stays silent for
 ``heartbeat_interval * heartbeat_misses`` seconds ends the run with a
 :class:`WorkerFailed` naming it; every exit path stops all workers.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import zmq
 
 from . import checkpoint as CK
 from . import protocol as P
-from . import transport
+from . import security, transport
 from .config import RunConfig
 from .model import Plan, load_datasets, make_plan
 
@@ -45,12 +46,15 @@ class Interrupted(RunError):
 
 @dataclass
 class WorkerInfo:
-    name: str
+    name: str                     # for people: "feeder", "layer 1", ...
+    ident: str                    # control identity and launcher key: "feeder", "layer0", ...
     role: str
     index: int
     node: int
     host: str
     pid: int | None = None
+    bind: str = ""                # the address it binds its inboxes to
+    hello: bool = False           # said HELLO and got its spec
     endpoints: dict = field(default_factory=dict)
     last_seen: float = 0.0
     state: str = "starting"
@@ -72,6 +76,7 @@ class RunResult:
     checkpoints: list[int] = field(default_factory=list)   # steps of checkpoints committed in this run
     resumed_from: int | None = None
     restarts: list[dict] = field(default_factory=list)      # one entry per restart (see run())
+    refused: int = 0              # CURVE clients refused on the control port
 
     @property
     def train_time(self) -> float:
@@ -92,11 +97,13 @@ def _raise_interrupt(signum, frame):
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, *, launcher=None, on_progress=None, run_dir: str | None = None,
-                 datasets=None, resume: CK.Checkpoint | None = None, on_started=None, log=None):
+                 datasets=None, resume: CK.Checkpoint | None = None, on_started=None, log=None, route=None):
         self.cfg = cfg
         self.rt = cfg.runtime
         self.resume = resume
         self.on_started = on_started          # called with the coordinator once every worker has START
+        self.route = route                    # optional: rewrites the peers' endpoints in START (lab relays)
+        self.refused = 0                      # CURVE clients refused on the control port
         self.log = log or (lambda line: None)
         self.progress_done = resume.step if resume else 0
         self.ckpt_files: dict[int, dict] = {}
@@ -109,16 +116,22 @@ class Coordinator:
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="asyncdni-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if launcher is None:
-            from launch.local import LocalLauncher
-            launcher = LocalLauncher(self.run_dir, cfg.runtime.blas_threads)
+            from launch.base import make_launcher
+            launcher = make_launcher(cfg, self.run_dir)
+            self._own_launcher = True
+        else:
+            self._own_launcher = False
         self.launcher = launcher
         K = self.plan.n_layers
-        hosts = self.rt.hosts or (self.rt.host,) * (K + 1)
+        places = self.rt.hosts or ("",) * (K + 1)
         ports = self.rt.ports or (0,) * (2 * (K + 1) + 1)
-        self.workers: list[WorkerInfo] = [WorkerInfo("feeder", "feeder", 0, 0, hosts[0])]
-        self.workers += [WorkerInfo(f"layer {i + 1}", "layer", i, i + 1, hosts[i + 1]) for i in range(K)]
-        self.nodes = [{"role": w.role, "host": w.host, "fwd_port": ports[2 * j], "bwd_port": ports[2 * j + 1]}
-                      for j, w in enumerate(self.workers)]
+        self.workers: list[WorkerInfo] = [WorkerInfo("feeder", "feeder", "feeder", 0, 0, places[0])]
+        self.workers += [WorkerInfo(f"layer {i + 1}", f"layer{i}", "layer", i, i + 1, places[i + 1]) for i in range(K)]
+        self.placements = {w.ident: w.host for w in self.workers}
+        self.ports = ports
+        self.curve = False
+        self.allowlist: security.Allowlist | None = None
+        self.keys: dict[str, security.KeyPair] = {}
         self.control_port = ports[-1]
         widest = max(self.plan.widths)
         rows = max(cfg.train.batch_size, cfg.train.eval_batch)
@@ -142,13 +155,12 @@ class Coordinator:
                 return self.workers[i + 1]
         return None
 
-    @staticmethod
-    def _identity(w: WorkerInfo) -> bytes:
-        return b"feeder" if w.role == "feeder" else f"layer{w.index}".encode()
+    def _by_ident(self, ident: str) -> WorkerInfo | None:
+        return next((w for w in self.workers if w.ident == ident), None)
 
     def _send(self, w: WorkerInfo, kind: str, **fields) -> None:
         try:
-            transport.send(self.ctrl, kind, -1, (), fields, prefix=(self._identity(w),))
+            transport.send(self.ctrl, kind, -1, (), fields, prefix=(w.ident.encode(),))
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
@@ -164,23 +176,40 @@ class Coordinator:
         self.ctx = zmq.Context()
         self.ctrl = None
         try:
-            self.ctrl, ctrl_ep = transport.bind(self.ctx, zmq.ROUTER, self.rt.host, self.control_port,
-                                                max_message=self.max_ctrl_message)
+            self.launcher.prepare(dict(self.placements), self.rt.start_timeout)
+            ctrl_host = self.launcher.control_host(self.rt.host)
+            for j, w in enumerate(self.workers):
+                w.bind = self.launcher.bind_host(w.ident, w.host or self.rt.host)
+            self.nodes = [{"role": w.role, "host": w.bind, "fwd_port": self.ports[2 * j],
+                           "bwd_port": self.ports[2 * j + 1]} for j, w in enumerate(self.workers)]
+            # CURVE whenever anything binds off loopback, unless the user said --insecure
+            self.curve = self.rt.security == "curve" or (self.rt.security == "auto" and not all(
+                security.is_loopback(h) for h in [ctrl_host, *(w.bind for w in self.workers)]))
+            server = None
+            if self.curve:
+                server = self.launcher.coordinator_keys() if hasattr(self.launcher, "coordinator_keys") else None
+                server = server or security.KeyPair.new()
+                self.keys = {w.ident: security.KeyPair.new() for w in self.workers}
+                self.allowlist = security.Allowlist(self.ctx, [k.public for k in self.keys.values()])
+            self.ctrl, ctrl_ep = transport.bind(self.ctx, zmq.ROUTER, ctrl_host, self.control_port,
+                                                max_message=self.max_ctrl_message, curve=server)
             self.ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            spec = {
-                "config": self.cfg.to_dict(), "control": ctrl_ep, "nodes": self.nodes,
+            self.spec = {
+                "config": self.cfg.to_dict(), "nodes": self.nodes,
                 "specs": [s.__dict__ for s in self.plan.specs], "steps": self.plan.steps,
                 "max_message": self.max_message, "checkpoint_dir": str(self.ckpt_root or ""),
                 "resume": {"dir": str(self.resume.directory), "step": self.resume.step} if self.resume else None,
+                "curve": {"keys": [k.public.decode() for k in self.keys.values()]} if self.curve else None,
             }
-            spec_path = self.run_dir / "spec.json"
-            spec_path.write_text(json.dumps(spec))
+            from launch.base import WorkerLaunch
             for w in self.workers:
-                if w.role == "feeder":
-                    p = self.launcher.start("feeder", "workers.feeder", [str(spec_path)])
-                else:
-                    p = self.launcher.start(f"layer{w.index + 1}", "workers.layer", [str(spec_path), str(w.index)])
-                w.pid = p.pid
+                key = self.keys.get(w.ident)
+                self.launcher.start(WorkerLaunch(
+                    w.ident, w.role, w.index, ctrl_ep, self.rt.blas_threads, self.rt.start_timeout,
+                    server_key=server.public if server else b"", secret_key=key.secret if key else b"",
+                    placement=w.host))
+                w.pid = self.launcher.pid(w.ident)
+                w.host = self.launcher.host(w.ident)
             self._handshake()
             self._watch()
             result = self._collect()
@@ -203,7 +232,12 @@ class Coordinator:
                     pass                  # already gone: the launcher ends it below either way
             self._feeder_final_count()
         self.launcher.stop(grace=2.0)
+        if self._own_launcher:
+            self.launcher.close()
         transport.close_all(self.ctrl)
+        if self.allowlist is not None:
+            self.refused = self.allowlist.refused
+            self.allowlist.stop()
         self.ctx.term()
         if self._own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -231,29 +265,28 @@ class Coordinator:
                 if isinstance(done, int):
                     self.progress_done = max(self.progress_done, done)
                 return
-            if any(p.pid == feeder.pid for p in self.launcher.exited()):
+            if feeder.ident in self.launcher.exited():
                 return
 
     def _check_exits(self, grace: float = 0.0) -> None:
         """Raise WorkerFailed for a worker whose process ended without saying BYE. With
         ``grace``, an exit is only final once that long has passed since it was first seen,
         so that a BYE still in flight is read first."""
+        self.launcher.poll()                  # a lost host ends the run (HostLost)
         now = time.monotonic()
-        for p in self.launcher.exited():
-            w = next((w for w in self.workers if w.pid == p.pid), None)
-            name = w.name if w else p.name
-            if w is not None and w.stats is not None:
-                continue                  # it said BYE: a normal exit
-            if grace and now - self._exit_seen.setdefault(p.pid, now) < grace:
+        for ident in self.launcher.exited():
+            w = self._by_ident(ident)
+            if w is None or w.stats is not None:
+                continue                  # not ours, or it said BYE: a normal exit
+            if grace and now - self._exit_seen.setdefault(ident, now) < grace:
                 continue
-            tail = p.log_tail()
-            code = p.exit_code()
-            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            if w is None or w.state == "starting":
+            tail = self.launcher.log_tail(ident)
+            how = self.launcher.describe_exit(ident)
+            if w.state == "starting":
                 doing = " during start-up"
             else:
                 doing = f" while {w.state}" + (f" (last reported step {w.step})" if w.step >= 0 else "")
-            raise WorkerFailed(name, p.pid, w.host if w else "?", f"{how}{doing}" + (f"\n{tail}" if tail else ""))
+            raise WorkerFailed(w.name, w.pid, w.host, f"{how}{doing}" + (f"\n{tail}" if tail else ""))
 
     def _recv_ctrl(self, timeout_ms: int):
         if not self.ctrl.poll(timeout_ms):
@@ -284,6 +317,7 @@ class Coordinator:
         return False
 
     def _handshake(self) -> None:
+        """HELLO -> SPEC (the run spec) -> READY (bound endpoints); START once all are ready."""
         deadline = time.monotonic() + self.rt.start_timeout
         pending = {id(w) for w in self.workers}
         self._next_hb = 0.0
@@ -299,11 +333,22 @@ class Coordinator:
             if msg is None or w is None or self._handle_common(w, msg):
                 continue
             if msg.kind == P.HELLO:
-                w.endpoints = {"fwd": msg.fields.get("fwd", ""), "bwd": msg.fields.get("bwd", "")}
+                if msg.fields.get("role") != w.role or msg.fields.get("index") != w.index:
+                    continue               # a worker of another run or role: no spec for it
                 w.pid = msg.fields["pid"]
-                w.host = msg.fields["host"]
+                w.hello = True
+                self._send(w, P.SPEC, spec=self.spec)
+            elif msg.kind == P.READY and getattr(w, "hello", False):
+                fwd, bwd = msg.fields.get("fwd", ""), msg.fields.get("bwd", "")
+                if not (isinstance(fwd, str) and isinstance(bwd, str)):
+                    continue
+                w.endpoints = {"fwd": fwd, "bwd": bwd}
+                if self.curve:
+                    w.endpoints["key"] = self.keys[w.ident].public.decode()
                 pending.discard(id(w))
         peers = [w.endpoints for w in self.workers]
+        if self.route is not None:
+            peers = self.route(peers)
         now = time.monotonic()
         for w in self.workers:
             w.last_seen = now
@@ -460,6 +505,21 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
     restarts: list[dict] = []
     first_resume = resume.step if resume else None
     lineage = [resume] if resume else []          # checkpoints this run may fall back to
+    own = kw.get("launcher") is None              # one launcher for every attempt (agents stay joined)
+    logs = None
+    if own:
+        from launch.base import make_launcher
+        logs = tempfile.mkdtemp(prefix="asyncdni-logs-")
+        kw["launcher"] = make_launcher(cfg, logs)
+    try:
+        return _attempts(cfg, kw, log, resume, restarts, first_resume, lineage)
+    finally:
+        if own:
+            kw["launcher"].close()
+            shutil.rmtree(logs, ignore_errors=True)
+
+
+def _attempts(cfg, kw, log, resume, restarts, first_resume, lineage) -> RunResult:
     while True:
         c = Coordinator(cfg, resume=resume, log=log, **kw)
         try:
@@ -482,4 +542,5 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
             continue
         result.restarts = restarts
         result.resumed_from = first_resume
+        result.refused = c.refused
         return result

@@ -40,7 +40,7 @@ __all__ = [
     "PROTOCOL_VERSION", "MAX_HEADER_BYTES", "MAX_NDIM", "MAX_ARRAY_BYTES",
     "MAX_ARRAYS", "MAX_FIELD_DEPTH", "ALLOWED_DTYPES", "REASONS",
     "FWD", "BWD", "ACK", "DONE", "EVAL", "EVAL_RESULT", "MARKER",
-    "HELLO", "READY", "START", "HEARTBEAT", "PROGRESS", "STATS", "ERROR",
+    "HELLO", "READY", "SPEC", "START", "HEARTBEAT", "PROGRESS", "STATS", "ERROR",
     "STOP", "BYE", "CKPT", "CKPT_DONE",
     "KindSpec", "KINDS", "ProtocolError", "Message",
     "encode", "decode", "frame_nbytes",
@@ -77,7 +77,8 @@ EVAL_RESULT = "eval_result"  # result of an evaluation batch
 MARKER = "marker"            # checkpoint/snapshot marker travelling forward
 # Control plane (worker <-> coordinator)
 HELLO = "hello"
-READY = "ready"
+READY = "ready"              # worker -> coordinator: its bound endpoints
+SPEC = "spec"                # coordinator -> worker, in reply to HELLO: the run spec
 START = "start"
 HEARTBEAT = "heartbeat"
 PROGRESS = "progress"
@@ -130,6 +131,7 @@ KINDS: dict[str, KindSpec] = {
     HELLO: _kind(required={"role": str, "index": int, "pid": int, "host": str},
                  optional={"fwd": str, "bwd": str}),
     READY: _kind(free=True),
+    SPEC: _kind(free=True),                  # validated by the worker (worker.check_spec)
     START: _kind(free=True),                 # {"peers": [{"fwd": ep, "bwd": ep}, ...]}
     HEARTBEAT: _kind(optional={"state": str, "step": int}),
     PROGRESS: _kind(required={"done": int, "total": int},

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zmq
 
-from . import protocol
+from . import protocol, security
 
 LINGER_MS = 0               # never block process exit on unsent messages
 SEND_HWM = 1000             # messages queued per peer before a send blocks
@@ -43,11 +43,16 @@ def _enable_ipv6_if_needed(sock, host: str) -> None:
         sock.setsockopt(zmq.IPV6, 1)
 
 
-def bind(ctx: zmq.Context, kind: int, host: str, port: int = 0, *, max_message: int = DEFAULT_MAX_MESSAGE) -> tuple[zmq.Socket, str]:
-    """Bind a socket on host:port (port 0: a free port). Returns (socket, endpoint)."""
+def bind(ctx: zmq.Context, kind: int, host: str, port: int = 0, *, max_message: int = DEFAULT_MAX_MESSAGE,
+         curve=None) -> tuple[zmq.Socket, str]:
+    """Bind a socket on host:port (port 0: a free port). Returns (socket, endpoint).
+    ``curve``: a :class:`security.KeyPair` makes it a CURVE server (the context's ZAP
+    handler, :class:`security.Allowlist`, decides which clients get in)."""
     sock = ctx.socket(kind)
     _configure(sock, max_message)
     _enable_ipv6_if_needed(sock, host)
+    if curve is not None:
+        security.make_server(sock, curve)
     try:
         if port:
             ep = endpoint(host, port)
@@ -65,9 +70,12 @@ def bind(ctx: zmq.Context, kind: int, host: str, port: int = 0, *, max_message: 
 
 
 def connect(ctx: zmq.Context, kind: int, ep: str, *, max_message: int = DEFAULT_MAX_MESSAGE,
-            identity: bytes | None = None) -> zmq.Socket:
+            identity: bytes | None = None, curve=None) -> zmq.Socket:
+    """``curve``: (own :class:`security.KeyPair`, the server's public key) for a CURVE client."""
     sock = ctx.socket(kind)
     _configure(sock, max_message)
+    if curve is not None:
+        security.make_client(sock, *curve)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     if ep.startswith("tcp://["):

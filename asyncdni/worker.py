@@ -28,7 +28,7 @@ import zmq
 
 from . import checkpoint as CK
 from . import protocol as P
-from . import transport
+from . import security, transport
 from .config import DNI_SCHEDULES, from_dict
 from .data import DataError
 from .layer import LayerNode, LayerSpec, NonFiniteError, StepError, all_finite
@@ -66,19 +66,21 @@ class StopRequested(Exception):
 class Worker:
     role = "worker"
 
-    def __init__(self, spec: dict, index: int):
+    def __init__(self, spec: dict, index: int, ctx: zmq.Context, ctrl: zmq.Socket,
+                 keys: security.KeyPair | None = None):
         self.spec = spec
         self.index = index
         self.cfg = from_dict(spec["config"])
         self.rt = self.cfg.runtime
         self.schedule = self.cfg.train.schedule
         self.host = spec["nodes"][self._node_id]["host"]
-        self.ctx = zmq.Context()
-        self.socks: list[zmq.Socket] = []
+        self.ctx = ctx
+        self.ctrl = ctrl
+        self.socks: list[zmq.Socket] = [ctrl]
         self.max_message = int(spec.get("max_message", transport.DEFAULT_MAX_MESSAGE))
-        self.ctrl = transport.connect(self.ctx, zmq.DEALER, spec["control"],
-                                      identity=self.identity.encode())
-        self.socks.append(self.ctrl)
+        # CURVE: this worker's key pair, and a ZAP allowlist of the run's own workers
+        self.keys = keys if spec.get("curve") else None
+        self.allowlist = None        # started in run(), stopped in close()
         self.hb_interval = self.rt.heartbeat_interval
         self.hb_deadline = self.rt.heartbeat_interval * self.rt.heartbeat_misses
         self.last_coord = time.monotonic()
@@ -187,10 +189,13 @@ class Worker:
     def connect_peers(self, peers: list[dict]) -> None:
         raise NotImplementedError
 
-    def connect_data(self, ep: str) -> zmq.Socket:
-        """PUSH socket to a peer's inbox. A send that cannot leave within the heartbeat
-        deadline raises (zmq.Again) instead of blocking the worker forever."""
-        sock = transport.connect(self.ctx, zmq.PUSH, ep, max_message=self.max_message)
+    def connect_data(self, peer: dict, which: str) -> zmq.Socket:
+        """PUSH socket to a peer's inbox (``which``: "fwd" or "bwd"). A send that cannot
+        leave within the heartbeat deadline raises (zmq.Again) instead of blocking the
+        worker forever. Under CURVE the peer is authenticated by the public key the
+        coordinator vouched for."""
+        curve = (self.keys, peer["key"].encode()) if self.keys is not None else None
+        sock = transport.connect(self.ctx, zmq.PUSH, peer[which], max_message=self.max_message, curve=curve)
         sock.setsockopt(zmq.SNDTIMEO, int(self.hb_deadline * 1000) + 1000)
         self.socks.append(sock)
         return sock
@@ -221,16 +226,19 @@ class Worker:
             "msgs_sent": self.msgs_sent, "bytes_sent": self.bytes_sent,
             "msgs_recv": self.msgs_recv, "bytes_recv": self.bytes_recv,
             "rejected": dict(self.rejected), "trace_dropped": self.n_trace >= TRACE_LIMIT,
+            "curve": self.keys is not None,
+            "curve_refused": self.allowlist.refused if self.allowlist is not None else 0,
         }
 
     def run(self) -> int:
         code = 0
         try:
+            if self.keys is not None:
+                self.allowlist = security.Allowlist(self.ctx, [k.encode() for k in self.spec["curve"]["keys"]])
             self.setup()
             self.last_coord = time.monotonic()   # set-up time is not the coordinator's silence
             endpoints = self.bind_inboxes()
-            self.send_ctrl(P.HELLO, role=self.role, index=self.index, pid=os.getpid(),
-                           host=_socket.gethostname(), **endpoints)
+            self.send_ctrl(P.READY, **endpoints)
             peers = self.wait_for_start()
             self.connect_peers(peers)
             self.state = "running"
@@ -292,6 +300,8 @@ class Worker:
             if s is not self.ctrl:
                 s.close(0)
         self.ctrl.close()
+        if self.allowlist is not None:
+            self.allowlist.stop()
         self.ctx.term()
 
 
@@ -299,8 +309,8 @@ class Worker:
 class LayerWorker(Worker):
     role = "layer"
 
-    def __init__(self, spec: dict, index: int):
-        super().__init__(spec, index)
+    def __init__(self, spec: dict, index: int, *args, **kw):
+        super().__init__(spec, index, *args, **kw)
         self.lspec = LayerSpec(**spec["specs"][index])
         self.K = self.lspec.n_layers
         self.first = self.lspec.is_first
@@ -332,10 +342,10 @@ class LayerWorker(Worker):
     def bind_inboxes(self) -> dict:
         node = self.spec["nodes"][self._node_id]
         self.fwd_in, fwd_ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("fwd_port", 0),
-                                             max_message=self.max_message)
+                                             max_message=self.max_message, curve=self.keys)
         self.socks.append(self.fwd_in)
         self.bwd_in, bwd_ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("bwd_port", 0),
-                                             max_message=self.max_message)
+                                             max_message=self.max_message, curve=self.keys)
         self.socks.append(self.bwd_in)
         return {"fwd": fwd_ep, "bwd": bwd_ep}
 
@@ -343,10 +353,10 @@ class LayerWorker(Worker):
         me = self._node_id
         self.up = self.down = self.sink = None
         if not self.last:
-            self.up = self.connect_data(peers[me + 1]["fwd"])
-        self.down = self.connect_data(peers[me - 1]["bwd"])
+            self.up = self.connect_data(peers[me + 1], "fwd")
+        self.down = self.connect_data(peers[me - 1], "bwd")
         if self.last:
-            self.sink = self.connect_data(peers[0]["bwd"])
+            self.sink = self.connect_data(peers[0], "bwd")
 
     # ------------------------------------------------------------------ loop
     def loop(self) -> None:
@@ -589,12 +599,12 @@ class FeederWorker(Worker):
     def bind_inboxes(self) -> dict:
         node = self.spec["nodes"][0]
         self.inbox, ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("bwd_port", 0),
-                                        max_message=self.max_message)
+                                        max_message=self.max_message, curve=self.keys)
         self.socks.append(self.inbox)
         return {"fwd": "", "bwd": ep}
 
     def connect_peers(self, peers):
-        self.up = self.connect_data(peers[1]["fwd"])
+        self.up = self.connect_data(peers[1], "fwd")
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
         self.poller.register(self.ctrl, zmq.POLLIN)
@@ -764,6 +774,77 @@ def evals_from_arrays(arrays: dict) -> list[dict]:
     return [{k: (int(v) if k in ("step", "n") else float(v)) for k, v in zip(EVAL_KEYS, row)} for row in zip(*cols)]
 
 
-def run_worker(spec: dict, role: str, index: int) -> int:
-    cls = FeederWorker if role == "feeder" else LayerWorker
-    return cls(spec, index).run()
+class SpecError(ValueError):
+    """The run spec from the coordinator is unusable."""
+
+
+def check_spec(spec, role: str, index: int) -> None:
+    """The spec came over the network: check its shape before anything reads it."""
+    if not isinstance(spec, dict):
+        raise SpecError("run spec is not a map")
+    need = {"config": dict, "nodes": list, "specs": list, "steps": int, "max_message": int,
+            "checkpoint_dir": str}
+    for k, t in need.items():
+        if not isinstance(spec.get(k), t):
+            raise SpecError(f"run spec: {k!r} missing or not a {t.__name__}")
+    node = 0 if role == "feeder" else index + 1
+    if role == "layer" and not 0 <= index < len(spec["specs"]):
+        raise SpecError(f"run spec: no layer {index}")
+    if len(spec["nodes"]) != len(spec["specs"]) + 1 or not isinstance(spec["nodes"][node], dict) \
+            or not isinstance(spec["nodes"][node].get("host"), str):
+        raise SpecError("run spec: nodes do not match the layers")
+    curve = spec.get("curve")
+    if curve is not None and not (isinstance(curve, dict) and isinstance(curve.get("keys"), list)
+                                  and all(security.valid_public_key(k) for k in curve["keys"])):
+        raise SpecError("run spec: malformed CURVE key list")
+    if spec.get("resume") is not None and not isinstance(spec["resume"], dict):
+        raise SpecError("run spec: malformed resume entry")
+
+
+def _wait_for_spec(ctrl: zmq.Socket, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CoordinatorLost(f"no run spec from the coordinator within {timeout:.0f} s")
+        if not ctrl.poll(int(min(left, 0.5) * 1000) + 1):
+            continue
+        try:
+            msg = P.decode(transport.recv_frames(ctrl))
+        except P.ProtocolError:
+            continue
+        if msg.kind == P.SPEC:
+            return msg.fields.get("spec")
+        if msg.kind == P.STOP:
+            raise StopRequested(msg.fields.get("reason", ""))
+
+
+def run_worker(role: str, index: int, control: str, *, start_timeout: float = 60.0,
+               server_key: bytes = b"", secret_key: bytes = b"") -> int:
+    """Say HELLO to the coordinator at ``control``, receive the run spec, run the worker."""
+    ctx = zmq.Context()
+    keys = security.KeyPair.from_secret(secret_key) if secret_key else None
+    identity = b"feeder" if role == "feeder" else f"layer{index}".encode()
+    ctrl = transport.connect(ctx, zmq.DEALER, control, identity=identity,
+                             curve=(keys, server_key) if keys is not None else None)
+    try:
+        transport.send(ctrl, P.HELLO, -1, (), {"role": role, "index": index, "pid": os.getpid(),
+                                                "host": _socket.gethostname()})
+        spec = _wait_for_spec(ctrl, start_timeout)
+        check_spec(spec, role, index)
+        from .config import validate
+        validate(from_dict(spec["config"]))
+        worker = (FeederWorker if role == "feeder" else LayerWorker)(spec, index, ctx, ctrl, keys)
+    except (CoordinatorLost, StopRequested) as e:
+        print(f"{role}: {e}" if str(e) else f"{role}: stopped before start", flush=True)
+        ctrl.close(0)
+        ctx.term()
+        return 3
+    except Exception as e:  # noqa: BLE001 - a spec we cannot use: say so to the coordinator
+        transport.send(ctrl, P.ERROR, -1, (), {"role": role, "index": index, "traceback": "",
+                                                "error": f"unusable run spec: {e}"})
+        ctrl.setsockopt(zmq.LINGER, 2000)
+        ctrl.close()
+        ctx.term()
+        return 2
+    return worker.run()

@@ -81,10 +81,12 @@ def test_periodic_evaluation_and_time_to_target():
 
 def test_worker_exception_ends_run_with_its_error(tmp_path):
     class FaultyLauncher(LocalLauncher):
-        def start(self, name, module, args):
-            if name == "layer2":
-                return super().start(name, "tests.helpers.faulty_layer", [*args, "7"])
-            return super().start(name, module, args)
+        def argv(self, w):
+            argv = super().argv(w)
+            if w.name == "layer1":              # layer 2
+                argv[argv.index("workers.layer")] = "tests.helpers.faulty_layer"
+                argv += ["--fail-step", "7"]
+            return argv
 
     cfg = small(**{"train.steps": 100})
     with pytest.raises(coordinator.WorkerFailed) as exc:
@@ -97,10 +99,8 @@ def test_worker_exception_ends_run_with_its_error(tmp_path):
 
 def test_worker_crash_on_start_is_reported(tmp_path):
     class BrokenLauncher(LocalLauncher):
-        def start(self, name, module, args):
-            if name == "layer3":
-                return super().start(name, "tests.helpers.no_such_module", args)
-            return super().start(name, module, args)
+        def module(self, w):
+            return "tests.helpers.no_such_module" if w.name == "layer2" else super().module(w)   # layer 3
 
     with pytest.raises(coordinator.WorkerFailed, match=r"layer 3 .*exited with code 1 during start-up"):
         coordinator.run(small(), launcher=BrokenLauncher(tmp_path))

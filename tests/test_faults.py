@@ -329,12 +329,21 @@ def test_unreachable_address_is_one_line(tmp_path):
 
 
 def test_start_up_that_never_answers_times_out(tmp_path):
-    class SilentLauncher:
+    from launch.base import Launcher
+
+    class SilentLauncher(Launcher):
         """Starts nothing: the workers it was asked for never say hello."""
-        def start(self, name, module, args):
-            class W:
-                pid = None
-            return W()
+        def start(self, w):
+            pass
+
+        def state(self, name):
+            return "running"
+
+        def exit_code(self, name):
+            return None
+
+        def log_tail(self, name, lines=15):
+            return ""
 
         def exited(self):
             return []
@@ -374,12 +383,17 @@ def test_a_worker_that_starts_late_does_not_break_the_run(tmp_path):
     class LateLauncher(LocalLauncher):
         """layer 2 says hello 3 s after the others (longer than heartbeat_interval * misses),
         and the launcher itself is slow to start layer 3"""
-        def start(self, name, module, args):
-            if name == "layer2":
-                return super().start(name, "tests.helpers.slow_layer", ["3.0", *args])
-            if name == "layer3":
+        def argv(self, w):
+            argv = super().argv(w)
+            if w.name == "layer1":              # layer 2
+                i = argv.index("workers.layer")
+                argv[i:i + 1] = ["tests.helpers.slow_layer", "3.0"]
+            return argv
+
+        def start(self, w):
+            if w.name == "layer2":              # layer 3
                 time.sleep(2.5)
-            return super().start(name, module, args)
+            return super().start(w)
 
     res = coordinator.run(cfg_of(**{"train.steps": 30}), launcher=LateLauncher(tmp_path))
     assert all(L["updates"] == 30 for L in res.layers)
@@ -397,7 +411,7 @@ def test_sigkilled_layer_under_the_cli_is_always_one_line(tmp_path):
                 time.sleep(0.05)
             time.sleep(1.0)
             kids = psutil.Process(proc.pid).children()
-            layer2 = [k for k in kids if "workers.layer" in k.cmdline() and k.cmdline()[k.cmdline().index("workers.layer") + 2] == "1"][0]
+            layer2 = [k for k in kids if "workers.layer" in k.cmdline() and k.cmdline()[k.cmdline().index("workers.layer") + 1] == "1"][0]
             layer2.kill()
             _out, err = proc.communicate(timeout=30)
         finally:

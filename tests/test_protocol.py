@@ -75,6 +75,7 @@ ROUND_TRIPS = {
     P.MARKER: ([], {"purpose": "checkpoint", "tag": "epoch-3"}),
     P.HELLO: ([], {"role": "layer", "index": 2, "pid": 4242, "host": "node-1"}),
     P.READY: ([], {"anything": [1, 2.5, "x", None, True, {"deep": {"er": []}}]}),
+    P.SPEC: ([], {"spec": {"config": {}, "nodes": [{"host": "10.0.0.2"}], "steps": 3}}),
     P.START: ([], {"peers": [{"fwd": "tcp://127.0.0.1:1", "bwd": "tcp://127.0.0.1:2"}]}),
     P.HEARTBEAT: ([], {"state": "training", "step": 17}),
     P.PROGRESS: ([], {"done": 5, "total": 10, "loss": 0.5, "metric": 0.75, "elapsed": 1.5}),

@@ -1,4 +1,4 @@
-"""The feeder worker: ``python -m workers.feeder SPEC.json``."""
+"""The feeder worker: ``python -m workers.feeder --control tcp://HOST:PORT [...]``."""
 import sys
 
 from workers._entry import main

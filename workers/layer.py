@@ -1,4 +1,4 @@
-"""One layer worker: ``python -m workers.layer SPEC.json INDEX``."""
+"""One layer worker: ``python -m workers.layer INDEX --control tcp://HOST:PORT [...]``."""
 import sys
 
 from workers._entry import main

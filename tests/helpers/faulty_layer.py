@@ -1,11 +1,14 @@
-"""A layer worker that raises at a chosen step: ``python -m tests.helpers.faulty_layer SPEC INDEX FAIL_STEP``."""
+"""A layer worker that raises at a chosen step:
+``python -m tests.helpers.faulty_layer INDEX --fail-step N [worker options]``."""
 import sys
 
 from asyncdni import layer
 
 
 def main():
-    fail_step = int(sys.argv.pop(3))
+    i = sys.argv.index("--fail-step")
+    fail_step = int(sys.argv[i + 1])
+    del sys.argv[i:i + 2]
     original = layer.LayerNode.dni_forward
 
     def dni_forward(self, step, x, y):

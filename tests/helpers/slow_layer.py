@@ -1,4 +1,5 @@
-"""A layer worker that takes a while to start: ``python -m tests.helpers.slow_layer SECONDS SPEC INDEX ...``."""
+"""A layer worker that takes a while to start:
+``python -m tests.helpers.slow_layer SECONDS INDEX [worker options]``."""
 import sys
 import time
 
