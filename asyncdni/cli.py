@@ -43,6 +43,10 @@ TRAIN_FLAGS = {
     "--checkpoint-dir": ("runtime.checkpoint_dir", dict(type=str, metavar="DIR", help="where checkpoints are written")),
     "--keep-checkpoints": ("runtime.keep_checkpoints", dict(type=str, metavar="N", help="complete checkpoints kept (default 3)")),
     "--resume": ("runtime.resume", dict(type=str, metavar="DIR", help="continue from the newest complete checkpoint in DIR")),
+    "--launcher": ("runtime.launcher", dict(type=str, help="local, agents (asyncdni agent on each host) or ray (default local)")),
+    "--listen": ("runtime.listen", dict(type=str, metavar="ADDR:PORT", help="agents: where the coordinator waits for agents")),
+    "--keys": ("runtime.keys", dict(type=str, metavar="DIR", help="CURVE keys from 'asyncdni keys DIR' (agents launcher)")),
+    "--ray-address": ("runtime.ray_address", dict(type=str, metavar="ADDR", help="ray: cluster address (default: a local Ray)")),
     "--max-restarts": ("runtime.max_restarts", dict(type=str, metavar="N", help="restart from the last checkpoint after a worker failure, up to N times (default 0)")),
 }
 
@@ -66,6 +70,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on-nonfinite", action="store_true",
                    help="stop cleanly at the first NaN/Inf loss, gradient or output (default: skip and count)")
     p.add_argument("--report", metavar="FILE.json", help="write the summary as JSON")
+    sec = p.add_mutually_exclusive_group()
+    sec.add_argument("--insecure", dest="security", action="store_const", const="insecure", default=None,
+                     help="no CURVE encryption even where workers bind off loopback")
+    sec.add_argument("--curve", dest="security", action="store_const", const="curve",
+                     help="CURVE encryption and authentication even on loopback")
 
 
 def overrides_from_args(args) -> dict:
@@ -82,6 +91,8 @@ def overrides_from_args(args) -> dict:
         ov["runtime.progress"] = False
     if args.fail_on_nonfinite:
         ov["runtime.fail_on_nonfinite"] = True
+    if args.security is not None:
+        ov["runtime.security"] = args.security
     for item in args.set:
         key, eq, value = item.partition("=")
         if not eq or "." not in key:
@@ -105,6 +116,18 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--plots", metavar="DIR", help="write PNG plots (needs matplotlib: pip install '.[plot]')")
     b.add_argument("--sweep", action="store_true", help="sweep layers {2,4,8} x width {256,1024} x batch {32,128}")
     b.add_argument("--transport", action="store_true", help="run the transport micro-benchmark only")
+    a = sub.add_parser("agent", help="run this host's workers for a coordinator (multi-host runs)")
+    a.add_argument("--join", required=True, metavar="tcp://HEAD:PORT", help="the coordinator's --listen address")
+    a.add_argument("--name", required=True, help="this agent's name, as the coordinator's --hosts names it")
+    a.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                   help="address this host's workers bind to, reachable by the other hosts (default 127.0.0.1)")
+    a.add_argument("--keys", default="", metavar="DIR",
+                   help="CURVE keys: DIR/NAME.key_secret (or agent.key_secret) and DIR/coordinator.key")
+    a.add_argument("--wait", default="120", metavar="S", help="seconds to wait for the coordinator (default 120)")
+    a.add_argument("--log-dir", default="", metavar="DIR", help="keep worker logs here (default: a temporary directory)")
+    k = sub.add_parser("keys", help="make CURVE key pairs: the coordinator's and one per agent name")
+    k.add_argument("dir", metavar="DIR", help="directory for the key files (created, mode 700)")
+    k.add_argument("names", nargs="*", metavar="NAME", help="agent names (default: one shared key named 'agent')")
     return p
 
 
@@ -230,6 +253,48 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_agent(args) -> int:
+    import signal
+
+    from .agent import Agent, AgentConfig, AgentError
+    from .security import KeyError_
+
+    def log(line):
+        print(f"asyncdni agent: {line}", file=sys.stderr, flush=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        wait = float(args.wait)
+    except ValueError:
+        return fail(f"--wait: expected a number of seconds, got {args.wait!r}", 2)
+    try:
+        agent = Agent(AgentConfig(args.join, args.name, args.bind, args.keys, wait, args.log_dir), log=log)
+    except (AgentError, KeyError_) as e:
+        return fail(str(e), 2)
+    try:
+        return agent.run()
+    except AgentError as e:
+        return fail(str(e), 1)
+    except KeyboardInterrupt:
+        log("interrupted; workers ended")
+        return 130
+
+
+def cmd_keys(args) -> int:
+    from .security import KeyError_, make_keys
+    try:
+        made = make_keys(args.dir, args.names or ["agent"])
+    except KeyError_ as e:
+        return fail(str(e), 2)
+    for f in made:
+        print(f)
+    print("copy coordinator.key and each agent's NAME.key_secret to that agent's host; "
+          "keep coordinator.key_secret and every *.key on the coordinator's host")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -237,6 +302,10 @@ def main(argv=None) -> int:
         return cmd_train(args)
     if args.command == "bench":
         return cmd_bench(args)
+    if args.command == "agent":
+        return cmd_agent(args)
+    if args.command == "keys":
+        return cmd_keys(args)
     parser.print_help()
     return 2
 

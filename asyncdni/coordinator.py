@@ -131,7 +131,8 @@ class Coordinator:
         self.ports = ports
         self.curve = False
         self.allowlist: security.Allowlist | None = None
-        self.keys: dict[str, security.KeyPair] = {}
+        self.keys: dict[str, security.KeyPair] = {}     # CURVE: each worker's key pair, this attempt
+        self.server: security.KeyPair | None = None      # CURVE: the control socket's key pair
         self.control_port = ports[-1]
         widest = max(self.plan.widths)
         rows = max(cfg.train.batch_size, cfg.train.eval_batch)
@@ -187,8 +188,7 @@ class Coordinator:
                 security.is_loopback(h) for h in [ctrl_host, *(w.bind for w in self.workers)]))
             server = None
             if self.curve:
-                server = self.launcher.coordinator_keys() if hasattr(self.launcher, "coordinator_keys") else None
-                server = server or security.KeyPair.new()
+                server = self.server = security.KeyPair.new()
                 self.keys = {w.ident: security.KeyPair.new() for w in self.workers}
                 self.allowlist = security.Allowlist(self.ctx, [k.public for k in self.keys.values()])
             self.ctrl, ctrl_ep = transport.bind(self.ctx, zmq.ROUTER, ctrl_host, self.control_port,
@@ -217,6 +217,9 @@ class Coordinator:
             return result
         except KeyboardInterrupt:
             raise Interrupted("interrupted; all workers stopped") from None
+        except WorkerFailed:
+            self.launcher.check_hosts()       # a whole host gone: say that (no restart can help)
+            raise
         finally:
             self._shutdown()
             if old_term is not None:
@@ -370,6 +373,7 @@ class Coordinator:
         limit = self.rt.heartbeat_interval * self.rt.heartbeat_misses
         for w in self.workers:
             if w.stats is None and now - w.last_seen > limit:
+                self.launcher.poll()          # its whole host may be gone: that is said first
                 raise WorkerFailed(w.name, w.pid, w.host,
                                    f"no heartbeat for {now - w.last_seen:.1f} s (hung or unreachable) "
                                    f"while {w.state}" + (f" (last reported step {w.step})" if w.step >= 0 else ""))

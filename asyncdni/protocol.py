@@ -41,7 +41,8 @@ __all__ = [
     "MAX_ARRAYS", "MAX_FIELD_DEPTH", "ALLOWED_DTYPES", "REASONS",
     "FWD", "BWD", "ACK", "DONE", "EVAL", "EVAL_RESULT", "MARKER",
     "HELLO", "READY", "SPEC", "START", "HEARTBEAT", "PROGRESS", "STATS", "ERROR",
-    "STOP", "BYE", "CKPT", "CKPT_DONE",
+    "STOP", "BYE", "CKPT", "CKPT_DONE", "AGENT_HELLO", "AGENT_WELCOME", "LAUNCH", "STARTED",
+    "LAUNCH_FAILED", "EXITED", "KILL", "KILLED", "RELEASE",
     "KindSpec", "KINDS", "ProtocolError", "Message",
     "encode", "decode", "frame_nbytes",
 ]
@@ -88,6 +89,16 @@ STOP = "stop"
 BYE = "bye"                  # final parameters + final stats
 CKPT = "ckpt"
 CKPT_DONE = "ckpt_done"
+# Agent channel (per-host agent <-> the coordinator's agents launcher)
+AGENT_HELLO = "agent_hello"      # agent -> coordinator: I am NAME, my workers bind to BIND
+AGENT_WELCOME = "agent_welcome"  # coordinator -> agent: joined; heartbeat settings
+LAUNCH = "launch"                # coordinator -> agent: start one worker
+STARTED = "started"              # agent -> coordinator: that worker's pid
+LAUNCH_FAILED = "launch_failed"  # agent -> coordinator: it could not be started
+EXITED = "exited"                # agent -> coordinator: a worker ended (exit code, log tail)
+KILL = "kill"                    # coordinator -> agent: end every worker (restart or shutdown)
+KILLED = "killed"                # agent -> coordinator: all ended
+RELEASE = "release"              # coordinator -> agent: the run is over; exit
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +153,16 @@ KINDS: dict[str, KindSpec] = {
     BYE: _kind(arrays=(0, MAX_ARRAYS), free=True),
     CKPT: _kind(free=True),
     CKPT_DONE: _kind(free=True),
+    AGENT_HELLO: _kind(required={"name": str, "bind": str, "host": str, "pid": int}),
+    AGENT_WELCOME: _kind(required={"heartbeat_interval": float, "deadline": float}),
+    LAUNCH: _kind(required={"name": str, "role": str, "index": int, "control": str, "blas_threads": int,
+                            "start_timeout": float, "server_key": str, "secret_key": str}),
+    STARTED: _kind(required={"name": str, "pid": int}),
+    LAUNCH_FAILED: _kind(required={"name": str, "error": str}),
+    EXITED: _kind(required={"name": str, "code": int, "tail": str}),
+    KILL: _kind(optional={"grace": float}),
+    KILLED: _kind(),
+    RELEASE: _kind(optional={"reason": str}),
 }
 
 # --------------------------------------------------------------------------

@@ -78,6 +78,10 @@ class Launcher(ABC):
     def poll(self) -> None:
         """Called often by the coordinator; raises :class:`HostLost` when a host is gone."""
 
+    def check_hosts(self) -> None:
+        """After a worker failed: raise :class:`HostLost` if its whole host is gone (may wait
+        briefly for a sign of life from each host)."""
+
     @abstractmethod
     def start(self, w: WorkerLaunch) -> None: ...
 

@@ -1,0 +1,204 @@
+"""The per-host agent: ``asyncdni agent --join tcp://HEAD:PORT --name NAME --bind ADDR``.
+
+The plain multi-host path, for machines where no cluster engine runs (Slurm, ssh,
+Kubernetes): one agent per host registers with the coordinator's agents launcher,
+starts the workers the coordinator assigns to it (as local processes that die with the
+agent), reports their exits and log tails, ends them on request (a restart, the end of
+the run), and exits when the run is over or the coordinator has gone silent.
+
+A small state machine: ``joining`` (AGENT_HELLO every second until AGENT_WELCOME, up to
+``wait`` seconds) -> ``joined`` (heartbeats both ways; LAUNCH / KILL) -> ``done``
+(RELEASE, or the coordinator silent past its deadline: every worker is ended first).
+
+Under CURVE (``keys``: a directory from ``asyncdni keys``) the agent authenticates with
+``NAME.key_secret`` (or ``agent.key_secret``) and checks the coordinator's
+``coordinator.key``; workers' secret keys reach it only over that encrypted channel.
+"""
+from __future__ import annotations
+
+import os
+import socket as _socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from . import protocol as P
+from . import security, transport
+
+AGENT_HEARTBEAT = 0.25        # seconds between agent <-> coordinator heartbeats
+JOIN_RETRY = 1.0              # seconds between AGENT_HELLOs while joining
+TAIL_BYTES = 4096             # log tail sent with an exit report
+DRAIN_LIMIT = 256             # messages handled per loop turn (heartbeats always get their turn)
+
+
+class AgentError(RuntimeError):
+    """The agent cannot do its job; the message says why (one line)."""
+
+
+@dataclass
+class AgentConfig:
+    join: str                        # tcp://HEAD:PORT of the coordinator's agents launcher
+    name: str
+    bind: str = "127.0.0.1"          # address the workers of this host bind their inboxes to
+    keys: str = ""                   # CURVE key directory ("" : plain TCP)
+    wait: float = 120.0              # seconds to wait for the coordinator to answer
+    log_dir: str = ""                # worker logs ("" : a temporary directory)
+
+
+def _check(cfg: AgentConfig) -> None:
+    if not cfg.join.startswith("tcp://") or ":" not in cfg.join[6:]:
+        raise AgentError(f"--join {cfg.join!r}: expected tcp://HOST:PORT")
+    if not cfg.name or not all(c.isalnum() or c in "-_." for c in cfg.name):
+        raise AgentError(f"--name {cfg.name!r}: use letters, digits, '-', '_' and '.'")
+    if not cfg.bind:
+        raise AgentError("--bind: must not be empty")
+    if not 0 < cfg.wait <= 86400:
+        raise AgentError(f"--wait: must be between 0 and 86400 seconds, got {cfg.wait}")
+    # the bind address must belong to this host: try it once
+    try:
+        with _socket.socket(_socket.AF_INET6 if ":" in cfg.bind else _socket.AF_INET) as s:
+            s.bind((cfg.bind.strip("[]"), 0))
+    except OSError as e:
+        raise AgentError(f"--bind {cfg.bind}: not an address of this host ({e.strerror})") from None
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, log=print):
+        _check(cfg)
+        self.cfg = cfg
+        self.log = log
+        self.keys = None
+        self.server_key = b""
+        if cfg.keys:
+            try:
+                self.keys = security.load_secret(cfg.keys, cfg.name)
+            except security.KeyError_:
+                self.keys = security.load_secret(cfg.keys, "agent")
+            self.server_key = security.load_public(cfg.keys, security.COORDINATOR)
+        from launch.local import LocalLauncher
+        self._tmp = None if cfg.log_dir else tempfile.mkdtemp(prefix=f"asyncdni-agent-{cfg.name}-")
+        log_dir = Path(cfg.log_dir or self._tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.workers = LocalLauncher(log_dir)          # children die with this agent (PDEATHSIG)
+        self.reported: set[str] = set()                # exits already reported
+        self.state = "joining"
+        self.deadline = 2.0
+        self.last_heard = time.monotonic()
+        self.next_hb = 0.0
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> int:
+        ctx = zmq.Context()
+        sock = transport.connect(ctx, zmq.DEALER, self.cfg.join, identity=self.cfg.name.encode(),
+                                 curve=(self.keys, self.server_key) if self.keys else None)
+        try:
+            return self._run(sock)
+        finally:
+            self.workers.stop(grace=2.0)
+            sock.close(0)
+            ctx.term()
+            if self._tmp:
+                import shutil
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _send(self, sock, kind, **fields) -> None:
+        try:
+            transport.send(sock, kind, -1, (), fields)
+        except zmq.Again:
+            pass
+
+    def _run(self, sock) -> int:
+        hello = {"name": self.cfg.name, "bind": self.cfg.bind, "host": _socket.gethostname(), "pid": os.getpid()}
+        t0 = time.monotonic()
+        next_hello = 0.0
+        while self.state == "joining":
+            now = time.monotonic()
+            if now - t0 > self.cfg.wait:
+                raise AgentError(f"no answer from a coordinator at {self.cfg.join} within {self.cfg.wait:.0f} s"
+                                 + ("" if self.keys else " (if it uses CURVE, pass --keys DIR)"))
+            if now >= next_hello:
+                self._send(sock, P.AGENT_HELLO, **hello)
+                next_hello = now + JOIN_RETRY
+            if sock.poll(100):
+                msg = self._recv(sock)
+                if msg is not None and msg.kind == P.AGENT_WELCOME:
+                    self.deadline = max(float(msg.fields["deadline"]), 4 * AGENT_HEARTBEAT)
+                    self.last_heard = time.monotonic()
+                    self.state = "joined"
+                    self.log(f"joined {self.cfg.join} as {self.cfg.name}; workers bind to {self.cfg.bind}")
+                elif msg is not None and msg.kind == P.RELEASE:
+                    return 0
+        while True:
+            now = time.monotonic()
+            if now >= self.next_hb:
+                self._send(sock, P.HEARTBEAT, state="running")
+                self.next_hb = now + AGENT_HEARTBEAT
+            if now - self.last_heard > self.deadline:
+                self.log(f"the coordinator at {self.cfg.join} is gone (silent for {now - self.last_heard:.1f} s); "
+                         "ending its workers")
+                return 3
+            self._report_exits(sock)
+            if not sock.poll(int(AGENT_HEARTBEAT * 400)):
+                continue
+            for _ in range(DRAIN_LIMIT):
+                msg = self._recv(sock)
+                if msg is not None:
+                    self.last_heard = time.monotonic()
+                    if self._handle(sock, msg):
+                        return 0
+                if not sock.poll(0):
+                    break
+
+    def _recv(self, sock):
+        try:
+            return P.decode(transport.recv_frames(sock))
+        except P.ProtocolError:
+            return None
+
+    def _handle(self, sock, msg) -> bool:
+        """One message from the coordinator; True when the run is over."""
+        f = msg.fields
+        if msg.kind == P.LAUNCH:
+            self._launch(sock, f)
+        elif msg.kind == P.KILL:
+            self.workers.stop(grace=float(f.get("grace", 2.0)))
+            self._report_exits(sock)
+            self._send(sock, P.KILLED)
+        elif msg.kind == P.RELEASE:
+            self.log(f"released: {f.get('reason', 'run over')}")
+            return True
+        return False
+
+    def _launch(self, sock, f: dict) -> None:
+        from launch.base import LaunchError, WorkerLaunch
+        name = f["name"]
+        ok_name = name == "feeder" or (name.startswith("layer") and name[5:].isdigit())
+        if not ok_name or f["role"] not in ("feeder", "layer") or not 1 <= f["blas_threads"] <= 1024:
+            self._send(sock, P.LAUNCH_FAILED, name=name, error="malformed launch request")
+            return
+        try:
+            w = WorkerLaunch(name, f["role"], f["index"], f["control"], f["blas_threads"], f["start_timeout"],
+                             server_key=f["server_key"].encode(), secret_key=f["secret_key"].encode())
+            self.workers.forget(name)
+            self.workers.start(w)
+        except LaunchError as e:
+            self._send(sock, P.LAUNCH_FAILED, name=name, error=str(e))
+            return
+        self.reported.discard(name)
+        self._send(sock, P.STARTED, name=name, pid=self.workers.pid(name))
+
+    def _report_exits(self, sock) -> None:
+        for name in self.workers.exited():
+            if name in self.reported:
+                continue
+            self.reported.add(name)
+            tail = self.workers.log_tail(name)[-TAIL_BYTES:]
+            self._send(sock, P.EXITED, name=name, code=int(self.workers.exit_code(name)), tail=tail)
+        # after stop(): processes are "after", but their exit still has to be reported once
+        for name, p in self.workers.procs.items():
+            if name not in self.reported and p.state == "after" and p.exit_code() is not None:
+                self.reported.add(name)
+                self._send(sock, P.EXITED, name=name, code=int(p.exit_code()), tail="")

@@ -1,0 +1,352 @@
+"""Multi-host runs on one machine: per-host agents (real `asyncdni agent` processes) and
+CURVE. The agents here all live on loopback; tests/test_netns.py runs them in network
+namespaces with their own addresses."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import numpy as np
+import psutil
+import pytest
+import zmq
+
+from asyncdni import config, coordinator, reference
+from asyncdni import protocol as P
+from asyncdni.model import load_datasets, make_plan
+from launch.base import HostLost
+from tests.conftest import env_with_repo, pids_gone
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_processes")]
+
+SMALL = {"train.steps": 40, "model.width": 32, "data.train_size": 2048, "data.test_size": 256,
+         "runtime.progress": False}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agents:
+    """`asyncdni agent` processes for the duration of a with-block; always ended by pid."""
+
+    def __init__(self, names, port, *, keys="", bind="127.0.0.1", wait=60, netns=None):
+        self.names, self.port, self.keys, self.bind, self.wait = names, port, keys, bind, wait
+        self.netns = netns or {}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name, join_host="127.0.0.1", bind=None):
+        argv = [sys.executable, "-m", "asyncdni.cli", "agent", "--join", f"tcp://{join_host}:{self.port}",
+                "--name", name, "--bind", bind or self.bind, "--wait", str(self.wait)]
+        if self.keys:
+            argv += ["--keys", self.keys]
+        if name in self.netns:
+            argv = ["ip", "netns", "exec", self.netns[name], *argv]
+        self.procs[name] = subprocess.Popen(argv, env=env_with_repo(), stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return self.procs[name]
+
+    def __enter__(self):
+        for n in self.names:
+            self.start(n)
+        return self
+
+    def pids(self) -> list[int]:
+        """The agents and every worker they started."""
+        out = []
+        for p in self.procs.values():
+            try:
+                pp = psutil.Process(p.pid)
+                out += [pp.pid] + [c.pid for c in pp.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def __exit__(self, *exc):
+        for p in self.procs.values():
+            try:
+                for c in psutil.Process(p.pid).children(recursive=True):
+                    c.kill()
+            except psutil.NoSuchProcess:
+                pass
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        return False
+
+
+def cfg_of(port, hosts, **ov):
+    return config.build(overrides={**SMALL, "runtime.launcher": "agents", "runtime.listen": f"127.0.0.1:{port}",
+                                   "runtime.hosts": hosts, "runtime.start_timeout": 30.0, **ov})
+
+
+# ---------------------------------------------------------------------------- equality
+@pytest.mark.parametrize("schedule,ref_schedule", [("sequential", "dni"), ("backprop", "backprop")])
+def test_agents_run_equals_in_process_reference(schedule, ref_schedule):
+    port = free_port()
+    cfg = cfg_of(port, "a,a,b,b,b", **{"train.schedule": schedule, "train.seed": 5})
+    with Agents(["a", "b"], port) as ag:
+        result = coordinator.run(cfg)
+        # the run is over: every agent was released and exits by itself
+        for p in ag.procs.values():
+            assert p.wait(10) == 0
+    train, _ = load_datasets(cfg)
+    ref = reference.train_reference(make_plan(cfg, train), ref_schedule, train, cfg.train.seed)
+    for i, node in enumerate(ref.nodes):
+        for name, want in node.params().items():
+            assert np.allclose(result.params[i][name], want, rtol=1e-5, atol=1e-6), (schedule, i, name)
+    hosts = {L["host"] for L in result.layers}
+    assert hosts == {"127.0.0.1"}                    # the agents' bind address
+
+
+def test_k_host_names_put_the_feeder_with_layer_1():
+    cfg = cfg_of(free_port(), "a,b,b,b")
+    assert cfg.runtime.hosts == ("a", "a", "b", "b", "b")
+
+
+def test_missing_agent_times_out_with_its_name(tmp_path):
+    port = free_port()
+    cfg = cfg_of(port, "a,ghost,a,a,a", **{"runtime.start_timeout": 2.0})
+    with Agents(["a"], port):
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as ei:
+            coordinator.run(cfg)
+        assert time.monotonic() - t0 < 8
+    msg = str(ei.value)
+    assert "no agent named ghost joined" in msg and "asyncdni agent --join" in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------------------- failures
+def test_killed_remote_worker_is_detected_and_restarted(tmp_path):
+    port = free_port()
+    cfg = cfg_of(port, "a,a,b,b,b", **{"train.steps": 400, "train.schedule": "sequential",
+                                       "runtime.checkpoint_every": 100, "runtime.checkpoint_dir": str(tmp_path / "ck"),
+                                       "runtime.max_restarts": 1})
+    box = {}
+
+    def on_started(c):
+        if box:
+            return                                     # only in the first attempt
+
+        def killer():
+            while c.progress_done < 150:
+                time.sleep(0.005)
+            box["pid"] = c.workers[3].pid              # layer 3, on agent b
+            box["t"] = time.monotonic()
+            os.kill(box["pid"], signal.SIGKILL)
+        box["started"] = True
+        threading.Thread(target=killer, daemon=True).start()
+
+    logs = []
+    with Agents(["a", "b"], port):
+        result = coordinator.run(cfg, on_started=on_started, log=logs.append)
+    assert len(result.restarts) == 1
+    r = result.restarts[0]
+    assert "layer 3" in r["error"] and "killed by signal 9" in r["error"] and "on b (127.0.0.1)" in r["error"]
+    assert r["resumed_from_step"] == 100
+    assert all(L["updates"] + 0 >= 300 for L in result.layers)
+    assert result.feeder["completed"] == 400
+
+
+def test_detection_of_a_killed_remote_worker_is_under_3_s():
+    port = free_port()
+    cfg = cfg_of(port, "a,a,b,b,b", **{"train.steps": 100000})
+    box = {}
+
+    def on_started(c):
+        def killer():
+            while c.progress_done < 50:
+                time.sleep(0.005)
+            box["t"] = time.monotonic()
+            os.kill(c.workers[2].pid, signal.SIGKILL)
+        threading.Thread(target=killer, daemon=True).start()
+
+    with Agents(["a", "b"], port):
+        with pytest.raises(coordinator.WorkerFailed) as ei:
+            coordinator.run(cfg, on_started=on_started)
+        detected = time.monotonic() - box["t"]
+    assert ei.value.name == "layer 2" and "killed by signal 9 while running" in str(ei.value)
+    assert detected < 3.0, detected
+
+
+def test_killed_agent_ends_the_run_with_one_line_naming_it(tmp_path):
+    port = free_port()
+    cfg = cfg_of(port, "a,a,b,b,b", **{"train.steps": 100000, "runtime.checkpoint_every": 1000,
+                                       "runtime.checkpoint_dir": str(tmp_path), "runtime.max_restarts": 3})
+    box = {}
+    with Agents(["a", "b"], port) as ag:
+        def on_started(c):
+            def killer():
+                while c.progress_done < 50:
+                    time.sleep(0.005)
+                box["t"] = time.monotonic()
+                ag.procs["b"].kill()
+            threading.Thread(target=killer, daemon=True).start()
+        with pytest.raises(HostLost) as ei:
+            coordinator.run(cfg, on_started=on_started)
+        detected = time.monotonic() - box["t"]
+        pids = ag.pids()
+    msg = str(ei.value)
+    assert "agent b (127.0.0.1) lost" in msg and "\n" not in msg
+    assert detected < 3.0, detected
+    assert pids_gone(pids) == []
+
+
+def test_killed_coordinator_leaves_nothing_behind_on_any_host(tmp_path):
+    port = free_port()
+    with Agents(["a", "b"], port) as ag:
+        cli = subprocess.Popen([sys.executable, "-m", "asyncdni.cli", "train", "--launcher", "agents",
+                                "--listen", f"127.0.0.1:{port}", "--hosts", "a,b,b,b", "--steps", "100000",
+                                "--no-progress"], cwd=tmp_path, env=env_with_repo(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 40
+            while len(ag.pids()) < 2 + 5 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            pids = ag.pids()
+            assert len(pids) == 7, pids                  # 2 agents + feeder + 4 layers
+            time.sleep(1.0)
+            cli.kill()
+            cli.wait(10)
+            assert pids_gone(pids, timeout=8.0) == []
+            assert all(p.poll() == 3 for p in ag.procs.values())   # "the coordinator is gone"
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+
+
+def test_cli_agents_errors_are_one_line(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "asyncdni.cli", *args], cwd=tmp_path, env=env_with_repo(),
+                              capture_output=True, text=True, timeout=60)
+    for args, want in [
+        (["train", "--launcher", "agents", "--hosts", "a,a,a,a"], "runtime.listen"),
+        (["train", "--launcher", "agents", "--listen", "127.0.0.1:1"], "runtime.hosts"),
+        (["train", "--launcher", "agents", "--listen", "nope", "--hosts", "a,a,a,a"], "not ADDR:PORT"),
+        (["train", "--launcher", "teleport"], "runtime.launcher"),
+        (["train", "--launcher", "agents", "--listen", "10.0.0.1:5555", "--hosts", "a,a,a,a", "--steps", "5"],
+         "--keys DIR"),
+        (["agent", "--join", "tcp://127.0.0.1:5", "--name", "a", "--bind", "192.0.2.1"], "not an address of this host"),
+        (["agent", "--join", "127.0.0.1:5", "--name", "a"], "expected tcp://HOST:PORT"),
+        (["agent", "--join", "tcp://127.0.0.1:5", "--name", "a/b"], "--name"),
+        (["agent", "--join", "tcp://127.0.0.1:5", "--name", "a", "--keys", str(tmp_path / "none")], "not found"),
+    ]:
+        out = cli(*args)
+        assert out.returncode in (1, 2), (args, out.stderr)
+        err = out.stderr.strip()
+        assert "Traceback" not in err and len(err.splitlines()) == 1 and want in err, (args, err)
+
+
+def test_agent_without_a_coordinator_gives_up_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "agent", "--join", f"tcp://127.0.0.1:{free_port()}",
+                          "--name", "a", "--wait", "1"], env=env_with_repo(), capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 1
+    assert "no answer from a coordinator" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------- CURVE
+def make_keys(tmp_path, *names):
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "keys", str(tmp_path / "keys"), *names],
+                         env=env_with_repo(), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return str(tmp_path / "keys")
+
+
+def test_curve_run_refuses_unknown_keys_and_plain_strangers(tmp_path):
+    """CURVE on (forced on loopback): the run equals an unencrypted one; a client with a key
+    not in the allowlist is refused and counted on the agent port, the control port and a
+    layer's inbox; a plain-TCP stranger sending well-formed frames reaches nothing."""
+    keys = make_keys(tmp_path, "a", "b")
+    port = free_port()
+    ov = {"train.schedule": "sequential", "train.steps": 300, "runtime.keys": keys}
+    plain = coordinator.run(config.build(overrides={**SMALL, **{k: v for k, v in ov.items() if k != "runtime.keys"}}))
+    cfg = cfg_of(port, "a,a,b,b,b", **ov, **{"runtime.security": "curve"})
+    attacks = {}
+
+    def on_started(c):
+        def attack():
+            ctx = zmq.Context()
+            socks = []
+            try:
+                stranger = zmq.curve_keypair()
+                targets = {"agent": f"tcp://127.0.0.1:{port}",
+                           "control": c.ctrl.getsockopt_string(zmq.LAST_ENDPOINT),
+                           "inbox": c.workers[2].endpoints["fwd"]}
+                server_keys = {"agent": _coordinator_public(keys), "control": c.server.public,
+                               "inbox": c.workers[2].endpoints["key"].encode()}
+                for what, ep in targets.items():
+                    # 1. a CURVE client with a key the run does not know
+                    s = ctx.socket(zmq.DEALER if what != "inbox" else zmq.PUSH)
+                    s.linger = 0
+                    s.curve_publickey, s.curve_secretkey = stranger
+                    s.curve_serverkey = server_keys[what]
+                    s.connect(ep)
+                    socks.append(s)
+                    # 2. a plain TCP stranger sending a well-formed message
+                    t = ctx.socket(zmq.PUSH if what == "inbox" else zmq.DEALER)
+                    t.linger = 0
+                    t.connect(ep)
+                    socks.append(t)
+                    frames = P.encode(P.FWD, 10**6, (np.zeros((64, 32), np.float32), np.zeros(64, np.int64)))
+                    for sock in (s, t):
+                        try:
+                            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            pass
+                time.sleep(1.0)
+                attacks["sent"] = True
+            finally:
+                for s in socks:
+                    s.close(0)
+                ctx.term()
+        threading.Thread(target=attack, daemon=True).start()
+
+    with Agents(["a", "b"], port, keys=keys):
+        result = coordinator.run(cfg, on_started=on_started)
+    assert attacks.get("sent")
+    assert all(L["curve"] for L in result.layers)
+    for a, b in zip(plain.params, result.params):      # training untouched by the strangers
+        for k in a:
+            assert np.array_equal(a[k], b[k]), k
+    assert all(not L["rejected"] for L in result.layers)   # nothing reached a layer's decoder
+    assert result.refused >= 1                              # the control port refused the stranger's key
+    assert result.layers[1]["curve_refused"] >= 1           # so did layer 2's inbox
+
+
+def _coordinator_public(keys):
+    from asyncdni import security
+    return security.load_public(keys, "coordinator")
+
+
+def test_keys_command_refuses_to_overwrite(tmp_path):
+    make_keys(tmp_path, "a")
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "keys", str(tmp_path / "keys"), "a"],
+                         env=env_with_repo(), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "already exists" in out.stderr and "Traceback" not in out.stderr
+    assert oct(os.stat(tmp_path / "keys" / "a.key_secret").st_mode & 0o777) == "0o600"
+
+
+def test_agent_with_unknown_key_is_refused_and_counted(tmp_path):
+    keys = make_keys(tmp_path, "a")
+    other = make_keys(tmp_path / "other", "a")            # a key pair the coordinator never saw
+    import shutil
+    shutil.copy(os.path.join(keys, "coordinator.key"), os.path.join(other, "coordinator.key"))
+    port = free_port()
+    cfg = cfg_of(port, "a,a,a,a,a", **{"runtime.keys": keys, "runtime.security": "curve",
+                                       "runtime.start_timeout": 3.0})
+    from launch.agents import AgentsLauncher
+    launcher = AgentsLauncher.from_config(cfg)
+    with Agents(["a"], port, keys=other):
+        try:
+            with pytest.raises(Exception, match="no agent named a joined"):
+                coordinator.run(cfg, launcher=launcher)
+        finally:
+            launcher.close()
+    assert launcher.refused >= 1
