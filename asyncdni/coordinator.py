@@ -107,6 +107,7 @@ class Coordinator:
         self.log = log or (lambda line: None)
         self.progress_done = resume.step if resume else 0
         self.ckpt_files: dict[int, dict] = {}
+        self.ckpt_hosts: dict[int, dict] = {}     # step -> file -> "layer 2 on HOST/ADDR"
         self.ckpt_committed: list[int] = []
         self._exit_seen: dict[int, float] = {}
         train, _test = datasets if datasets is not None else load_datasets(cfg)
@@ -413,9 +414,20 @@ class Coordinator:
             raise WorkerFailed(w.name, w.pid, w.host, f"malformed checkpoint report {f!r}")
         parts = self.ckpt_files.setdefault(msg.step, {})
         parts[name] = {"sha256": f["sha256"], "bytes": f["bytes"]}
+        writers = self.ckpt_hosts.setdefault(msg.step, {})
+        writers[name] = f"{w.name} on {f['host']}" if isinstance(f.get("host"), str) else w.name
         if len(parts) == len(self.workers):
-            CK.write_manifest(self.ckpt_root, msg.step, self.cfg.digest(), self.plan.n_layers, parts,
-                              extra={"schedule": self.cfg.train.schedule, "steps": self.plan.steps})
+            try:
+                CK.write_manifest(self.ckpt_root, msg.step, self.cfg.digest(), self.plan.n_layers, parts,
+                                  extra={"schedule": self.cfg.train.schedule, "steps": self.plan.steps,
+                                         "written_by": writers})
+            except CK.CheckpointError as e:
+                if self.rt.launcher == "local":
+                    raise
+                raise CK.CheckpointError(f"{e} (files are written by each worker on its own host: "
+                                         f"{self.ckpt_root} must be shared storage that every host and the "
+                                         f"coordinator see at the same path)") from None
+            del self.ckpt_hosts[msg.step]
             del self.ckpt_files[msg.step]
             self.ckpt_committed.append(msg.step)
             CK.prune(self.ckpt_root, self.rt.keep_checkpoints, self.cfg.digest())

@@ -213,7 +213,8 @@ class Worker:
         """Write this worker's part of checkpoint ``step`` and tell the coordinator."""
         path = CK.step_dir(self.checkpoint_root(), step) / name
         info = CK.write_arrays(path, arrays)
-        self.send_ctrl(P.CKPT_DONE, step, file=name, sha256=info["sha256"], bytes=info["bytes"])
+        self.send_ctrl(P.CKPT_DONE, step, file=name, sha256=info["sha256"], bytes=info["bytes"],
+                       host=f"{_socket.gethostname()}/{self.host}")
 
     def stats(self) -> dict:
         wall = time.time() - self.t_start

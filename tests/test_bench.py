@@ -72,6 +72,7 @@ def test_transport_benchmark_measures_both_modes():
     for mode in ("raw", "protocol"):
         assert row[f"{mode}_gbps"] > 0 and row[f"{mode}_rtt_us"] > 0
     assert 0 < row["protocol_vs_raw"] < 10          # median of paired per-trial ratios
+    assert row["curve_gbps"] > 0 and 0 < row["curve_vs_raw"] < 10   # the same over CURVE
     assert 0 < row["encode_us"] < 1000 and 0 < row["decode_us"] < 1000
 
 
