@@ -39,6 +39,7 @@ def run_summary(result) -> dict:
             "flops_per_batch": s["flops_per_batch"], "sg_loss": s["sg_loss"],
             "rejected": s["rejected"], "cached_steps": s["cached_steps"],
             "nonfinite_skipped": s.get("nonfinite_skipped", 0), "nonfinite_outputs": s.get("nonfinite_outputs", 0),
+            "curve": s.get("curve", False), "curve_refused": s.get("curve_refused", 0),
         })
     m1, m2 = metric_names(result.plan.task)
     return {
@@ -56,6 +57,10 @@ def run_summary(result) -> dict:
         "evals": result.feeder["evals"],
         "checkpoints": result.checkpoints, "resumed_from_step": result.resumed_from,
         "restarts": result.restarts,
+        "launcher": result.config.runtime.launcher,
+        "curve": bool(layers and all(L["curve"] for L in layers)),
+        "curve_refused": sum(L["curve_refused"] for L in layers) + result.feeder.get("curve_refused", 0)
+        + getattr(result, "refused", 0),
         "steps_lost": sum(r["steps_lost"] for r in result.restarts),
         "rejected": _merge_counts([L["rejected"] for L in layers] + [result.feeder.get("rejected", {})]),
         "nonfinite_skipped": sum(L["nonfinite_skipped"] for L in layers),
@@ -95,10 +100,14 @@ def format_summary(summary: dict) -> str:
     w = max(len(r[0]) for r in rows)
     lines += [f"  {a:<{w}}  {b}" for a, b in rows]
     lines.append("")
-    hdr = f"  {'layer':>5} {'pid':>7} {'steps':>7} {'updates':>8} {'sg upd':>7} {'busy':>6} {'cpu':>5} {'rss MB':>7} {'sent MB':>8}"
+    hosts = len({L["host"] for L in s["per_layer"]}) > 1      # a multi-host run: say where each layer ran
+    hw = max([4] + [len(str(L["host"])) for L in s["per_layer"]]) if hosts else 0
+    hdr = f"  {'layer':>5} {'pid':>7} " + (f"{'host':<{hw}} " if hosts else "") + \
+        f"{'steps':>7} {'updates':>8} {'sg upd':>7} {'busy':>6} {'cpu':>5} {'rss MB':>7} {'sent MB':>8}"
     lines.append(hdr)
     for L in s["per_layer"]:
-        lines.append(f"  {L['layer']:>5} {L['pid']:>7} {L['steps']:>7} {L['updates']:>8} {L['sg_updates']:>7} "
+        lines.append(f"  {L['layer']:>5} {L['pid']:>7} " + (f"{L['host']:<{hw}} " if hosts else "") +
+                     f"{L['steps']:>7} {L['updates']:>8} {L['sg_updates']:>7} "
                      f"{100 * L['busy_fraction']:>5.1f}% {L['cpu_percent']:>4.0f}% {L['peak_rss_mb']:>7.1f} "
                      f"{L['bytes_sent'] / 2**20:>8.1f}")
     faults = []
@@ -111,6 +120,8 @@ def format_summary(summary: dict) -> str:
         faults.append(f"restart {i}: {r['error']} at step {r['failed_at_step']}; resumed from step "
                       f"{r['resumed_from_step']}, {r['steps_lost']} steps lost and redone")
     faults.append("rejected messages: " + (", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none"))
+    if s.get("curve"):
+        faults.append(f"CURVE: on; connections with unknown keys refused: {s['curve_refused']}")
     faults.append(f"non-finite updates skipped: {s['nonfinite_skipped']}, non-finite outputs zeroed: "
                   f"{s['nonfinite_outputs']}")
     lines.append("")
