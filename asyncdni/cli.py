@@ -128,6 +128,21 @@ def make_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="make CURVE key pairs: the coordinator's and one per agent name")
     k.add_argument("dir", metavar="DIR", help="directory for the key files (created, mode 700)")
     k.add_argument("names", nargs="*", metavar="NAME", help="agent names (default: one shared key named 'agent')")
+    lab = sub.add_parser("lab", help="an emulated cluster: network namespace hosts on a bridge (root only)")
+    lsub = lab.add_subparsers(dest="lab_command", metavar="up|down|status", parser_class=_Parser)
+    up = lsub.add_parser("up", help="make the hosts, bridge and shaping; they stay up until 'lab down'")
+    up.add_argument("--hosts", default="5", metavar="N", help="namespace hosts <prefix>h0.. (default 5)")
+    up.add_argument("--rate", default=None, metavar="R", help="tc tbf rate per link and direction: "
+                    "unshaped (default), 10gbit, 1gbit, 100mbit, ...")
+    up.add_argument("--delay", default="0", metavar="MS", help="one-way delay per link, added by the relays "
+                    "a run starts through the lab (default 0)")
+    for lp in (up, lsub.add_parser("down", help="remove the lab: processes, relays, namespaces, veths, bridge"),
+               lsub.add_parser("status", help="print the lab's recorded state as JSON")):
+        lp.add_argument("--prefix", default="adl-", metavar="P", help="name prefix of the lab's devices (default adl-)")
+        lp.add_argument("--state-dir", default="/run/asyncdni-lab", metavar="DIR",
+                        help="where the lab records what it made (default /run/asyncdni-lab)")
+    up.add_argument("--subnet", default="10.77.0.0/24", metavar="CIDR", help="host addresses; the bridge gets .1 "
+                    "(default 10.77.0.0/24)")
     return p
 
 
@@ -295,6 +310,45 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_lab(args) -> int:
+    import json
+    from . import lab as L
+    if args.lab_command is None:
+        return fail("lab: expected up, down or status (see asyncdni lab --help)", 2)
+    try:                                 # refusals and bad flags: exit code 2
+        L.require_root()
+        L.parse_prefix(args.prefix)
+        if args.lab_command == "up":
+            lb = L.Lab(hosts=args.hosts, rate=args.rate, delay_ms=args.delay, prefix=args.prefix,
+                       subnet=args.subnet, state_dir=args.state_dir)
+            lb.check()
+    except L.LabError as e:
+        return fail(str(e), 2)
+    try:
+        if args.lab_command == "up":
+            lb.up()
+            lb.detach()
+            shaped = f"tbf {lb.rate} each way" if lb.rate else "unshaped"
+            print(f"lab {lb.prefix} up: bridge {lb.bridge} {lb.bridge_ip}, {shaped}, delay {lb.delay_ms:g} ms")
+            for name, ip in zip(lb.names, lb.addresses):
+                print(f"  {name}  {ip}   (ip netns exec {name} COMMAND)")
+            print(f"remove it with: asyncdni lab down --prefix {lb.prefix}")
+        elif args.lab_command == "down":
+            gone = L.down(args.prefix, args.state_dir)
+            print(f"lab {args.prefix} removed" if gone else f"no lab {args.prefix} was up")
+        else:
+            st = L.status(args.prefix, args.state_dir)
+            if st is None:
+                print(f"no lab {args.prefix} is up")
+                return 1
+            print(json.dumps(st, indent=1))
+    except L.LabError as e:
+        return fail(str(e), 1)
+    except KeyboardInterrupt:            # up() has already removed what it made
+        return fail("interrupted", 130)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -306,6 +360,8 @@ def main(argv=None) -> int:
         return cmd_agent(args)
     if args.command == "keys":
         return cmd_keys(args)
+    if args.command == "lab":
+        return cmd_lab(args)
     parser.print_help()
     return 2
 
