@@ -326,7 +326,7 @@ def cmd_lab(args) -> int:
         return fail(str(e), 2)
     try:
         if args.lab_command == "up":
-            lb.up()
+            lb.up(prestart=False)
             lb.detach()
             shaped = f"tbf {lb.rate} each way" if lb.rate else "unshaped"
             print(f"lab {lb.prefix} up: bridge {lb.bridge} {lb.bridge_ip}, {shaped}, delay {lb.delay_ms:g} ms")

@@ -355,7 +355,9 @@ class Lab:
         self.hosts = [{"ns": f"{self.prefix}h{i}", "veth": f"{self.prefix}v{i}",
                        "inner": f"{self.prefix}e{i}", "ip": str(ips[i + 1])} for i in range(self.n)]
         self.procs: list[subprocess.Popen] = []
-        self._relays: list[dict] = []          # {"proc", "pid", "start", "listen", "target", "stats"}
+        self._relays: list[dict] = []          # in use: {"proc", "pid", "start", "listen", "target", "stats"}
+        self._spares: list[dict] = []          # started ahead, waiting for a target on stdin
+        self._relay_seq = 0
         self.final_relay_stats: list[dict] | None = None
         self._is_up = False
         self._owner = False                    # this object made the lab (and removes it)
@@ -395,8 +397,9 @@ class Lab:
                 "procs": [], "relays": []}
 
     # -- life cycle
-    def up(self) -> "Lab":
-        """Make the bridge, the hosts and the shaping. LabError (one line) on any failure, with
+    def up(self, prestart: bool = True) -> "Lab":
+        """Make the bridge, the hosts and the shaping; with a delay and ``prestart``, start
+        the spare relays that route() will use. LabError (one line) on any failure, with
         whatever was made already removed."""
         require_root()
         self.check()
@@ -409,10 +412,12 @@ class Lab:
         atexit.register(self._atexit)
         try:
             self._make()
+            self._is_up = True
+            if prestart:
+                self.prestart_relays()
         except BaseException:
             self.down()
             raise
-        self._is_up = True
         return self
 
     def check(self) -> None:
@@ -483,7 +488,7 @@ class Lab:
                 with contextlib.suppress(LabError):
                     st = _read_state(self.path)
                 st = st or self._state()
-                problems = teardown(st, children=self.procs + [r["proc"] for r in self._relays])
+                problems = teardown(st, children=self.procs + [r["proc"] for r in self._relays + self._spares])
                 for p in self.procs:
                     with contextlib.suppress(Exception):
                         p.wait(0)
@@ -533,16 +538,14 @@ class Lab:
         """End the processes and relays this object started, keeping the lab up (for a lab
         joined with attach()). Idempotent."""
         with self._lock:
-            self.final_relay_stats = self._collect_final_relay_stats() or self.final_relay_stats
-            mine = {p.pid for p in self.procs} | {r["pid"] for r in self._relays}
+            relays = self._relays + self._spares
+            mine = {p.pid for p in self.procs} | {r["pid"] for r in relays}
+            self.final_relay_stats = self._collect_final_relay_stats()
             st = _read_state(self.path) or {}
             entries = [e for e in st.get("procs", []) + st.get("relays", []) if e["pid"] in mine]
-            _end_pids(entries, (), STOP_GRACE, self.procs + [r["proc"] for r in self._relays])
+            _end_pids(entries, (), STOP_GRACE, self.procs + [r["proc"] for r in relays])
             _update_state(self.path, lambda s: [s.__setitem__(k, [e for e in s[k] if e["pid"] not in mine])
                                                 for k in ("procs", "relays")])
-            for r in self._relays:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(r["stats"])
             self.procs, self._relays = [], []
 
     def _atexit(self) -> None:
@@ -649,35 +652,31 @@ class Lab:
         host, port = _split_endpoint(target if target.startswith("tcp://") else f"tcp://{target}")
         return self._start_relays([(host, port, local)], delay_ms)[0]
 
-    def _start_relays(self, targets: list[tuple[str, int, str | None]], delay_ms: float | None = None) -> list[str]:
-        """Start one relay per (host, port, local) at once; wait for each to listen.
-        Returns their HOST:PORT."""
-        if not self._is_up:
-            raise LabError(f"lab {self.prefix} is not up")
-        delay = self.delay_ms if delay_ms is None else parse_delay(delay_ms)
-        stats_dir = self.relay_dir
-        stats_dir.mkdir(parents=True, exist_ok=True)
+    def _spawn_relays(self, targets: list[tuple[str, int, str | None] | None], delay: float) -> list[dict]:
+        """Start one relay per target at once (None: a spare that reads its target from stdin
+        later) and wait until each listens."""
+        self.relay_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         new = []
-        for host, port, local in targets:
-            stats = stats_dir / f"{host}_{port}_{len(self._relays)}.json"
+        for t in targets:
+            self._relay_seq += 1
+            stats = self.relay_dir / f"relay{self._relay_seq}.json"
             with contextlib.suppress(FileNotFoundError):
                 stats.unlink()
             argv = [sys.executable, "-m", "asyncdni.relay", "--listen", f"{self.bridge_ip}:0",
-                    "--target", f"{host}:{port}", "--delay-ms", repr(delay),
+                    "--target", "-" if t is None else f"{t[0]}:{t[1]}", "--delay-ms", repr(delay),
                     "--stats", str(stats), "--parent-pid", str(os.getpid())]
-            if local:
-                argv += ["--local", local]
+            if t is not None and t[2]:
+                argv += ["--local", t[2]]
             try:
-                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
-                                     start_new_session=True)
+                p = subprocess.Popen(argv, stdin=subprocess.PIPE if t is None else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, env=env, start_new_session=True)
             except OSError as e:
                 raise LabError(f"cannot start a relay: {e}") from None
-            r = {"proc": p, "pid": p.pid, "start": _proc_start(p.pid), "target": f"{host}:{port}",
-                 "stats": str(stats), "listen": None}
-            self._relays.append(r)
+            r = {"proc": p, "pid": p.pid, "start": _proc_start(p.pid), "delay_ms": delay,
+                 "target": None if t is None else f"{t[0]}:{t[1]}", "stats": str(stats), "listen": None}
             self._record("relays", {k: v for k, v in r.items() if k != "proc"})
             new.append(r)
         deadline = time.monotonic() + RELAY_START_TIMEOUT
@@ -687,11 +686,62 @@ class Lab:
             try:
                 r["listen"] = json.loads(line)["listen"]
             except (ValueError, KeyError, TypeError):
-                raise LabError(f"relay for {r['target']} did not start "
-                               f"(exit code {r['proc'].poll()})") from None
+                raise LabError(f"a relay (pid {r['pid']}) did not start (exit code {r['proc'].poll()})") from None
         _update_state(self.path, lambda s: [e.update(listen=r["listen"]) for e in s["relays"]
                                             for r in new if e["pid"] == r["pid"]])
-        return [r["listen"] for r in new]
+        return new
+
+    def prestart_relays(self, n: int | None = None) -> None:
+        """Start spare relays (default: enough for every inbox of a chain over all hosts), so
+        that route() only hands them their targets: it then takes milliseconds, not the
+        seconds that starting Python processes takes, while the workers wait for START."""
+        if not self._is_up:
+            raise LabError(f"lab {self.prefix} is not up")
+        if self.delay_ms <= 0:
+            return
+        want = (2 * self.n + 2) if n is None else n
+        self._spares = [r for r in self._spares if r["proc"].poll() is None]
+        missing = want - len(self._spares)
+        if missing > 0:
+            self._spares += self._spawn_relays([None] * missing, self.delay_ms)
+
+    def _start_relays(self, targets: list[tuple[str, int, str | None]], delay_ms: float | None = None) -> list[str]:
+        """A relay per (host, port, local): a spare one if there is one, else a new one.
+        Returns their HOST:PORT."""
+        if not self._is_up:
+            raise LabError(f"lab {self.prefix} is not up")
+        delay = self.delay_ms if delay_ms is None else parse_delay(delay_ms)
+        chosen: list[dict | None] = []
+        for host, port, local in targets:
+            r = None
+            while delay == self.delay_ms and self._spares and r is None:
+                cand = self._spares.pop(0)
+                try:
+                    cand["proc"].stdin.write(f"{host}:{port} {local or '-'}\n".encode())
+                    cand["proc"].stdin.close()
+                except OSError:
+                    continue                   # that spare is gone: take the next
+                cand["target"] = f"{host}:{port}"
+                r = cand
+            chosen.append(r)
+        fresh = iter(self._spawn_relays([t for t, r in zip(targets, chosen) if r is None], delay))
+        chosen = [r if r is not None else next(fresh) for r in chosen]
+        self._relays += chosen
+        _update_state(self.path, lambda s: [e.update(target=r["target"]) for e in s["relays"]
+                                            for r in chosen if e["pid"] == r["pid"]])
+        return [r["listen"] for r in chosen]
+
+    def stop_relays(self, refill: bool = True) -> dict:
+        """End the relays in use (their connections with them) and return their final
+        figures pooled as relay_stats() does; with ``refill``, start spares for the next
+        route(). Between runs through one lab, so that each run gets its own figures."""
+        used, self._relays = self._relays, []
+        final = self._end_relays(used)
+        _update_state(self.path, lambda s: s.__setitem__("relays", [e for e in s["relays"]
+                                                                    if e["pid"] not in {r["pid"] for r in used}]))
+        if refill and self._is_up:
+            self.prestart_relays()
+        return pool_relay_stats(final, self.delay_ms)
 
     def relay_stats(self, fresh: bool = True, only: list[str] | None = None) -> dict:
         """The relays' statistics: one entry per relay, and the delay added per chunk pooled
@@ -721,17 +771,34 @@ class Lab:
         return pool_relay_stats([_load_json(r["stats"]) for r in relays], self.delay_ms)
 
     def _collect_final_relay_stats(self) -> list[dict] | None:
-        live = [r for r in self._relays if r["proc"].poll() is None]
+        spares, self._spares = self._spares, []
+        self._end_relays(spares)
         if not self._relays:
-            return None
+            return self.final_relay_stats
+        return self._end_relays(self._relays)
+
+    @staticmethod
+    def _end_relays(relays: list[dict]) -> list[dict]:
+        """SIGTERM (each writes its final figures), wait, SIGKILL; returns their figures."""
+        live = [r for r in relays if r["proc"].poll() is None]
         for r in live:
             with contextlib.suppress(OSError):
                 r["proc"].terminate()
         deadline = time.monotonic() + STOP_GRACE
         for r in live:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 r["proc"].wait(max(0.0, deadline - time.monotonic()))
-        return [_load_json(r["stats"]) for r in self._relays]
+            except subprocess.TimeoutExpired:
+                r["proc"].kill()
+                r["proc"].wait()
+        out = []
+        for r in relays:
+            d = _load_json(r["stats"])
+            if d is not None:
+                out.append(d)
+            with contextlib.suppress(OSError):
+                os.unlink(r["stats"])
+        return out
 
 
 def chain_senders(n: int) -> dict:

@@ -357,11 +357,37 @@ def _fine_timers() -> None:
         pass
 
 
+def _target_from_stdin(stop: threading.Event, parent_pid: int | None):
+    """Wait for one line 'HOST:PORT [LOCAL]' on stdin; (None, None) when stopped, orphaned
+    or at end of input."""
+    import select
+    buf = b""
+    while not stop.is_set() and not (parent_pid and os.getppid() != parent_pid):
+        try:
+            ready, _, _ = select.select([0], [], [], 0.25)
+        except InterruptedError:
+            continue
+        if not ready:
+            continue
+        chunk = os.read(0, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        if b"\n" in buf:
+            words = buf.split(b"\n", 1)[0].decode().split()
+            if not words:
+                raise ValueError("stdin: expected HOST:PORT [LOCAL]")
+            return parse_hostport(words[0]), (words[1] if len(words) > 1 and words[1] != "-" else None)
+    return None, None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m asyncdni.relay",
                                  description="TCP forwarder with a fixed added one-way delay")
     ap.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
-    ap.add_argument("--target", required=True, metavar="HOST:PORT", help="address to forward to")
+    ap.add_argument("--target", required=True, metavar="HOST:PORT",
+                    help="address to forward to; '-': read 'HOST:PORT [LOCAL]' from stdin once listening "
+                         "(a relay started ahead of need)")
     ap.add_argument("--delay-ms", type=float, required=True, help="one-way delay added in each direction")
     ap.add_argument("--local", metavar="ADDR", help="peers from this address get no added delay")
     ap.add_argument("--stats", metavar="FILE", help="write statistics here (SIGUSR1, periodically, at exit)")
@@ -369,15 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     args = ap.parse_args(argv)
     try:
-        listen, target = parse_hostport(args.listen), parse_hostport(args.target)
+        listen = parse_hostport(args.listen)
+        target = None if args.target == "-" else parse_hostport(args.target)
         if not 0 <= args.delay_ms <= 10000:
             raise ValueError(f"--delay-ms {args.delay_ms}: expected 0..10000")
         relay = Relay(listen, target, args.delay_ms / 1e3, args.local, args.max_buffer)
     except (ValueError, OSError) as e:
         print(f"relay: error: {e}", file=sys.stderr)
         return 2
-    extra = {"listen": f"{relay.address[0]}:{relay.address[1]}",
-             "target": f"{target[0]}:{target[1]}", "pid": os.getpid()}
+    extra = {"listen": f"{relay.address[0]}:{relay.address[1]}", "pid": os.getpid()}
     _fine_timers()
     stop = threading.Event()
     want_stats = threading.Event()
@@ -393,6 +419,18 @@ def main(argv: list[str] | None = None) -> int:
         os.close(devnull)
     except OSError:
         pass
+    if target is None:
+        try:
+            target, local = _target_from_stdin(stop, args.parent_pid)
+        except ValueError as e:
+            print(f"relay: error: {e}", file=sys.stderr)
+            relay.close()
+            return 2
+        if target is None:                      # stopped (or orphaned) before it was needed
+            relay.close()
+            return 0
+        relay.target, relay.local = target, local or relay.local
+    extra["target"] = f"{relay.target[0]}:{relay.target[1]}"
     next_write, written_chunks = time.monotonic() + STATS_EVERY, -1
     try:
         while not stop.is_set():

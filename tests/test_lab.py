@@ -273,7 +273,11 @@ def test_route_puts_relays_in_front_of_remote_inboxes(lab_args):
                  {"fwd": f"tcp://{a0}:4001", "bwd": f"tcp://{a0}:4002", "name": "L1"},
                  {"fwd": f"tcp://{a1}:4003", "bwd": f"tcp://{a1}:4004"},
                  {"fwd": f"tcp://{a2}:{port}", "bwd": f"tcp://{a2}:4006"}]
+        spares = [r["pid"] for r in json.loads(lab.path.read_text())["relays"]]
+        assert len(spares) == 2 * 3 + 2                      # started ahead by up()
         routed = lab.route(peers)
+        used = [r for r in json.loads(lab.path.read_text())["relays"] if r["target"]]
+        assert len(used) == 5 and {r["pid"] for r in used} <= set(spares)   # route() took spares
         assert routed[0]["fwd"] == ""
         assert routed[1]["fwd"] == peers[1]["fwd"]            # its only sender, the feeder, is on its host
         assert routed[1]["name"] == "L1"
@@ -288,10 +292,13 @@ def test_route_puts_relays_in_front_of_remote_inboxes(lab_args):
         st = lab.relay_stats()
         assert len(st["relays"]) == 5 and st["chunks"] >= 40
         assert abs(st["on_time_ms"]["median"] - 10) < 1.5, st["on_time_ms"]
+        assert all(psutil.pid_exists(p) for p in spares)
+        final = lab.stop_relays()                             # between two runs: figures, fresh spares
+        assert final["chunks"] == st["chunks"] and len(final["relays"]) == 5
+        assert not pids_gone([r["pid"] for r in used], 5)
         relay_pids = [r["pid"] for r in json.loads(lab.path.read_text())["relays"]]
-        assert len(relay_pids) == 5 and all(psutil.pid_exists(p) for p in relay_pids)
-    assert not pids_gone(relay_pids, 5)
-    assert lab.final_relay_stats is not None and lab.relay_stats()["chunks"] >= 40
+        assert len(relay_pids) == 8 and not set(relay_pids) & {r["pid"] for r in used}
+    assert not pids_gone(relay_pids + spares, 5)
 
 
 def test_no_delay_means_no_relays(lab_args):
