@@ -116,6 +116,14 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--plots", metavar="DIR", help="write PNG plots (needs matplotlib: pip install '.[plot]')")
     b.add_argument("--sweep", action="store_true", help="sweep layers {2,4,8} x width {256,1024} x batch {32,128}")
     b.add_argument("--transport", action="store_true", help="run the transport micro-benchmark only")
+    b.add_argument("--lab", action="store_true", help="every schedule over emulated links: namespace hosts, "
+                   "agents, shaped links, delay relays (root only)")
+    b.add_argument("--links", default=None, metavar="RATE:MS,..", help="--lab: link settings, rate (unshaped, "
+                   "10gbit, 1gbit, 100mbit, ..) and one-way delay per link (default unshaped:0,unshaped:5,1gbit:0,100mbit:0)")
+    b.add_argument("--feeder-host", default="shared", choices=("shared", "own"),
+                   help="--lab: the feeder shares layer 1's host (default) or has its own")
+    b.add_argument("--lab-prefix", default="adb-", metavar="P", help="--lab: name prefix of its devices (default adb-)")
+    b.add_argument("--lab-subnet", default="10.76.0.0/24", metavar="CIDR", help="--lab: its subnet (default 10.76.0.0/24)")
     a = sub.add_parser("agent", help="run this host's workers for a coordinator (multi-host runs)")
     a.add_argument("--join", required=True, metavar="tcp://HEAD:PORT", help="the coordinator's --listen address")
     a.add_argument("--name", required=True, help="this agent's name, as the coordinator's --hosts names it")
@@ -213,6 +221,8 @@ def cmd_bench(args) -> int:
     def log(line):
         print(line, flush=True)
 
+    if args.lab:
+        return _bench_lab(args, log)
     if args.transport:
         from . import transport_bench
         log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 41 short paired trials)")
@@ -263,6 +273,49 @@ def cmd_bench(args) -> int:
             files = report.write_plots(args.plots, res)
             if not files:
                 print("plots skipped: matplotlib is not installed (pip install '.[plot]')", file=sys.stderr)
+    except OSError as e:
+        return fail(f"cannot write output: {e}", 1)
+    return 0
+
+
+def _bench_lab(args, log) -> int:
+    from . import lab as L
+    from . import labbench, report
+    try:
+        L.require_root()
+        L.parse_prefix(args.lab_prefix)
+        L.parse_subnet(args.lab_subnet, 2)
+    except L.LabError as e:
+        return fail(f"bench --lab: {e}", 2)
+
+    def measure():
+        ov = overrides_from_args(args)
+        ov.setdefault("runtime.progress", False)
+        cfg = C.build(args.config, ov)
+        links = labbench.parse_links(args.links or labbench.DEFAULT_LINKS)
+        schedules = [s.strip() for s in args.schedules.split(",") if s.strip() and s.strip() != "inprocess"]
+        for s in schedules:
+            if s not in labbench.LAB_SCHEDULES:
+                raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(labbench.LAB_SCHEDULES)} "
+                                    f"(inprocess has no network to cross)")
+        return cfg, labbench.lab_bench(cfg, schedules, links, feeder_host=args.feeder_host, prefix=args.lab_prefix,
+                                       subnet=args.lab_subnet, log=log)
+
+    try:
+        out, code = guarded(measure)
+    except L.LabError as e:
+        return fail(f"bench --lab: {e}", 1)
+    if code is not None:
+        return code
+    cfg, res = out
+    print(labbench.format_lab_bench(res))
+    try:
+        if args.json:
+            report.write_json(args.json, {"config": cfg.to_dict(), "lab": res})
+        if args.csv:
+            report.write_csv(args.csv, labbench.csv_rows(res))
+        if args.plots and labbench.write_plot(args.plots, res) is None:
+            print("plots skipped: matplotlib is not installed (pip install '.[plot]')", file=sys.stderr)
     except OSError as e:
         return fail(f"cannot write output: {e}", 1)
     return 0

@@ -387,3 +387,41 @@ def test_cli_up_status_down(lab_args, capsys):
     assert _names(pre) == {"links": [], "netns": []}
     assert cli.main(["lab", "down", "--prefix", pre, "--state-dir", sd]) == 0
     assert "no lab" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_leftover_processes, capsys):
+    prefix = f"b{os.getpid() % 10000:04d}-"
+    subnet = None
+    for k in range(250):
+        cand = f"10.78.{(os.getpid() + 97 + k) % 250}.0/24"
+        try:
+            L.Lab(hosts=2, prefix=prefix, subnet=cand, state_dir=tmp_path).check()
+        except L.LabError:
+            continue
+        subnet = cand
+        break
+    assert subnet
+    out = tmp_path / "lab.json"
+    try:
+        code = cli.main(["bench", "--lab", "--links", "unshaped:0,100mbit:3", "--schedules", "async,backprop",
+                         "--layers", "2", "--width", "16", "--steps", "30", "--lab-prefix", prefix,
+                         "--lab-subnet", subnet, "--json", str(out), "--csv", str(tmp_path / "lab.csv")])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+    finally:
+        L.down(prefix)
+    assert _names(prefix) == {"links": [], "netns": []}
+    res = json.loads(out.read_text())["lab"]
+    assert [row["link"] for row in res["links"]] == ["unshaped/0ms", "100mbit/3ms"]
+    for row in res["links"]:
+        assert set(row["runs"]) == {"async", "backprop"}
+        for s, r in row["runs"].items():
+            assert r["samples_per_s"] > 0 and len(r["per_layer"]) == 2
+            assert all(L_["bytes_sent"] > 0 for L_ in r["per_layer"])
+    assert all(r["relay"]["chunks"] == 0 for r in res["links"][0]["runs"].values())   # no delay: no relays
+    for r in res["links"][1]["runs"].values():                                       # 3 ms: relays, measured
+        assert r["relay"]["chunks"] > 0 and abs(r["relay"]["on_time_ms"]["median"] - 3) < 1.5, r["relay"]
+    assert "100mbit/3ms" in printed.out and "relay added" in printed.out
+    assert (tmp_path / "lab.csv").read_text().count("\n") > 4
