@@ -284,6 +284,11 @@ def teardown(state: dict, grace: float = STOP_GRACE, children: list = ()) -> lis
     hosts = state.get("hosts", [])
     in_ns = [pid for h in hosts if _netns_exists(h["ns"]) for pid in _netns_pids(h["ns"])]
     _end_pids(state.get("procs", []) + state.get("relays", []), in_ns, grace, children)
+    for _ in range(3):              # a process may have started another while we ended it
+        in_ns = [pid for h in hosts if _netns_exists(h["ns"]) for pid in _netns_pids(h["ns"])]
+        if not in_ns:
+            break
+        _end_pids([], in_ns, 1.0, children)
     for h in hosts:
         for pid in (_netns_pids(h["ns"]) if _netns_exists(h["ns"]) else []):
             problems.append(f"process {pid} still in {h['ns']}")
