@@ -18,7 +18,9 @@ from two peers into one host would add up to twice the rate.
 Delay (``delay_ms``): this kernel has no netem, so :meth:`Lab.route` starts one relay
 process (``asyncdni.relay``) per inbox endpoint, listening on the bridge address in the
 root namespace, that forwards bytes to the inbox with the delay added in each direction.
-Traffic through a relay still crosses both hosts' shaped veths.
+Traffic through a relay still crosses both hosts' shaped veths. Spare relays are started by up()
+(and refilled by stop_relays()), so that route() only hands them their targets: it runs
+inside the coordinator's handshake, while workers wait on heartbeats.
 
 Everything created is recorded in a state file (``/run/asyncdni-lab/<prefix>.json``)
 *before* it is created, so that :func:`down` from any process (``asyncdni lab down``)

@@ -14,6 +14,9 @@ JSON to ``--stats FILE`` on SIGUSR1, every few seconds while traffic flows, and 
 actually added per chunk: the time from the chunk's read to the start of its write.
 Connections whose peer address is ``--local`` (the target's own host) are forwarded with
 no added delay: they are not a network link.
+With ``--target -`` the relay listens at once and reads ``HOST:PORT [LOCAL]`` from stdin
+before it accepts anyone: a spare started ahead of need, so that handing out a relay
+takes no process start-up.
 
 Flow control: the relay stops reading in one direction when ``--max-buffer`` bytes wait
 there, or when its writer has fallen behind (the oldest chunk is overdue by more than
