@@ -147,7 +147,8 @@ def format_lab_bench(res: dict) -> str:
     scheds = list(res["links"][0]["runs"]) if res["links"] else []
     if "async" in scheds and len(scheds) > 1:
         lines.append("")
-        lines.append("  async vs the others (samples/s ratio; time-to-target ratio where both reached it):")
+        lines.append("  async against each other schedule: samples/s ratio (above 1: async faster), and time to "
+                     "target ratio (below 1: async reaches it sooner):")
         for row in res["links"]:
             a = row["runs"]["async"]
             parts = []
@@ -157,7 +158,7 @@ def format_lab_bench(res: dict) -> str:
                 o = row["runs"][s]
                 t = ""
                 if a.get("time_to_target_s") and o.get("time_to_target_s"):
-                    t = f", {o['time_to_target_s'] / a['time_to_target_s']:.2f}x sooner"
+                    t = f", time {a['time_to_target_s'] / o['time_to_target_s']:.2f}x"
                 parts.append(f"{s} {a['samples_per_s'] / o['samples_per_s']:.2f}x{t}")
             lines.append(f"    {row['link']:<18} " + "; ".join(parts))
     return "\n".join(lines)
