@@ -14,7 +14,7 @@ import numpy as np
 
 from . import losses
 from .nn import Dense
-from .optim import make_optimizer
+from .optim import all_finite, make_optimizer  # noqa: F401 (all_finite: re-exported)
 from .synthetic import make_sg_model
 
 
@@ -24,15 +24,6 @@ class StepError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """A loss, gradient or output was NaN or infinite and the run asked to stop on that."""
-
-
-def all_finite(*arrays) -> bool:
-    """True if every element is finite. One reduction per array (a NaN or an infinity makes
-    the sum non-finite), far cheaper than np.isfinite(a).all() on large arrays."""
-    for a in arrays:
-        if a is not None and not np.isfinite(np.add.reduce(a, axis=None)):
-            return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -126,11 +117,14 @@ class LayerNode:
             raise NonFiniteError(f"layer {self.spec.index + 1}: non-finite {what}; stopping (fail_on_nonfinite)")
 
     def _apply(self, gW, gb):
-        """Apply a weight update, unless it is not finite: then skip it and count it."""
+        """Apply a weight update, unless the gradient or the updated weights are not finite:
+        then nothing changes, and it is counted (or stops the run under fail_on_nonfinite)."""
         if not all_finite(gW, gb):
             self._nonfinite("weight gradient")
             return
-        self.opt.step([gW, gb])
+        if not self.opt.step([gW, gb]):     # the update itself overflowed: nothing was changed
+            self._nonfinite("weight update (the new weights would not be finite)")
+            return
         self.updates += 1
 
     def params(self) -> dict[str, np.ndarray]:
@@ -183,7 +177,9 @@ class LayerNode:
         if not (np.isfinite(loss) and all_finite(*grads)):
             self._nonfinite("synthetic-gradient update")
             return loss
-        self.sg_opt.step(grads)
+        if not self.sg_opt.step(grads):
+            self._nonfinite("synthetic-gradient update (the new SG weights would not be finite)")
+            return loss
         self.sg_updates += 1
         self.last_sg_loss = loss
         return loss
