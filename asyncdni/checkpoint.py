@@ -36,6 +36,18 @@ old file or the new one, never a partial file under the final name. A checkpoint
 directory without a manifest is *incomplete* (a crash or a layer that never reported);
 one whose manifest does not match its files is *corrupt*. :func:`find_latest` returns the
 newest checkpoint that is neither, and says why it skipped each newer one.
+
+``feeder.npz`` (written by the feeder) holds ``loss``, ``metric``, ``done_at`` (one float64
+per step done), ``train_time``, ``time_to_target`` (0-d) and ``eval_<k>`` for each
+:data:`FEEDER_EVAL_KEYS` (one per evaluation).
+
+What reading refuses, each with a one-line :class:`CheckpointError`: anything that is not
+a regular file (a FIFO would block, a device never ends), a manifest over
+:data:`MAX_MANIFEST_BYTES` or nested too deeply for the JSON parser, and, once the
+checksums match, content no run could have written: NaN or infinite numbers, a negative or
+non-integer optimizer step count, negative counters or Adam second moments, a feeder file
+without one of its entries or with the wrong shapes (:func:`check_layer_state`,
+:func:`check_feeder_state`; :func:`restore_node` also checks every shape against the layer).
 """
 from __future__ import annotations
 
@@ -46,6 +58,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 import zipfile
@@ -57,6 +70,12 @@ import numpy as np
 FORMAT = "asyncdni-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
+FEEDER_FILE = "feeder.npz"
+# what the feeder's file holds (worker.FeederWorker.checkpoint writes it)
+FEEDER_SERIES = ("loss", "metric", "done_at")            # float64, one value per step done
+FEEDER_SCALARS = ("train_time", "time_to_target")        # 0-d float64
+FEEDER_EVAL_KEYS = ("step", "train_time", "loss", "metric", "metric2", "n")   # eval_<k>: one per evaluation
+MAX_MANIFEST_BYTES = 16 << 20   # a manifest is a few hundred bytes per layer; more is not one of ours
 
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -137,11 +156,42 @@ def _atomic_write_os(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def _open_regular(path: Path):
+    """``path`` opened for reading if it is a regular file (after symlinks); one-line errors.
+    Never blocks (a FIFO is refused, not waited on) and never opens a device for reading."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {_one_line(e.strerror or e)}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise CheckpointError(f"{path}: is a directory, not a file")
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket); refusing to read it")
+    return os.fdopen(fd, "rb")
+
+
+def _read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The content of a regular file. With ``limit``, at most limit + 1 bytes are read, so
+    that the caller sees that there was more without reading a huge file whole."""
+    with _open_regular(path) as f:
+        try:
+            return f.read() if limit is None else f.read(limit + 1)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read: {_one_line(e.strerror or e)}") from None
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    with _open_regular(path) as f:
+        try:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read: {_one_line(e.strerror or e)}") from None
     return h.hexdigest()
 
 
@@ -189,15 +239,10 @@ def _check_bytes(path: Path, data: bytes, expected: dict) -> None:
             raise CheckpointError(f"{path}: checksum mismatch (corrupt): sha256 {got[:12]}..., manifest says {str(want_sha)[:12]}...")
 
 
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, not a file") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read: {_one_line(e.strerror or e)}") from None
+def _read_file(path: Path, expected: dict | None = None) -> bytes:
+    """A regular file's bytes; with a manifest entry, no more than one byte past its size."""
+    size = expected.get("bytes") if expected is not None else None
+    return _read_regular(path, size if isinstance(size, int) and not isinstance(size, bool) else None)
 
 
 def read_arrays(path, expected: dict | None = None) -> dict:
@@ -207,9 +252,13 @@ def read_arrays(path, expected: dict | None = None) -> dict:
     verified first, on the same bytes that are then loaded.
     """
     path = Path(path)
-    data = _read_file(path)
+    data = _read_file(path, expected)
     if expected is not None:
         _check_bytes(path, data, expected)
+    return _load_npz(path, data)
+
+
+def _load_npz(path: Path, data: bytes) -> dict:
     try:
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:   # zipfile.BadZipFile, ValueError (pickled/bad header), EOFError, OSError, ...
@@ -283,9 +332,8 @@ def restore_node(node, state: dict) -> None:
     if extra:
         raise CheckpointError(f"{who}: checkpoint state has unexpected entries {', '.join(extra)} "
                               "(saved from a layer with a different spec?)")
+    check_layer_state(who, state)
     counters = np.asarray(state["counters"])
-    if (counters < 0).any():
-        raise CheckpointError(f"{who}: 'counters' has negative values {counters.tolist()}")
 
     node.dense.W[...] = state["W"]
     node.dense.b[...] = state["b"]
@@ -298,6 +346,64 @@ def restore_node(node, state: dict) -> None:
     node.cache.clear()
     if hasattr(node, "_acc"):
         node._acc, node._acc_count = None, 0
+
+
+def _nonfinite_entry(arrays: dict) -> str | None:
+    """Name and first bad index of the first float array holding a NaN or an infinity."""
+    for key, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            i = int(np.flatnonzero(~np.isfinite(a))[0])
+            at = np.unravel_index(i, a.shape) if a.ndim > 1 else i
+            return f"{key!r} holds {a.reshape(-1)[i]} at index {at}"
+    return None
+
+
+def _step_count_ok(v) -> bool:
+    v = np.asarray(v)
+    return v.shape == () and v.dtype.kind in "iu" and int(v) >= 0
+
+
+def check_layer_state(where, state: dict) -> None:
+    """What any layer file must satisfy, whatever the layer's spec: finite numbers, optimizer
+    step counts that are non-negative integers, non-negative counters. One-line errors."""
+    bad = _nonfinite_entry(state)
+    if bad:
+        raise CheckpointError(f"{where}: non-finite weights or optimizer state: {bad}")
+    for key in ("opt.t", "sgopt.t"):
+        if key in state and not _step_count_ok(state[key]):
+            raise CheckpointError(f"{where}: impossible optimizer state: {key!r} must be a non-negative "
+                                  f"integer step count, got {np.asarray(state[key]).tolist()!r:.60}")
+    if "counters" in state:
+        c = np.asarray(state["counters"])
+        if c.shape != (3,) or c.dtype.kind not in "iu" or (c < 0).any():
+            raise CheckpointError(f"{where}: 'counters' must be 3 non-negative integers, got {c.tolist()!r:.60}")
+    for key, v in state.items():          # Adam's second moment is a running mean of squares
+        if key.startswith(("opt.v", "sgopt.v")) and f"{key.split('.')[0]}.m0" in state and (np.asarray(v) < 0).any():
+            raise CheckpointError(f"{where}: impossible optimizer state: Adam's {key!r} has negative entries")
+
+
+def check_feeder_state(where, state: dict, step: int) -> None:
+    """The feeder's file of a checkpoint at ``step``: every entry present, with the shape the
+    feeder reads back (a history of ``step`` values, one row per evaluation)."""
+    want = FEEDER_SERIES + FEEDER_SCALARS + tuple(f"eval_{k}" for k in FEEDER_EVAL_KEYS)
+    missing = [k for k in want if k not in state]
+    if missing:
+        raise CheckpointError(f"{where}: feeder state has no {', '.join(map(repr, missing))}")
+    for k in want:
+        if np.asarray(state[k]).dtype.kind != "f":
+            raise CheckpointError(f"{where}: feeder state {k!r} is not floating point")
+    for k in FEEDER_SERIES:
+        if state[k].shape != (step,):
+            raise CheckpointError(f"{where}: feeder state {k!r} has shape {state[k].shape}, expected ({step},)")
+    for k in FEEDER_SCALARS:
+        if state[k].shape != ():
+            raise CheckpointError(f"{where}: feeder state {k!r} has shape {state[k].shape}, expected a scalar")
+    if not (math.isfinite(float(state["train_time"])) and float(state["train_time"]) >= 0):
+        raise CheckpointError(f"{where}: feeder state 'train_time' is {float(state['train_time'])}")
+    n = {state[f"eval_{k}"].shape for k in FEEDER_EVAL_KEYS}
+    if len(n) != 1 or len(next(iter(n))) != 1:
+        raise CheckpointError(f"{where}: feeder state's evaluations have mismatched shapes {sorted(n)}")
 
 
 # ----------------------------------------------------------------- manifest
@@ -394,14 +500,15 @@ def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory}: not a directory")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {directory}: incomplete (no {MANIFEST})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read: {_one_line(e.strerror or e)}") from None
+    if not os.path.lexists(path):
+        raise CheckpointError(f"checkpoint {directory}: incomplete (no {MANIFEST})")
+    raw = _read_regular(path, MAX_MANIFEST_BYTES)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes, not a manifest")
     try:
         m = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
     if not isinstance(m, dict):
@@ -473,10 +580,12 @@ def validate(directory, config_digest: str | None = None, n_layers: int | None =
                                   f"manifest says {files[name]['bytes']}")
         if not verify_files:
             continue
-        got = _sha256_file(p)
-        if got != files[name]["sha256"]:
-            raise CheckpointError(f"{p}: checksum mismatch (corrupt): sha256 {got[:12]}..., "
-                                  f"manifest says {files[name]['sha256'][:12]}...")
+        data = _read_file(p, files[name])
+        _check_bytes(p, data, files[name])
+        if name == FEEDER_FILE:
+            check_feeder_state(p, _load_npz(p, data), m["step"])
+        elif name.startswith("layer-"):
+            check_layer_state(p, _load_npz(p, data))
     return Checkpoint(step=m["step"], directory=directory, config_digest=m["config_digest"],
                       n_layers=m["n_layers"], files=files, extra=m["extra"], created=float(m["created"]))
 
