@@ -183,6 +183,8 @@ def guarded(fn):
         return None, fail(f"run failed: {e}", 1)
     except (RunError, LaunchError, TransportError) as e:
         return None, fail(f"run failed: {e}", 1)
+    except MemoryError:                # what the size checks at configuration time did not foresee
+        return None, fail("out of memory in the coordinator (a smaller model, dataset or --steps may fit)", 1)
 
 
 def cmd_train(args) -> int:

@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import stat
 import typing
 from dataclasses import dataclass, field
 
@@ -31,6 +33,13 @@ LOSS_CHOICES = ("auto", "softmax_ce", "sigmoid_bce", "mse")
 
 HEARTBEAT_INTERVAL = 0.5   # seconds between heartbeats, both ways (runtime.heartbeat_interval)
 HEARTBEAT_MISSES = 4       # missed beats before a peer is declared dead: 2 s, inside the 3 s promise
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # every integer setting travels as a msgpack int64
+MAX_CONFIG_BYTES = 16 << 20                  # a TOML file larger than this is not a configuration
+MAX_EVAL_BATCH = 2**31 - 1
+MAX_EPOCHS = 1e12
+FEEDER_BYTES_PER_STEP = 25                   # loss, metric, done_at (float64) and a flag byte per step
 
 
 class ConfigError(ValueError):
@@ -156,16 +165,21 @@ def _coerce(name: str, value, tp):
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        out = None
         if isinstance(value, int):
-            return value
-        if isinstance(value, str):
+            out = value
+        elif isinstance(value, str):
             try:
-                return int(value)
+                out = int(value)
             except ValueError:
                 pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        elif isinstance(value, float) and value.is_integer():
+            out = int(value)
+        if out is None:
+            raise ConfigError(f"{name}: expected an integer, got {value!r:.80}")
+        if not INT64_MIN <= out <= INT64_MAX:
+            raise ConfigError(f"{name}: {out:.3g} is out of range (a 64-bit integer, at most {INT64_MAX})")
+        return out
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
@@ -214,17 +228,35 @@ def from_dict(d: dict) -> RunConfig:
 
 
 def load_toml(path: str) -> dict:
+    """A TOML file as a dict. Only a regular file is read (a FIFO or a device would block or
+    never end), and at most MAX_CONFIG_BYTES of it; every failure is a one-line ConfigError."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path}: is a directory") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError(f"config file {path}: " + ("is a directory" if stat.S_ISDIR(mode) else "not a regular file"))
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a configuration")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: invalid TOML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: invalid TOML: nested too deeply") from None
 
 
 def merge(base: dict, overrides: dict[str, object]) -> dict:
@@ -274,6 +306,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.steps: must be >= 0 (0 derives steps from train.epochs), got {t.steps}")
     if t.steps == 0 and not (t.epochs > 0 and math.isfinite(t.epochs)):
         raise ConfigError(f"train.epochs: must be > 0 when train.steps is 0, got {t.epochs}")
+    if t.epochs > MAX_EPOCHS:
+        raise ConfigError(f"train.epochs: must be at most {MAX_EPOCHS:g}, got {t.epochs:g}")
     _positive("train.batch_size", t.batch_size)
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _choice("train.loss", t.loss, LOSS_CHOICES)
@@ -290,6 +324,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("train.eval_batch", t.eval_batch, 1)
     if not 0 <= t.target_accuracy <= 1:
         raise ConfigError(f"train.target_accuracy: must be between 0 and 1, got {t.target_accuracy}")
+    _positive("train.seed", t.seed, 0)
+    _positive("data.seed", d.seed, 0)
+    if t.eval_batch > MAX_EVAL_BATCH:
+        raise ConfigError(f"train.eval_batch: must be at most {MAX_EVAL_BATCH}, got {t.eval_batch}")
     if not r.host:
         raise ConfigError("runtime.host: must not be empty")
     n_workers = m.layers + 1
@@ -333,7 +371,72 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("runtime.checkpoint_dir: required when runtime.checkpoint_every is set")
     if r.max_restarts and not r.checkpoint_every:
         raise ConfigError("runtime.max_restarts: needs runtime.checkpoint_every (restarts resume from a checkpoint)")
+    if d.dataset == "addition":          # the data's shape is known now: check the sizes exactly
+        steps = t.steps or max(1, round(t.epochs * (d.train_size // t.batch_size)))
+        check_resources(cfg, 2 * d.bits, d.bits + 1, steps)
+    else:                                # the smallest possible data: the rest is checked in make_plan
+        check_resources(cfg, 1, 2, t.steps)
     return cfg
+
+
+# arrays of a parameter's size per parameter: itself, its gradient, the optimizer's scratch
+# buffer and state (momentum: velocity; adam: two moments)
+_OPTIMIZER_COPIES = {"sgd": 3, "momentum": 4, "adam": 5}
+
+
+def _gib(n: float) -> str:
+    g = n / 2**30
+    if g < 1024:
+        return f"{g:.3g} GiB"
+    return f"{g / 1024:,.1f} TiB" if g < 2**40 else f"{g / 1024:.2e} TiB"
+
+
+def layer_param_counts(cfg: RunConfig, in_dim: int, n_out: int) -> list[int]:
+    """Scalars per layer worker: the dense layer and, but for the last, its SG model
+    (the arithmetic of ``LayerSpec.param_count``, without building specs)."""
+    t = cfg.train
+    widths = (in_dim,) + cfg.model.hidden_widths() + (n_out,)
+    k = n_out if t.cond else 0
+    out = []
+    for i in range(len(widths) - 1):
+        n = (widths[i] + 1) * widths[i + 1]
+        if i < len(widths) - 2:
+            d = widths[i + 1]
+            h = t.sg_hidden or d
+            n += (d + 1 + k) * d if t.sg_model == "linear" else (d + k) * h + h + h * d + d
+        out.append(n)
+    return out
+
+
+def available_memory() -> int:
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def check_resources(cfg: RunConfig, in_dim: int, n_out: int, steps: int) -> None:
+    """Refuse, with one line, a run whose weights, optimizer state or step history cannot fit
+    in this machine's available memory: with all workers on one host, their sum; otherwise the
+    largest single worker. A run that would allocate terabytes must fail here, at once, not
+    in a worker (a MemoryError there, or an overflow in a size computed from it)."""
+    counts = layer_param_counts(cfg, in_dim, n_out)
+    per_layer = [4 * n * _OPTIMIZER_COPIES.get(cfg.train.optimizer, 5) for n in counts]
+    # the coordinator receives every layer's float32 parameters at the end, and the feeder's history
+    feeder = FEEDER_BYTES_PER_STEP * steps
+    coordinator = 4 * sum(counts) + 24 * steps
+    r = cfg.runtime
+    one_host = not r.hosts or len(set(r.hosts)) == 1
+    need = sum(per_layer) + feeder + coordinator if one_host else max(per_layer + [feeder, coordinator])
+    avail = available_memory()
+    if need <= avail:
+        return
+    if feeder + 24 * steps > sum(per_layer) + 4 * sum(counts):
+        raise ConfigError(f"train.steps: {steps} steps need {_gib(feeder + 24 * steps)} of per-step history "
+                          f"(feeder and coordinator), more than the {_gib(avail)} of memory available")
+    field_ = "model.widths" if cfg.model.widths else "model.width"
+    biggest = max(range(len(per_layer)), key=per_layer.__getitem__)
+    raise ConfigError(f"{field_}: this network needs {_gib(need)} for weights and {cfg.train.optimizer} state "
+                      f"(layer {biggest + 1} alone {_gib(per_layer[biggest])}), more than the {_gib(avail)} "
+                      "of memory available")
 
 
 def build(config_path: str | None = None, overrides: dict | None = None) -> RunConfig:

@@ -227,24 +227,30 @@ class Coordinator:
                 signal.signal(signal.SIGTERM, old_term)
 
     def _shutdown(self) -> None:
-        if self.ctrl is not None and not self.ctrl.closed:
-            for w in self.workers:
-                try:
-                    if w.stats is None:
-                        self._send(w, P.STOP, reason="coordinator shutting down")
-                except (zmq.ZMQError, WorkerFailed):
-                    pass                  # already gone: the launcher ends it below either way
-            self._feeder_final_count()
-        self.launcher.stop(grace=2.0)
-        if self._own_launcher:
-            self.launcher.close()
-        transport.close_all(self.ctrl)
-        if self.allowlist is not None:
-            self.refused = self.allowlist.refused
-            self.allowlist.stop()
-        self.ctx.term()
-        if self._own_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        try:
+            if self.ctrl is not None and not self.ctrl.closed:
+                for w in self.workers:
+                    try:
+                        if w.stats is None:
+                            self._send(w, P.STOP, reason="coordinator shutting down")
+                    except (zmq.ZMQError, WorkerFailed):
+                        pass              # already gone: the launcher ends it below either way
+                self._feeder_final_count()
+        finally:
+            try:
+                self.launcher.stop(grace=2.0)
+                if self._own_launcher:
+                    self.launcher.close()
+            finally:
+                transport.close_all(self.ctrl)
+                if self.allowlist is not None:
+                    self.refused = self.allowlist.refused
+                    self.allowlist.stop()
+                # every socket of this context, also one that never reached self.ctrl (a bind
+                # that failed half-way): ctx.term() alone would wait forever on an open socket
+                self.ctx.destroy(linger=0)
+                if self._own_dir:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _feeder_final_count(self, timeout: float = 1.0) -> None:
         """After a failure: the feeder's exact count of completed steps, from its BYE, so that

@@ -49,6 +49,10 @@ _IDX_CODE_OF = {dt.newbyteorder("="): code for code, dt in _IDX_CODES.items()}
 
 # Refuse headers whose data would need more than this many bytes.
 MAX_IDX_BYTES = 2**34
+# Labels are class indices 0 .. MAX_CLASSES-1: the last layer has one output per class, and
+# a label-conditioned SG model one input per class, so a stray huge label would make the
+# network huge. A label beyond this is a damaged file, refused at load.
+MAX_CLASSES = 10_000
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -295,7 +299,15 @@ def _load_images(path: Path) -> np.ndarray:
     if img.dtype == np.uint8:
         x = flat.astype(np.float32) / np.float32(255.0)
     else:
-        x = flat.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = flat.astype(np.float32)
+        if not np.isfinite(np.add.reduce(x, axis=None)) and not np.isfinite(x).all():
+            i = int(np.flatnonzero(~np.isfinite(x))[0])
+            value = img.reshape(-1)[i]
+            what = f"non-finite value {value}" if not np.isfinite(value) else f"value {value} (beyond float32)"
+            at = tuple(int(v) for v in np.unravel_index(i, img.shape))
+            raise _err(path, f"{what} at index {at[0] if len(at) == 1 else at} (sample {i // flat.shape[1]}); "
+                             "images must hold finite numbers")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -307,8 +319,11 @@ def _load_labels(path: Path, n_images: int, images_path: Path) -> np.ndarray:
         raise _err(path, f"labels must be integers, got dtype {lab.dtype}")
     if lab.shape[0] != n_images:
         raise _err(path, f"has {lab.shape[0]} labels but images file {os.fspath(images_path)} has {n_images} images")
-    if lab.size and lab.min() < 0:
-        raise _err(path, f"negative label {int(lab.min())}")
+    bad = np.flatnonzero((lab < 0) | (lab >= MAX_CLASSES))
+    if bad.size:
+        i = int(bad[0])
+        raise _err(path, f"label {int(lab[i])} at index {i} is not a class index: labels must be "
+                         f"0..{MAX_CLASSES - 1} (at most {MAX_CLASSES} classes)")
     return np.ascontiguousarray(lab.astype(np.int64))
 
 

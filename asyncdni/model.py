@@ -41,7 +41,7 @@ def resolve_loss(cfg: RunConfig, task: str) -> str:
 
 
 def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
-    from .config import ConfigError
+    from .config import ConfigError, check_resources
     t = cfg.train
     if t.batch_size > len(train):
         raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the training set ({len(train)} examples)")
@@ -66,6 +66,7 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
         ))
     steps_per_epoch = len(train) // t.batch_size
     steps = t.steps if t.steps > 0 else max(1, round(t.epochs * steps_per_epoch))
+    check_resources(cfg, in_dim, train.n_out, steps)
     return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task)
 
 
