@@ -28,6 +28,9 @@ from .config import RunConfig
 from .model import Plan, load_datasets, make_plan
 
 STOP_TIMEOUT = 10.0          # seconds to wait for every BYE after STOP
+# control messages handled per turn of the watch loop: a flood on the control port cannot
+# hold back the coordinator's own heartbeats or its liveness checks
+MAX_CTRL_DRAIN = 256
 
 
 class RunError(RuntimeError):
@@ -77,6 +80,7 @@ class RunResult:
     resumed_from: int | None = None
     restarts: list[dict] = field(default_factory=list)      # one entry per restart (see run())
     refused: int = 0              # CURVE clients refused on the control port
+    control_rejected: dict = field(default_factory=dict)    # control messages ignored, by reason
 
     @property
     def train_time(self) -> float:
@@ -106,6 +110,10 @@ class Coordinator:
         self.refused = 0                      # CURVE clients refused on the control port
         self.log = log or (lambda line: None)
         self.progress_done = resume.step if resume else 0
+        self.progress_exact = False       # progress_done is the feeder's own final count (its BYE)
+        # control messages ignored, by reason: a protocol reason, or "identity" for a sender
+        # this coordinator did not launch
+        self.ctrl_rejected: dict[str, int] = {}
         self.ckpt_files: dict[int, dict] = {}
         self.ckpt_hosts: dict[int, dict] = {}     # step -> file -> "layer 2 on HOST/ADDR"
         self.ckpt_committed: list[int] = []
@@ -271,9 +279,11 @@ class Coordinator:
                 except (WorkerFailed, CK.CheckpointError):
                     pass
             if w is feeder and msg is not None and msg.kind == P.BYE:
-                done = msg.fields.get("stats", {}).get("completed")
-                if isinstance(done, int):
+                stats = msg.fields.get("stats")
+                done = stats.get("completed") if isinstance(stats, dict) else None
+                if type(done) is int:
                     self.progress_done = max(self.progress_done, done)
+                    self.progress_exact = True
                 return
             if feeder.ident in self.launcher.exited():
                 return
@@ -298,31 +308,41 @@ class Coordinator:
                 doing = f" while {w.state}" + (f" (last reported step {w.step})" if w.step >= 0 else "")
             raise WorkerFailed(w.name, w.pid, w.host, f"{how}{doing}" + (f"\n{tail}" if tail else ""))
 
+    def _ctrl_reject(self, reason: str) -> None:
+        self.ctrl_rejected[reason] = self.ctrl_rejected.get(reason, 0) + 1
+
     def _recv_ctrl(self, timeout_ms: int):
+        """One control message: (worker, message), or (None, None) when there was none or it
+        was ignored. Only the identities of the workers this coordinator launched are heard;
+        anything else (an unknown identity, a malformed message) is counted and ignored, so
+        it can never affect the run."""
         if not self.ctrl.poll(timeout_ms):
             return None, None
         frames = self.ctrl.recv_multipart(copy=False)
         w = self._by_identity(frames[0].bytes)
+        if w is None:
+            self._ctrl_reject("identity")
+            return None, None
         try:
             msg = P.decode(frames[1:])
-        except P.ProtocolError:
-            return None, None           # garbage on the control port: ignored
-        if w is not None:
-            w.last_seen = time.monotonic()
+        except P.ProtocolError as e:
+            self._ctrl_reject(e.reason)   # garbage on the control port: ignored
+            return None, None
+        w.last_seen = time.monotonic()
         return w, msg
 
     def _handle_common(self, w: WorkerInfo | None, msg) -> bool:
         """Messages that mean the same in every phase. True if handled."""
+        if w is None:
+            return True                   # (never reached: _recv_ctrl drops unknown senders)
         if msg.kind == P.ERROR:
-            name = w.name if w else "unknown worker"
-            raise WorkerFailed(name, w.pid if w else None, w.host if w else "?",
-                               msg.fields["error"], msg.fields["traceback"])
+            raise WorkerFailed(w.name, w.pid, w.host, msg.fields["error"], msg.fields["traceback"])
         if msg.kind == P.HEARTBEAT:
-            if w is not None:
-                state = msg.fields.get("state", w.state)
-                if not (w.state != "starting" and state == "starting"):   # a beat sent before START
-                    w.state = state
-                w.step = msg.fields.get("step", w.step)
+            state = msg.fields.get("state", w.state)
+            if not (w.state != "starting" and state == "starting"):   # a beat sent before START
+                w.state = state
+            # the worker's current step is the header's step (a "step" field, if any, is older)
+            w.step = msg.step if msg.step >= 0 else msg.fields.get("step", w.step)
             return True
         return False
 
@@ -390,10 +410,12 @@ class Coordinator:
         poll_ms = max(10, int(self.rt.heartbeat_interval * 250))
         while True:
             w, msg = self._recv_ctrl(poll_ms)
-            while msg is not None or w is not None:
-                if self._dispatch(w, msg):
+            for _ in range(MAX_CTRL_DRAIN):       # what queued up, before judging liveness
+                if msg is not None and self._dispatch(w, msg):
                     return
-                w, msg = self._recv_ctrl(0)       # drain what queued up before judging liveness
+                if not self.ctrl.poll(0):
+                    break
+                w, msg = self._recv_ctrl(0)
             self._check_exits()
             self._heartbeats(time.monotonic())
 
@@ -423,6 +445,9 @@ class Coordinator:
         writers = self.ckpt_hosts.setdefault(msg.step, {})
         writers[name] = f"{w.name} on {f['host']}" if isinstance(f.get("host"), str) else w.name
         if len(parts) == len(self.workers):
+            # a checkpoint at ``step`` means the feeder had completed that many steps, even if
+            # its latest progress report (or its BYE, if it died) never arrived
+            self.progress_done = max(self.progress_done, msg.step)
             try:
                 CK.write_manifest(self.ckpt_root, msg.step, self.cfg.digest(), self.plan.n_layers, parts,
                                   extra={"schedule": self.cfg.train.schedule, "steps": self.plan.steps,
@@ -469,7 +494,8 @@ class Coordinator:
                   for w in self.workers]
         return RunResult(self.cfg, self.plan, feeder.stats, [w.stats for w in layers], params, series, traces, 0.0,
                          checkpoints=list(self.ckpt_committed),
-                         resumed_from=self.resume.step if self.resume else None)
+                         resumed_from=self.resume.step if self.resume else None,
+                         control_rejected=dict(self.ctrl_rejected))
 
 
 def _main_thread() -> bool:
@@ -556,8 +582,12 @@ def _attempts(cfg, kw, log, resume, restarts, first_resume, lineage) -> RunResul
                     pass                              # pruned or damaged since: not a fallback
             ck = max(lineage, key=lambda k: k.step) if lineage else None
             back_to = ck.step if ck else 0
-            restarts.append({"error": str(e).splitlines()[0], "failed_at_step": c.progress_done,
-                             "resumed_from_step": back_to, "steps_lost": max(0, c.progress_done - back_to)})
+            # the feeder's exact count when its BYE arrived; else (the feeder itself died) a
+            # lower bound: its last progress report or this attempt's newest checkpoint
+            done = max([c.progress_done, *c.ckpt_committed])
+            restarts.append({"error": str(e).splitlines()[0], "failed_at_step": done,
+                             "resumed_from_step": back_to, "steps_lost": max(0, done - back_to),
+                             "exact": c.progress_exact})
             log(f"restart {len(restarts)}/{cfg.runtime.max_restarts}: {str(e).splitlines()[0]}; "
                 f"resuming from step {back_to}")
             resume = ck

@@ -43,7 +43,8 @@ __all__ = [
     "HELLO", "READY", "SPEC", "START", "HEARTBEAT", "PROGRESS", "STATS", "ERROR",
     "STOP", "BYE", "CKPT", "CKPT_DONE", "AGENT_HELLO", "AGENT_WELCOME", "LAUNCH", "STARTED",
     "LAUNCH_FAILED", "EXITED", "KILL", "KILLED", "RELEASE",
-    "KindSpec", "KINDS", "ProtocolError", "Message",
+    "KindSpec", "KINDS", "ProtocolError", "Message", "BATCH", "ArraySpec", "Expect",
+    "step_rows", "layer_expect",
     "encode", "decode", "frame_nbytes",
 ]
 
@@ -58,11 +59,12 @@ MAX_ARRAY_BYTES = 1 << 30       # per array
 MAX_ARRAYS = 64                 # no kind may carry more arrays than this
 MAX_FIELD_DEPTH = 8             # nesting depth of lists/maps inside "f"
 MAX_CONTAINER_LEN = 1 << 16     # msgpack max_array_len / max_map_len
+MAX_STEP = (1 << 63) - 1        # steps fit an int64
 ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")  # little-endian
 
 # Stable short codes of ProtocolError.reason (used as counter names).
 REASONS = ("header", "version", "kind", "frames", "dtype", "shape", "size",
-           "fields", "step", "nonfinite")
+           "fields", "range", "step", "nonfinite")
 
 # --------------------------------------------------------------------------
 # Message kinds
@@ -111,6 +113,8 @@ class KindSpec:
     ``free``: when True, fields not named in the schema are allowed and must be
     free-form values (None/bool/int/float/str/list/map with str keys, depth
     <= MAX_FIELD_DEPTH); when False, unknown fields are rejected.
+    ``ranges``: field name -> inclusive ``(lo, hi)`` (None: unbounded on that side) for
+    numeric fields; a value outside (or a NaN) is rejected with reason "range".
     """
 
     min_arrays: int = 0
@@ -118,37 +122,48 @@ class KindSpec:
     required: Mapping[str, type] = None  # type: ignore[assignment]
     optional: Mapping[str, type] = None  # type: ignore[assignment]
     free: bool = False
+    ranges: Mapping[str, tuple] = None  # type: ignore[assignment]
 
 
 def _kind(arrays: int | tuple[int, int] = 0, required: Mapping[str, type] | None = None,
-          optional: Mapping[str, type] | None = None, free: bool = False) -> KindSpec:
+          optional: Mapping[str, type] | None = None, free: bool = False,
+          ranges: Mapping[str, tuple] | None = None) -> KindSpec:
     lo, hi = (arrays, arrays) if isinstance(arrays, int) else arrays
     if not 0 <= lo <= hi <= MAX_ARRAYS:
         raise ValueError(f"bad array count spec {arrays!r}")
-    return KindSpec(lo, hi, dict(required or {}), dict(optional or {}), free)
+    return KindSpec(lo, hi, dict(required or {}), dict(optional or {}), free, dict(ranges or {}))
+
+
+_COUNT = (1, None)           # a number of samples: at least one
+_FRACTION = (0.0, 1.0)       # an accuracy
+_INDEX = (0, None)
 
 
 # The schema table: one entry per kind.
 KINDS: dict[str, KindSpec] = {
     FWD: _kind(arrays=2),
-    BWD: _kind(arrays=1, optional={"mb": int}),
+    BWD: _kind(arrays=1, optional={"mb": int}, ranges={"mb": _INDEX}),
     ACK: _kind(),
     DONE: _kind(required={"loss": float, "metric": float, "n": int},
-                optional={"metric2": float}),
-    EVAL: _kind(arrays=2, required={"eid": int}),
+                optional={"metric2": float},
+                ranges={"metric": _FRACTION, "metric2": _FRACTION, "n": _COUNT}),
+    EVAL: _kind(arrays=2, required={"eid": int}, ranges={"eid": _INDEX}),
     EVAL_RESULT: _kind(required={"eid": int, "loss": float, "metric": float, "n": int},
-                       optional={"metric2": float}),
+                       optional={"metric2": float},
+                       ranges={"eid": _INDEX, "metric": _FRACTION, "metric2": _FRACTION, "n": _COUNT}),
     MARKER: _kind(required={"purpose": str}, optional={"tag": str}),
     HELLO: _kind(required={"role": str, "index": int, "pid": int, "host": str},
-                 optional={"fwd": str, "bwd": str}),
+                 optional={"fwd": str, "bwd": str}, ranges={"index": _INDEX, "pid": _INDEX}),
     READY: _kind(free=True),
     SPEC: _kind(free=True),                  # validated by the worker (worker.check_spec)
     START: _kind(free=True),                 # {"peers": [{"fwd": ep, "bwd": ep}, ...]}
-    HEARTBEAT: _kind(optional={"state": str, "step": int}),
+    HEARTBEAT: _kind(optional={"state": str, "step": int}, ranges={"step": (-1, None)}),  # the step: header "s"
     PROGRESS: _kind(required={"done": int, "total": int},
-                    optional={"loss": float, "metric": float, "elapsed": float}),
+                    optional={"loss": float, "metric": float, "elapsed": float},
+                    ranges={"done": _INDEX, "total": _INDEX}),
     STATS: _kind(free=True),
-    ERROR: _kind(required={"role": str, "index": int, "error": str, "traceback": str}),
+    ERROR: _kind(required={"role": str, "index": int, "error": str, "traceback": str},
+                 ranges={"index": _INDEX}),
     STOP: _kind(optional={"reason": str}),
     BYE: _kind(arrays=(0, MAX_ARRAYS), free=True),
     CKPT: _kind(free=True),
@@ -174,8 +189,13 @@ class ProtocolError(ValueError):
     """A message (or a message about to be sent) violates the wire format.
 
     ``reason`` is one of :data:`REASONS`, short and stable (used in counters);
-    ``message`` is a one-line human readable explanation.
+    ``message`` is a one-line human readable explanation. ``kind`` and ``step`` are
+    the header's, when the header itself was valid (else None): a receiver can tell
+    that the message it was waiting for arrived broken.
     """
+
+    kind: str | None = None
+    step: int | None = None
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -221,6 +241,7 @@ class _Compiled:
     optional: tuple
     known: frozenset
     free: bool
+    ranges: tuple        # ((name, lo, hi), ...)
 
 
 def _compile(kind: str, spec: KindSpec) -> _Compiled:
@@ -233,8 +254,12 @@ def _compile(kind: str, spec: KindSpec) -> _Compiled:
         return tuple(out)
 
     req, opt = items(spec.required or {}), items(spec.optional or {})
-    return _Compiled(spec.min_arrays, spec.max_arrays, req, opt,
-                     frozenset(n for n, _, _ in req + opt), spec.free)
+    known = frozenset(n for n, _, _ in req + opt)
+    ranges = tuple((n, lo, hi) for n, (lo, hi) in (spec.ranges or {}).items())
+    for n, _, _ in ranges:
+        if n not in known:
+            raise TypeError(f"KINDS[{kind!r}]: range for unknown field {n!r}")
+    return _Compiled(spec.min_arrays, spec.max_arrays, req, opt, known, spec.free, ranges)
 
 
 _COMPILED: dict[str, _Compiled] = {}
@@ -341,10 +366,17 @@ def _check_fields(kind: str, c: _Compiled, f: dict) -> None:
     elif len(f) > len(c.known) or not c.known.issuperset(f.keys()):
         extra = sorted(repr(k) for k in f if k not in c.known)
         raise ProtocolError("fields", f"{kind}: unexpected field(s) {', '.join(extra)}")
+    for name, lo, hi in c.ranges:
+        if name in f:
+            v = f[name]
+            # written so that a NaN fails too
+            if not ((lo is None or v >= lo) and (hi is None or v <= hi)):
+                want = f"{'-inf' if lo is None else lo}..{'inf' if hi is None else hi}"
+                raise ProtocolError("range", f"{kind}: field {name!r} = {_one_line(repr(v), 40)} is outside {want}")
 
 
 def _parse_header(hbuf, nframes: int):
-    """Validate header bytes; return (kind, step, descs, fields).
+    """Validate header bytes; return (kind, step, (descs, fields)).
 
     descs: list of (dtype_name, dtype, shape_tuple, count, nbytes, is_float).
     """
@@ -378,8 +410,16 @@ def _parse_header(hbuf, nframes: int):
     if c is None:
         raise ProtocolError("kind", f"unknown message kind {_one_line(repr(kind), 60)}")
     step = h["s"]
-    if type(step) is not int or step < -1:
-        raise ProtocolError("step", f"{kind}: step must be an int >= -1, got {type(step).__name__} {_one_line(repr(step), 40)}")
+    if type(step) is not int or step < -1 or step > MAX_STEP:
+        raise ProtocolError("step", f"{kind}: step must be an int in -1..2**63-1, got {type(step).__name__} {_one_line(repr(step), 40)}")
+    try:
+        return kind, step, _parse_body(kind, step, c, h, nframes)
+    except ProtocolError as e:
+        e.kind, e.step = kind, step
+        raise
+
+
+def _parse_body(kind: str, step: int, c: _Compiled, h: dict, nframes: int):
     a = h["a"]
     if type(a) is not list:
         raise ProtocolError("header", f"{kind}: header 'a' must be a list, got {type(a).__name__}")
@@ -408,19 +448,22 @@ def _parse_header(hbuf, nframes: int):
         if len(shape) > MAX_NDIM:
             raise ProtocolError("shape", f"{kind} frame {i}: {len(shape)} dims, limit is {MAX_NDIM}")
         count = 1
-        for dim in shape:
+        extent = 1                  # the product with zero dims counted as 1: numpy refuses
+        for dim in shape:           # a shape such as (0, 2**62) whose extent overflows
             if type(dim) is not int or dim < 0:
                 raise ProtocolError("shape", f"{kind} frame {i}: bad shape {_one_line(repr(shape), 80)} (dims must be ints >= 0)")
             count *= dim
+            extent *= dim or 1
         dt, itemsize, is_float = d
         nbytes = count * itemsize
-        if nbytes > MAX_ARRAY_BYTES:
-            raise ProtocolError("size", f"{kind} frame {i}: {_fmt(name, shape)} = {nbytes} bytes exceeds the per-array limit {MAX_ARRAY_BYTES}")
+        if extent * itemsize > MAX_ARRAY_BYTES:
+            raise ProtocolError("size", f"{kind} frame {i}: {_one_line(_fmt(name, shape), 120)} = {nbytes} bytes "
+                                f"(extent {extent * itemsize}) exceeds the per-array limit {MAX_ARRAY_BYTES}")
         descs.append((name, dt, tuple(shape), count, nbytes, is_float))
 
     if f or c.required:
         _check_fields(kind, c, f)
-    return kind, step, descs, f
+    return descs, f
 
 
 # --------------------------------------------------------------------------
@@ -532,15 +575,117 @@ def encode(kind: str, step: int = -1, arrays: Sequence[np.ndarray] = (),
     return [header, *bufs]
 
 
+BATCH = "B"   # in a shape spec: the message's batch dimension (equal in every array, >= 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ArraySpec:
+    """What one array of a message must be, as agreed at start-up.
+
+    ``shape``: one entry per dimension: an int (exact), None (any size) or
+    :data:`BATCH`. ``dtype``: a name from :data:`ALLOWED_DTYPES`, or None for any.
+    ``lo``/``hi``: inclusive bounds of every value (integer arrays, such as labels).
+    """
+
+    shape: tuple
+    dtype: str | None = None
+    lo: int | None = None
+    hi: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """The arrays one kind must carry. ``rows`` bounds the :data:`BATCH` dimension:
+    an inclusive ``(lo, hi)``, or a function of the message's step returning one
+    (the rows of a step are fixed by the schedule)."""
+
+    arrays: tuple
+    rows: tuple | Callable[[int], tuple] | None = None
+
+
+def _want(spec) -> str:
+    return "(" + ", ".join("*" if e is None else str(e) for e in spec) + ("," if len(spec) == 1 else "") + ")"
+
+
+def _check_expect(kind: str, step: int, e, descs) -> tuple:
+    """Shapes, dtypes and the batch dimension against the expectation; returns the value
+    ranges to check once the arrays exist: ((index, lo, hi), ...)."""
+    if type(e) is Expect:
+        specs, rows = e.arrays, e.rows
+    else:
+        specs, rows = e, None
+    if len(specs) != len(descs):
+        raise ProtocolError("shape", f"{kind}: expected {len(specs)} arrays, got {len(descs)}")
+    batch = None
+    ranges = ()
+    for i, (spec, d) in enumerate(zip(specs, descs), 1):
+        if type(spec) is ArraySpec:
+            if spec.dtype is not None and d[0] != spec.dtype:
+                raise ProtocolError("dtype", f"{kind} frame {i}: expected dtype {spec.dtype}, got {d[0]}")
+            if spec.lo is not None or spec.hi is not None:
+                ranges += ((i, spec.lo, spec.hi),)
+            spec = spec.shape
+        shape = d[2]
+        if len(spec) != len(shape):
+            raise ProtocolError("shape", f"{kind} frame {i}: expected shape {_want(spec)}, got {_fmt(d[0], shape)}")
+        for want, got in zip(spec, shape):
+            if want is None:
+                continue
+            if want == BATCH:
+                if batch is None:
+                    batch = got
+                elif got != batch:
+                    raise ProtocolError("shape", f"{kind} frame {i}: {_fmt(d[0], shape)} has {got} rows, "
+                                                 f"frame 1 has {batch}")
+            elif want != got:
+                raise ProtocolError("shape", f"{kind} frame {i}: expected shape {_want(spec)}, got {_fmt(d[0], shape)}")
+    if batch is not None:
+        lo, hi = (1, None) if rows is None else rows(step) if callable(rows) else rows
+        if batch < max(1, lo) or (hi is not None and batch > hi):
+            want = str(lo) if lo == hi else f"{max(1, lo)}..{'' if hi is None else hi}"
+            raise ProtocolError("shape", f"{kind} step {step}: a batch of {batch} rows, expected {want}")
+    return ranges
+
+
+def step_rows(batch: int, microbatches: int = 1) -> Callable[[int], tuple]:
+    """The rows every array of a FWD/BWD for a (micro-)step must have: the batch size, or
+    with M micro-batches, micro-batch ``step % M`` of near-equal contiguous splits (the
+    first ``batch % M`` one row larger; ``model.microbatch_bounds``)."""
+    if microbatches <= 1:
+        exact = (batch, batch)
+        return lambda step: exact
+    base, extra = divmod(batch, microbatches)
+    big, small = (base + 1, base + 1), (base, base)
+    return lambda step: big if step % microbatches < extra else small
+
+
+def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int, batch: int,
+                 microbatches: int = 1, eval_batch: int) -> tuple[dict, dict]:
+    """The shapes a layer agrees to at start-up, for its two inboxes: ``(fwd, bwd)``
+    expectations for :func:`decode`. x is float32 (rows, fan_in); y is int64 labels in
+    0..classes-1 (rows,) with ``classes``, else float32 targets (rows, targets); a
+    gradient is float32 (rows, fan_out). Every array of a message has the same rows: the
+    step's (micro-)batch for FWD/BWD, 1..eval_batch for EVAL."""
+    x = ArraySpec((BATCH, fan_in), "float32")
+    y = (ArraySpec((BATCH,), "int64", 0, classes - 1) if classes is not None
+         else ArraySpec((BATCH, targets), "float32"))
+    rows = step_rows(batch, microbatches)
+    fwd = {FWD: Expect((x, y), rows), EVAL: Expect((x, y), (1, eval_batch))}
+    bwd = {BWD: Expect((ArraySpec((BATCH, fan_out), "float32"),), rows)}
+    return fwd, bwd
+
+
 def decode(frames: Sequence, *, check_finite: bool = False,
            expect: dict | None = None) -> Message:
     """Validate and decode a received multipart message.
 
     ``frames``: bytes / memoryview / buffer objects / zmq.Frame.
     ``check_finite``: reject NaN/Inf in float arrays (reason "nonfinite").
-    ``expect``: optional ``{kind: [shape_spec, ...]}``, one spec per array, a
-    spec being a tuple of ints or None (None = any size), e.g.
-    ``{"fwd": [(None, 784), (None,)]}``; mismatch -> reason "shape".
+    ``expect``: optional ``{kind: spec}``, the shapes agreed at start-up. ``spec`` is
+    an :class:`Expect` (dtypes, :data:`BATCH` dimensions bound together and to the
+    step's rows, value ranges), or a list with one tuple per array, each dim an int or
+    None (None = any size), e.g. ``{"fwd": [(None, 784), (None,)]}``. A mismatch is
+    rejected with reason "shape", "dtype" or "range".
 
     Arrays in the result are read-only views sharing memory with the frames.
     Raises :class:`ProtocolError` for anything malformed, never another error.
@@ -551,18 +696,20 @@ def decode(frames: Sequence, *, check_finite: bool = False,
         raise ProtocolError("frames", f"frames must be a sequence, got {type(frames).__name__}") from None
     if n == 0:
         raise ProtocolError("frames", "empty message (zero frames)")
-    kind, step, descs, fields = _parse_header(_view(frames[0], 0), n)
+    kind, step, (descs, fields) = _parse_header(_view(frames[0], 0), n)
+    try:
+        return _decode_arrays(frames, kind, step, descs, fields, check_finite, expect)
+    except ProtocolError as e:
+        e.kind, e.step = kind, step
+        raise
 
+
+def _decode_arrays(frames, kind, step, descs, fields, check_finite, expect) -> Message:
+    ranges = ()
     if expect:
-        specs = expect.get(kind)
-        if specs is not None:
-            if len(specs) != len(descs):
-                raise ProtocolError("shape", f"{kind}: expected {len(specs)} arrays, got {len(descs)}")
-            for i, (spec, d) in enumerate(zip(specs, descs), 1):
-                shape = d[2]
-                if len(spec) != len(shape) or any(e is not None and e != g for e, g in zip(spec, shape)):
-                    want = "(" + ", ".join("*" if e is None else str(e) for e in spec) + ("," if len(spec) == 1 else "") + ")"
-                    raise ProtocolError("shape", f"{kind} frame {i}: expected shape {want}, got {_fmt(d[0], shape)}")
+        e = expect.get(kind)
+        if e is not None:
+            ranges = _check_expect(kind, step, e, descs)
 
     bufs = []
     for i, d in enumerate(descs, 1):
@@ -584,4 +731,10 @@ def decode(frames: Sequence, *, check_finite: bool = False,
             if d[5] and arr.size and not (math.isfinite(arr.min()) and math.isfinite(arr.max())):
                 bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
                 raise ProtocolError("nonfinite", f"{kind} frame {i}: {bad} non-finite value(s) (NaN/Inf) in {_fmt(d[0], d[2])}")
+    for i, lo, hi in ranges:
+        arr = arrays[i - 1]
+        if arr.size:
+            amin, amax = arr.min(), arr.max()
+            if (lo is not None and not amin >= lo) or (hi is not None and not amax <= hi):
+                raise ProtocolError("range", f"{kind} frame {i}: values {amin}..{amax} outside {lo}..{hi}")
     return Message(kind, step, arrays, fields)

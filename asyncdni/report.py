@@ -63,6 +63,7 @@ def run_summary(result) -> dict:
         + getattr(result, "refused", 0),
         "steps_lost": sum(r["steps_lost"] for r in result.restarts),
         "rejected": _merge_counts([L["rejected"] for L in layers] + [result.feeder.get("rejected", {})]),
+        "control_rejected": dict(getattr(result, "control_rejected", {}) or {}),
         "nonfinite_skipped": sum(L["nonfinite_skipped"] for L in layers),
         "nonfinite_outputs": sum(L["nonfinite_outputs"] for L in layers),
         "per_layer": layers,
@@ -117,11 +118,14 @@ def format_summary(summary: dict) -> str:
         faults.append(f"checkpoints committed at steps {', '.join(map(str, s['checkpoints'][-5:]))}"
                       + (" (last 5)" if len(s["checkpoints"]) > 5 else ""))
     for i, r in enumerate(s["restarts"], 1):
-        faults.append(f"restart {i}: {r['error']} at step {r['failed_at_step']}; resumed from step "
-                      f"{r['resumed_from_step']}, {r['steps_lost']} steps lost and redone")
+        least = "" if r.get("exact", True) else "at least "
+        faults.append(f"restart {i}: {r['error']} at step {least}{r['failed_at_step']}; resumed from step "
+                      f"{r['resumed_from_step']}, {least}{r['steps_lost']} steps lost and redone")
     faults.append("rejected messages: " + (", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none"))
     if s.get("curve"):
         faults.append(f"CURVE: on; connections with unknown keys refused: {s['curve_refused']}")
+    if s["control_rejected"]:
+        faults.append("control messages ignored: " + ", ".join(f"{k} {v}" for k, v in s["control_rejected"].items()))
     faults.append(f"non-finite updates skipped: {s['nonfinite_skipped']}, non-finite outputs zeroed: "
                   f"{s['nonfinite_outputs']}")
     lines.append("")

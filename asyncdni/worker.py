@@ -34,12 +34,20 @@ from .data import DataError
 from .layer import LayerNode, LayerSpec, NonFiniteError, StepError, all_finite
 from .report import TRACE_CODES
 
+
+class StepLost(RuntimeError):
+    """The message that a step needs arrived broken: that step can never complete."""
+
+
 # failures that a user causes or must act on: reported in one line, without a traceback
-USER_ERRORS = (DataError, transport.TransportError, CK.CheckpointError, NonFiniteError)
+USER_ERRORS = (DataError, transport.TransportError, CK.CheckpointError, NonFiniteError, StepLost)
 
 TRACE_LIMIT = 200_000           # timeline events kept per worker
 T_FWD, T_BWD, T_EVAL, T_WAIT = (TRACE_CODES[k] for k in ("forward", "backward", "eval", "wait"))
 PROGRESS_INTERVAL = 0.25        # seconds between feeder progress reports
+# Messages read from one inbox per loop turn: a flood on one socket cannot starve the
+# others, the heartbeats or the control socket (each gets its turn between batches).
+MAX_DRAIN = 64
 
 
 def peak_rss(ru) -> int:
@@ -99,6 +107,7 @@ class Worker:
         self.msgs_recv = 0
         self.bytes_recv = 0
         self.rejected: dict[str, int] = {}
+        self.last_reject: P.ProtocolError | None = None   # why the latest message was refused
         self.trace_t = np.zeros(TRACE_LIMIT, np.float64)
         self.trace_d = np.zeros(TRACE_LIMIT, np.float64)
         self.trace_c = np.zeros(TRACE_LIMIT, np.uint8)
@@ -148,26 +157,37 @@ class Worker:
         """Receive and validate one message; None if it was rejected (and counted)."""
         t0 = time.perf_counter()
         frames = transport.recv_frames(sock)
-        try:
-            msg = P.decode(frames, expect=expect, check_finite=check_finite)
-        except P.ProtocolError as e:
-            self.reject(e.reason)
-            msg = None
         self.comm += time.perf_counter() - t0
+        return self.accept(frames, expect, check_finite)
+
+    def accept(self, frames, expect=None, check_finite=False):
+        """Validate one received message; None if it was rejected (counted by reason, and
+        the error kept in ``last_reject``)."""
+        t0 = time.perf_counter()
         self.msgs_recv += 1
         self.bytes_recv += P.frame_nbytes(frames)
-        return msg
+        try:
+            return P.decode(frames, expect=expect, check_finite=check_finite)
+        except P.ProtocolError as e:
+            self.reject(e.reason)
+            self.last_reject = e
+            return None
+        finally:
+            self.comm += time.perf_counter() - t0
 
     def heartbeat(self, now: float) -> None:
         if now >= self.next_hb:
-            self.send_ctrl(P.HEARTBEAT, state=self.state, step=self.cur_step)
+            # the step travels in the header's step, where the coordinator reads it
+            self.send_ctrl(P.HEARTBEAT, self.cur_step, state=self.state)
             self.next_hb = now + self.hb_interval
         if now - self.last_coord > self.hb_deadline:
             raise CoordinatorLost(f"{self.label}: no word from the coordinator for {now - self.last_coord:.1f} s")
 
     def handle_ctrl(self) -> None:
-        """Drain control messages; raises StopRequested on STOP."""
-        while self.ctrl.poll(0):
+        """Read the queued control messages (at most MAX_DRAIN); raises StopRequested on STOP."""
+        for _ in range(MAX_DRAIN):
+            if not self.ctrl.poll(0):
+                return
             msg = self.recv(self.ctrl)
             if msg is None:
                 continue
@@ -325,10 +345,10 @@ class LayerWorker(Worker):
         self.metrics_acc = None      # pipeline (last layer): per-step metric accumulator
         self.sg_losses = []
         self.nonfinite_outputs = 0   # outgoing activations/gradients that had to be zeroed
-        yshape = (None,) if self.lspec.task == "classification" else (None, self.lspec.n_out)
-        xshape = (None, self.lspec.fan_in)
-        self.expect_fwd = {P.FWD: [xshape, yshape], P.EVAL: [xshape, yshape]}
-        self.expect_bwd = {P.BWD: [(None, self.lspec.fan_out)]}
+        ls = self.lspec
+        self.expect_fwd, self.expect_bwd = P.layer_expect(
+            ls.fan_in, ls.fan_out, classes=ls.n_out if ls.task == "classification" else None, targets=ls.n_out,
+            batch=self.batch_size, microbatches=self.M, eval_batch=self.cfg.train.eval_batch)
         self.next_step = 0           # the only FWD step this layer accepts next (micro-steps in pipeline)
 
     def setup(self) -> None:
@@ -382,17 +402,48 @@ class LayerWorker(Worker):
             self.heartbeat(time.monotonic())     # after draining control: queued beats count
             if self.bwd_in in events:
                 # gradients first: they free cached state and unblock the sequential order
-                while self.bwd_in.poll(0):
-                    msg = self.recv(self.bwd_in, self.expect_bwd, check_finite=True)
-                    if msg is not None:
-                        self.on_bwd(msg)
+                # (a bounded number per turn: a flood must not starve the heartbeats)
+                for _ in range(MAX_DRAIN):
+                    if not self.bwd_in.poll(0):
+                        break
+                    self.handle_bwd(self.recv_timed(self.bwd_in))
             if self.marker is not None:
                 self.try_checkpoint()
             # while a checkpoint marker waits, nothing from upstream may touch the weights
             if self.fwd_in in events and self.marker is None:
-                msg = self.recv(self.fwd_in, self.expect_fwd, check_finite=True)
-                if msg is not None:
-                    self.on_fwd(msg)
+                self.handle_fwd(self.recv_timed(self.fwd_in))
+
+    def recv_timed(self, sock):
+        t0 = time.perf_counter()
+        frames = transport.recv_frames(sock)
+        self.comm += time.perf_counter() - t0
+        return frames
+
+    def handle_bwd(self, frames) -> None:
+        """One message from the backward inbox: validated, then applied or counted as rejected."""
+        msg = self.accept(frames, self.expect_bwd, check_finite=True)
+        if msg is not None:
+            self.on_bwd(msg)
+
+    def handle_fwd(self, frames) -> None:
+        """One message from the forward inbox: validated, then applied or counted as rejected.
+        Raises StepLost when the forward message of the step this layer waits for arrived
+        broken: the upstream sends each step once, so that step could never complete."""
+        msg = self.accept(frames, self.expect_fwd, check_finite=True)
+        if msg is not None:
+            self.on_fwd(msg)
+            return
+        e = self.last_reject
+        if e.kind == P.FWD and e.step == self.next_step and self.pending is None:
+            s = e.step
+            which = f"step {s // self.M} (micro-batch {s % self.M + 1} of {self.M})" if self.M > 1 else f"step {s}"
+            raise StepLost(f"{self.label}: {which} can never complete: its forward message was rejected "
+                           f"({e.reason}: {e})")
+        if e.kind == P.EVAL and e.reason == "nonfinite":
+            # the feeder waits for every evaluation batch; only data (or a forgery) can carry
+            # a NaN here, since every layer zeroes its non-finite outputs
+            raise StepLost(f"{self.label}: evaluation batch {e.step} can never complete: its message was rejected "
+                           f"({e.reason}: {e})")
 
     def _timed(self, code, fn, *args):
         t0 = time.perf_counter()
@@ -610,8 +661,9 @@ class FeederWorker(Worker):
         self.poller.register(self.inbox, zmq.POLLIN)
         self.poller.register(self.ctrl, zmq.POLLIN)
 
-    def _pump(self, timeout_ms: int):
-        """Wait for one inbox message (or control / heartbeat); returns it or None."""
+    def _pump_frames(self, timeout_ms: int):
+        """Wait for one inbox message (or control / heartbeat); returns its frames or None.
+        One inbox message per call: control and heartbeats get a turn between any two."""
         t0 = time.perf_counter()
         ready = dict(self.poller.poll(timeout_ms))
         self.wait += time.perf_counter() - t0
@@ -619,8 +671,48 @@ class FeederWorker(Worker):
             self.handle_ctrl()
         self.heartbeat(time.monotonic())     # after draining control: queued beats count
         if self.inbox in ready:
-            return self.recv(self.inbox)
+            t0 = time.perf_counter()
+            frames = transport.recv_frames(self.inbox)
+            self.comm += time.perf_counter() - t0
+            return frames
         return None
+
+    def _pump(self, timeout_ms: int):
+        """Like _pump_frames, but the message validated (None if there was none or it was rejected)."""
+        frames = self._pump_frames(timeout_ms)
+        return None if frames is None else self.accept(frames)
+
+    def on_inbox(self, frames, sent: int, got: np.ndarray, need: int) -> int | None:
+        """One inbox message while training: a step's DONE (its loss, from the last layer)
+        or, for the update-locked schedules, its ACK (its release, from layer 1). Returns the
+        step if this message completed it; anything else is counted as rejected. Raises
+        StepLost when the message that an in-flight step waits for arrived broken."""
+        if frames is None:
+            return None
+        msg = self.accept(frames)
+        if msg is None:
+            e = self.last_reject
+            if (e.kind in (P.DONE, P.ACK) and e.step is not None and self.start_step <= e.step < sent
+                    and not got[e.step] & (1 if e.kind == P.DONE else 2) and (e.kind == P.DONE or need == 3)):
+                raise StepLost(f"feeder: step {e.step} can never complete: its {e.kind} message was rejected "
+                               f"({e.reason}: {e})")
+            return None
+        s = msg.step
+        if msg.kind not in (P.DONE, P.ACK) or (msg.kind == P.ACK and need == 1):
+            self.reject("unexpected")       # (the DNI schedules never release by ACK)
+            return None
+        bit = 1 if msg.kind == P.DONE else 2
+        if not self.start_step <= s < sent or got[s] & bit:
+            self.reject("step")             # not in flight, or already reported
+            return None
+        if msg.kind == P.DONE:
+            self.losses[s] = msg.fields["loss"]
+            self.metric[s] = msg.fields["metric"]
+        # a step is complete once its loss (DONE, from the last layer) and, for the
+        # update-locked schedules, its release (ACK, from layer 1) have both arrived;
+        # they travel different paths and may arrive in either order
+        got[s] |= bit
+        return s if got[s] == need else None
 
     def _pause_point(self, step: int) -> bool:
         """Steps at which the pipeline drains: periodic evaluation and checkpoints."""
@@ -651,25 +743,8 @@ class FeederWorker(Worker):
                     for j, (a, b) in enumerate(self.bounds):
                         self.send(self.up, P.FWD, sent * self.M + j, (x[a:b], y[a:b]))
                 sent += 1
-            msg = self._pump(timeout)
-            if msg is None:
-                continue
-            s = msg.step
-            if msg.kind not in (P.DONE, P.ACK) or (msg.kind == P.ACK and need == 1):
-                self.reject("unexpected")       # (the DNI schedules never release by ACK)
-                continue
-            bit = 1 if msg.kind == P.DONE else 2
-            if not self.start_step <= s < sent or got[s] & bit:
-                self.reject("step")             # not in flight, or already reported
-                continue
-            if msg.kind == P.DONE:
-                self.losses[s] = msg.fields["loss"]
-                self.metric[s] = msg.fields["metric"]
-            # a step is complete once its loss (DONE, from the last layer) and, for the
-            # update-locked schedules, its release (ACK, from layer 1) have both arrived;
-            # they travel different paths and may arrive in either order
-            got[s] |= bit
-            if got[s] != need:
+            s = self.on_inbox(self._pump_frames(timeout), sent, got, need)
+            if s is None:
                 continue
             completed += 1
             self.completed = completed
@@ -741,13 +816,23 @@ class FeederWorker(Worker):
             msg = self._pump(int(self.hb_interval * 1000))
             if msg is None:
                 continue
-            eid = msg.fields.get("eid") if msg.kind == P.EVAL_RESULT else None
-            if eid is None or not 0 <= eid < len(self.eval_set) or eid in got:
-                self.reject("unexpected")
-                continue
-            got[eid] = msg.fields
+            self.on_eval_result(msg, got)
         n = sum(r["n"] for r in got.values())
         return {k: sum(r[k] * r["n"] for r in got.values()) / n for k in ("loss", "metric", "metric2")} | {"n": n}
+
+    def on_eval_result(self, msg, got: dict) -> None:
+        """One evaluation result; kept in ``got`` by its id, or counted as rejected."""
+        eid = msg.fields.get("eid") if msg.kind == P.EVAL_RESULT else None
+        if eid is None or not 0 <= eid < len(self.eval_set) or eid in got:
+            self.reject("unexpected")
+            return
+        if msg.fields["n"] != len(self.eval_set[eid][1]):
+            self.reject("range")              # a result for another number of rows than were sent
+            return
+        if "metric2" not in msg.fields:
+            self.reject("fields")             # the last layer always sends it; the average needs it
+            return
+        got[eid] = msg.fields
 
     def stats(self) -> dict:
         s = super().stats()

@@ -172,7 +172,7 @@ def test_encode_accepts_numpy_scalar_array():
 
 
 def test_int_accepted_where_float_required_and_nonfinite_float_fields_kept():
-    msg = decode(encode(P.DONE, 1, fields={"loss": float("nan"), "metric": 1, "n": 0}))
+    msg = decode(encode(P.DONE, 1, fields={"loss": float("nan"), "metric": 1, "n": 1}))
     assert math.isnan(msg.fields["loss"]) and msg.fields["metric"] == 1
 
 
@@ -509,7 +509,7 @@ def test_nonfinite_in_second_array():
 
 def test_reasons_constant_covers_all_used_reasons():
     assert set(P.REASONS) == {"header", "version", "kind", "frames", "dtype", "shape", "size",
-                              "fields", "step", "nonfinite"}
+                              "fields", "range", "step", "nonfinite"}
 
 
 def test_adding_a_kind_is_one_table_entry(monkeypatch):

@@ -1,0 +1,25 @@
+"""A feeder whose batch at a chosen step has one NaN pixel, as if the dataset held one:
+``python -m tests.helpers.nan_feeder NAN_STEP SPEC ...``."""
+import sys
+
+from asyncdni import data
+
+
+def main():
+    nan_step = int(sys.argv.pop(1))
+    original = data.BatchStream.batch
+
+    def batch(self, step):
+        x, y = original(self, step)
+        if step == nan_step:
+            x = x.copy()
+            x[0, 0] = float("nan")
+        return x, y
+
+    data.BatchStream.batch = batch
+    from workers._entry import main as entry
+    return entry("feeder")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
