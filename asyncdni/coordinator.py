@@ -595,4 +595,5 @@ def _attempts(cfg, kw, log, resume, restarts, first_resume, lineage) -> RunResul
         result.restarts = restarts
         result.resumed_from = first_resume
         result.refused = c.refused
+        result.control_rejected = dict(c.ctrl_rejected)
         return result

@@ -178,10 +178,14 @@ class Worker:
     def heartbeat(self, now: float) -> None:
         if now >= self.next_hb:
             # the step travels in the header's step, where the coordinator reads it
-            self.send_ctrl(P.HEARTBEAT, self.cur_step, state=self.state)
+            self.send_ctrl(P.HEARTBEAT, self.reported_step(), state=self.state)
             self.next_hb = now + self.hb_interval
         if now - self.last_coord > self.hb_deadline:
             raise CoordinatorLost(f"{self.label}: no word from the coordinator for {now - self.last_coord:.1f} s")
+
+    def reported_step(self) -> int:
+        """The step named in heartbeats (and so in a failure line): the latest this worker handled."""
+        return self.cur_step
 
     def handle_ctrl(self) -> None:
         """Read the queued control messages (at most MAX_DRAIN); raises StopRequested on STOP."""
@@ -412,6 +416,9 @@ class LayerWorker(Worker):
             # while a checkpoint marker waits, nothing from upstream may touch the weights
             if self.fwd_in in events and self.marker is None:
                 self.handle_fwd(self.recv_timed(self.fwd_in))
+
+    def reported_step(self) -> int:
+        return self.cur_step // self.M if self.cur_step >= 0 else -1     # a step, not a micro-step
 
     def recv_timed(self, sock):
         t0 = time.perf_counter()

@@ -1,12 +1,14 @@
 """A feeder whose batch at a chosen step has one NaN pixel, as if the dataset held one:
-``python -m tests.helpers.nan_feeder NAN_STEP SPEC ...``."""
+``python -m tests.helpers.nan_feeder --nan-step N [worker options]``."""
 import sys
 
 from asyncdni import data
 
 
 def main():
-    nan_step = int(sys.argv.pop(1))
+    i = sys.argv.index("--nan-step")
+    nan_step = int(sys.argv[i + 1])
+    del sys.argv[i:i + 2]
     original = data.BatchStream.batch
 
     def batch(self, step):
