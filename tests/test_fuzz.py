@@ -105,7 +105,7 @@ def _check_decoded(m: P.Message, frames, expect) -> None:
             assert a.dtype.name == s.dtype and a.ndim == len(s.shape)
 
 
-@settings(max_examples=1000, **SETTINGS)
+@settings(max_examples=600, **SETTINGS)
 @given(frames=messages(), expect=st.sampled_from([None, LAYER_FWD, LAYER_BWD]), finite=st.booleans())
 def test_decode_returns_a_valid_message_or_raises_protocol_error(frames, expect, finite):
     try:
@@ -196,58 +196,67 @@ def _rejections(w) -> int:
 @st.composite
 def layer_messages(draw, w):
     """Frames for a layer: valid messages for its next step or for steps in flight, and
-    near-valid and broken ones around them."""
+    near-valid and broken ones around them. The same draws happen whatever the worker's
+    state (the state only picks among them), so failures replay and shrink."""
     ls = w.lspec
-    B = w.batch_size
-    M = w.M
+    B, M = w.batch_size, w.M
+    choice = draw(st.integers(0, 9))
+    sel = draw(st.integers(0, 5))
+    rand_step = draw(st.integers(-1, 2**63 - 1))
+    pick = draw(st.integers(0, 1000))
+    r_sel = draw(st.integers(0, 5))
+    r2_sel = draw(st.integers(0, 2))
+    fill = draw(st.sampled_from([None, None, None, np.nan, np.inf, -np.inf, 1e30]))
+    bad = draw(st.sampled_from([None, None, None, -1, ls.n_out, 2**62]))
+    c_sel = draw(st.integers(0, 2))
+    ex_sel, ey_sel = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    dt = draw(st.sampled_from([np.float32, np.float32, np.float32, np.float64]))
+    extra = draw(st.sampled_from([P.ACK, P.MARKER, P.DONE, P.STOP, P.HEARTBEAT, P.EVAL_RESULT]))
+    eid = draw(st.integers(0, 2**63))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    anything = draw(messages())
+
     nxt = w.next_step
     inflight = sorted(w.node.cache)
-    choice = draw(st.integers(0, 9))
-    step = draw(st.one_of(st.sampled_from([nxt, nxt, nxt + 1, max(-1, nxt - 1)] + inflight), st.integers(-1, 2**63 - 1)))
-    rows = P.step_rows(B, M)(step if step >= 0 else 0)[0]
+    step = [nxt, nxt, nxt + 1, max(-1, nxt - 1), inflight[pick % len(inflight)] if inflight else nxt, rand_step][sel]
+    rows = P.step_rows(B, M)(max(0, step))[0]
+    r = [rows, rows, rows, 0, 1, rows + 1][r_sel]
+    r2 = [r, r, r + 2][r2_sel]
     cls = ls.task == "classification"
 
-    def x_of(r, c=ls.fan_in, dt=np.float32, fill=None):
-        a = np.asarray(draw(st.lists(st.floats(-3, 3, width=32), min_size=r * c, max_size=r * c)), dt).reshape(r, c)
+    def x_of(r, c, dt=np.float32):
+        a = rng.standard_normal((r, c)).astype(dt)
         if fill is not None and a.size:
-            a.flat[draw(st.integers(0, a.size - 1))] = fill
+            a.flat[pick % a.size] = fill
         return a
 
-    def y_of(r, bad=None):
+    def y_of(r):
         if cls:
-            y = np.asarray(draw(st.lists(st.integers(0, ls.n_out - 1), min_size=r, max_size=r)), np.int64)
+            y = rng.integers(0, ls.n_out, r).astype(np.int64)
             if bad is not None and r:
                 y[0] = bad
             return y
-        y = np.asarray(draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=r * ls.n_out, max_size=r * ls.n_out)),
-                       np.float32).reshape(r, ls.n_out)
+        y = rng.integers(0, 2, (r, ls.n_out)).astype(np.float32)
         if bad is not None and r:
             y[0, 0] = np.nan
         return y
 
     if choice <= 3:                      # a forward message, mostly valid
-        r = draw(st.sampled_from([rows, rows, rows, 0, 1, rows + 1]))
-        fill = draw(st.sampled_from([None, None, None, np.nan, np.inf, 1e30]))
-        bad = draw(st.sampled_from([None, None, None, -1, ls.n_out, 2**62]))
-        return P.encode(P.FWD, step, (x_of(r, fill=fill), y_of(draw(st.sampled_from([r, r, r + 2])), bad)))
+        return P.encode(P.FWD, step, (x_of(r, ls.fan_in), y_of(r2)))
     if choice == 4:                      # an evaluation batch
-        r, r2 = draw(st.integers(0, 6)), draw(st.integers(0, 6))
-        return P.encode(P.EVAL, step, (x_of(r), y_of(r2)), {"eid": draw(st.integers(0, 2**63))})
+        rx = [1, 2, 5, 6][ex_sel]
+        return P.encode(P.EVAL, step, (x_of(rx, ls.fan_in), y_of([rx, rx, 7, 0][ey_sel])), {"eid": eid})
     if choice <= 6:                      # a gradient, for a step in flight or not
-        s = draw(st.sampled_from(inflight)) if inflight and draw(st.booleans()) else step
-        r = draw(st.sampled_from([P.step_rows(B, M)(max(0, s))[0]] * 3 + [0, 1, 3]))
-        fill = draw(st.sampled_from([None, None, np.nan, -np.inf]))
-        c = draw(st.sampled_from([ls.fan_out, ls.fan_out, ls.fan_out + 1]))
-        dt = draw(st.sampled_from([np.float32, np.float32, np.float64]))
-        return P.encode(P.BWD, s, (x_of(r, c, dt, fill),))
-    if choice == 7:                      # control-like kinds where they do not belong
-        kind = draw(st.sampled_from([P.ACK, P.MARKER, P.DONE, P.STOP, P.HEARTBEAT, P.EVAL_RESULT]))
+        c = [ls.fan_out, ls.fan_out, ls.fan_out + 1][c_sel]
+        return P.encode(P.BWD, step, (x_of(r, c, dt),))
+    if choice == 7:                      # kinds that do not belong on a layer's inboxes
         f = {P.MARKER: {"purpose": "ckpt"}, P.DONE: {"loss": 1.0, "metric": 0.5, "n": 3},
-             P.EVAL_RESULT: {"eid": 0, "loss": 1.0, "metric": 0.5, "metric2": 0.5, "n": 3}}.get(kind)
-        return P.encode(kind, step, (), f)
-    return draw(messages())              # anything at all
+             P.EVAL_RESULT: {"eid": 0, "loss": 1.0, "metric": 0.5, "metric2": 0.5, "n": 3}}.get(extra)
+        return P.encode(extra, step, (), f)
+    return anything                      # anything at all
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")      # overflow in an optimizer fed 1e30
 @pytest.mark.parametrize("schedule,index,layers", [
     ("async", 0, 3), ("async", 1, 3), ("async", 2, 3), ("sequential", 1, 3),
     ("backprop", 0, 2), ("backprop", 1, 2), ("pipeline", 0, 2), ("pipeline", 1, 2)])
@@ -259,13 +268,13 @@ def test_layer_handlers_apply_or_count_every_message(schedule, index, layers):
     spec = _spec(cfg)
     applied = []
 
-    @settings(max_examples=60, **SETTINGS)
+    @settings(max_examples=40, **SETTINGS)
     @given(data=st.data())
     def check(data):
         h = InProcess(LayerWorker, cfg, index, spec)
         w = h.w
         try:
-            for _ in range(data.draw(st.integers(1, 12))):
+            for _ in range(data.draw(st.integers(1, 10))):
                 inbox = data.draw(st.sampled_from(["fwd", "bwd"]))
                 frames = data.draw(layer_messages(w))
                 before, nxt = _rejections(w), w.next_step
@@ -300,7 +309,7 @@ def test_feeder_handlers_apply_or_count_every_message(schedule):
     evals: dict = {}
     n_eval = [len(y) for _, y in w.eval_set]          # 4, 4, 2
     try:
-        @settings(max_examples=400, **SETTINGS)
+        @settings(max_examples=250, **SETTINGS)
         @given(data=st.data())
         def check(data):
             kind = data.draw(st.sampled_from([P.DONE, P.ACK, P.EVAL_RESULT, P.FWD, None]))
