@@ -289,6 +289,12 @@ def _expected_layout(node) -> dict:
         for k, v in node.sg_opt.state().items():
             v = np.asarray(v)
             out[f"sgopt.{k}"] = (v.shape, v.dtype)
+    if getattr(node, "aux", None) is not None:
+        for i, p in enumerate(node.aux.params):
+            out[f"aux.{i}"] = (p.shape, p.dtype)
+        for k, v in node.aux_opt.state().items():
+            v = np.asarray(v)
+            out[f"auxopt.{k}"] = (v.shape, v.dtype)
     out["counters"] = ((3,), np.dtype(np.int64))
     return out
 
@@ -306,6 +312,9 @@ def node_state(node) -> dict:
     if node.sg is not None:
         out.update({f"sg.{i}": p.copy() for i, p in enumerate(node.sg.params)})
         out.update({f"sgopt.{k}": np.array(v, copy=True) for k, v in node.sg_opt.state().items()})
+    if getattr(node, "aux", None) is not None:
+        out.update({f"aux.{i}": p.copy() for i, p in enumerate(node.aux.params)})
+        out.update({f"auxopt.{k}": np.array(v, copy=True) for k, v in node.aux_opt.state().items()})
     out["counters"] = np.array([node.fwd_steps, node.updates, node.sg_updates], dtype=np.int64)
     return out
 
@@ -342,6 +351,10 @@ def restore_node(node, state: dict) -> None:
         for i, p in enumerate(node.sg.params):
             p[...] = state[f"sg.{i}"]
         node.sg_opt.load_state({k[len("sgopt."):]: np.asarray(v) for k, v in state.items() if k.startswith("sgopt.")})
+    if getattr(node, "aux", None) is not None:
+        for i, p in enumerate(node.aux.params):
+            p[...] = state[f"aux.{i}"]
+        node.aux_opt.load_state({k[len("auxopt."):]: np.asarray(v) for k, v in state.items() if k.startswith("auxopt.")})
     node.fwd_steps, node.updates, node.sg_updates = (int(c) for c in counters)
     node.cache.clear()
     if hasattr(node, "_acc"):

@@ -19,14 +19,15 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from . import schedules as _schedules
 from .nn import ACTIVATIONS, INITS
 from .optim import OPTIMIZERS
 from .synthetic import SG_MODELS
 
-SCHEDULES = ("async", "sequential", "backprop", "pipeline")
+SCHEDULES = _schedules.NAMES            # one entry each in schedules.TABLE
+DELAY_REMEDIES = ("none", "lr_scale")
 LAUNCHERS = ("local", "agents", "ray")
 SECURITY = ("auto", "curve", "insecure")
-DNI_SCHEDULES = ("async", "sequential")
 DATASETS = ("addition", "idx")
 LOSS_CHOICES = ("auto", "softmax_ce", "sigmoid_bce", "mse")
 
@@ -89,6 +90,9 @@ class TrainConfig:
     eval_every: int = 0                 # evaluate on the test set every N steps (0: at the end only)
     eval_batch: int = 1000
     target_accuracy: float = 0.0        # report the training time at which test accuracy first reaches this
+    stash_weights: bool = False         # delayed: input gradient with the forward pass's weights (PipeDream weight stashing)
+    delay_remedy: str = "none"          # delayed: "none" or "lr_scale" (a gradient d updates late: lr / (1 + d))
+    aux_features: int = 256             # local: features an auxiliary classifier reads (wider layers are average-pooled)
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class RunConfig:
 
 
 RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "microbatches", "eval_every",
-                         "eval_batch", "target_accuracy")
+                         "eval_batch", "target_accuracy", "stash_weights", "delay_remedy")
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -318,7 +322,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("train.sg_hidden", t.sg_hidden, 0)
     _positive("train.max_inflight", t.max_inflight, 1)
     _positive("train.microbatches", t.microbatches, 1)
-    if t.schedule == "pipeline" and t.microbatches > t.batch_size:
+    _choice("train.delay_remedy", t.delay_remedy, DELAY_REMEDIES)
+    _positive("train.aux_features", t.aux_features, 1)
+    if _schedules.get(t.schedule).microbatches and t.microbatches > t.batch_size:
         raise ConfigError(f"train.microbatches: {t.microbatches} micro-batches cannot split a batch of {t.batch_size}")
     _positive("train.eval_every", t.eval_every, 0)
     _positive("train.eval_batch", t.eval_batch, 1)

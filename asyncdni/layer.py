@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import losses
-from .nn import Dense
+from . import schedules as S
+from .nn import Dense, init_weights
 from .optim import all_finite, make_optimizer  # noqa: F401 (all_finite: re-exported)
 from .synthetic import make_sg_model
 
@@ -46,6 +47,14 @@ class LayerSpec:
     microbatches: int     # micro-batches per step for the pipeline schedule
     seed: int
     sg_reuse: bool = False  # SG regression reuses the forward pass's prediction (one matmul less)
+    schedule: str = "async"   # the schedules.TABLE entry whose arithmetic this layer runs
+    stash: bool = False       # delayed: backward with the weights of the forward pass (weight stashing)
+    delay_remedy: str = "none"  # delayed: "none" or "lr_scale" (lr / (1 + observed delay))
+    aux_features: int = 0     # local: features the auxiliary classifier reads (0: no auxiliary head)
+
+    @property
+    def gradient(self) -> str:
+        return S.get(self.schedule).gradient
 
     @property
     def is_first(self) -> bool:
@@ -59,11 +68,32 @@ class LayerSpec:
     def cond_dim(self) -> int:
         return self.n_out if self.cond else 0
 
+    @property
+    def has_aux(self) -> bool:
+        """A hidden layer under a local-loss schedule has an auxiliary classifier."""
+        return self.gradient == S.LOCAL and not self.is_last and self.aux_features > 0
+
+    @property
+    def aux_pool(self) -> int:
+        """Average-pooling factor in front of the auxiliary classifier (1: none)."""
+        return max(1, -(-self.fan_out // self.aux_features)) if self.aux_features else 1
+
+    @property
+    def aux_in(self) -> int:
+        return -(-self.fan_out // self.aux_pool)
+
+    @property
+    def aux_loss(self) -> str:
+        return "softmax_ce" if self.task == "classification" else "sigmoid_bce"
+
     def param_count(self) -> int:
-        """Scalars in this layer's parameters: the dense layer plus its SG model, if any."""
+        """Scalars in this layer's parameters: the dense layer plus its SG model and
+        auxiliary classifier, if any."""
         n = (self.fan_in + 1) * self.fan_out
         if self.is_last:
             return n
+        if self.has_aux:
+            n += (self.aux_in + 1) * self.n_out
         d, k = self.fan_out, self.cond_dim
         if self.sg_model == "linear":
             return n + (d + 1 + k) * d
@@ -80,6 +110,53 @@ def condition_vector(task: str, n_out: int, y: np.ndarray, dtype=np.float32) -> 
     return y.astype(dtype, copy=False)
 
 
+class AuxHead:
+    """The auxiliary classifier of a hidden layer (local losses): ``logits = pool(h) @ A + a``.
+
+    ``pool(h)`` averages groups of ``pool`` neighbouring features (the last group padded
+    with zeros), so a wide layer's head stays small; ``pool == 1`` is a plain linear head.
+    """
+
+    def __init__(self, dim: int, pool: int, n_out: int, rng: np.random.Generator, dtype=np.float32):
+        self.dim, self.pool = dim, pool
+        q = -(-dim // pool)
+        self.A = init_weights(rng, q, n_out, "xavier", dtype)
+        self.a = np.zeros(n_out, dtype)
+        self.params = [self.A, self.a]
+
+    def features(self, h: np.ndarray) -> np.ndarray:
+        if self.pool == 1:
+            return h
+        B, q = h.shape[0], self.A.shape[0]
+        pad = q * self.pool - self.dim
+        if pad:
+            h = np.concatenate([h, np.zeros((B, pad), h.dtype)], axis=1)
+        return h.reshape(B, q, self.pool).mean(axis=2)
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        z = self.features(h) @ self.A
+        z += self.a
+        return z
+
+    def loss_and_grads(self, h: np.ndarray, y: np.ndarray, loss_name: str):
+        """(loss, logits, [dA, da], dL/dh) of the head's loss on the layer's output h."""
+        f = self.features(h)
+        z = f @ self.A
+        z += self.a
+        loss, gz = losses.compute(loss_name, z, y)
+        grads = [f.T @ gz, gz.sum(axis=0)]
+        gf = gz @ self.A.T
+        if self.pool == 1:
+            return loss, z, grads, gf
+        gh = np.repeat(gf, self.pool, axis=1)[:, :self.dim]
+        gh *= h.dtype.type(1.0 / self.pool)
+        return loss, z, grads, gh
+
+    def flops(self, batch: int) -> int:
+        q, n = self.A.shape
+        return 3 * 2 * batch * q * n        # logits, head weight gradient, gradient into h
+
+
 class LayerNode:
     def __init__(self, spec: LayerSpec, dtype=np.float32, fail_on_nonfinite: bool = False):
         self.spec = spec
@@ -93,7 +170,22 @@ class LayerNode:
         if not spec.is_last and spec.sg_model != "none":
             self.sg = make_sg_model(spec.sg_model, spec.fan_out, spec.cond_dim, spec.sg_hidden, rng, dtype)
             self.sg_opt = make_optimizer(spec.optimizer, self.sg.params, spec.sg_lr)
+        self.aux = None
+        self.aux_opt = None
+        if spec.has_aux:
+            arng = np.random.default_rng([spec.seed, spec.index, 1])   # the dense/SG init stays the same
+            self.aux = AuxHead(spec.fan_out, spec.aux_pool, spec.n_out, arng, dtype)
+            self.aux_opt = make_optimizer(spec.optimizer, self.aux.params, spec.lr)
+        self._fwd_name, self._bwd_name = ARITHMETIC[spec.gradient]
         self.cache: dict[int, tuple] = {}
+        self.version = 0                 # delayed: true gradients applied so far (the weights' version)
+        self.delay_sum = 0               # delayed: sum / max / count of observed delays (versions)
+        self.delay_max = 0
+        self.delay_n = 0
+        self.stash_bytes = 0             # delayed with weight stashing: bytes of stashed weights now / at peak
+        self.stash_peak = 0
+        self.aux_recent: list[float] = []   # local: the auxiliary head's recent training accuracy
+        self.sg_recent: list[float] = []    # synthetic: recent SG regression losses
         self._acc: list | None = None   # pipeline gradient accumulator
         self._acc_count = 0
         self.fwd_steps = 0
@@ -116,21 +208,45 @@ class LayerNode:
         if self.fail_on_nonfinite:
             raise NonFiniteError(f"layer {self.spec.index + 1}: non-finite {what}; stopping (fail_on_nonfinite)")
 
-    def _apply(self, gW, gb):
-        """Apply a weight update, unless the gradient or the updated weights are not finite:
-        then nothing changes, and it is counted (or stops the run under fail_on_nonfinite)."""
+    def _apply(self, gW, gb, lr_scale: float = 1.0):
+        """Apply a weight update (learning rate times ``lr_scale``), unless the gradient or the
+        updated weights are not finite: then nothing changes, and it is counted (or stops the
+        run under fail_on_nonfinite)."""
         if not all_finite(gW, gb):
             self._nonfinite("weight gradient")
             return
-        if not self.opt.step([gW, gb]):     # the update itself overflowed: nothing was changed
+        lr = self.opt.lr
+        self.opt.lr = lr * lr_scale
+        try:
+            ok = self.opt.step([gW, gb])
+        finally:
+            self.opt.lr = lr
+        if not ok:                          # the update itself overflowed: nothing was changed
             self._nonfinite("weight update (the new weights would not be finite)")
             return
         self.updates += 1
+
+    # ------------------------------------------------- the schedule's arithmetic
+    def forward(self, step: int, x: np.ndarray, y: np.ndarray, scale: float = 1.0):
+        """The forward arithmetic of this layer's schedule (``ARITHMETIC``): returns
+        (h or None for the last layer, the gradient to send down or None, metrics or None)."""
+        fn = getattr(self, self._fwd_name)
+        return fn(step, x, y) if scale == 1.0 else fn(step, x, y, scale)
+
+    def backward(self, step: int, g: np.ndarray):
+        """A gradient for ``step`` came back from the layer above: apply it the schedule's way;
+        returns the gradient to send down, or None."""
+        if self._bwd_name is None:
+            raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, "
+                            f"but schedule {self.spec.schedule} sends none back")
+        return getattr(self, self._bwd_name)(step, g)
 
     def params(self) -> dict[str, np.ndarray]:
         out = {"W": self.dense.W, "b": self.dense.b}
         if self.sg is not None:
             out.update({f"sg{i}": p for i, p in enumerate(self.sg.params)})
+        if self.aux is not None:
+            out.update({f"aux{i}": p for i, p in enumerate(self.aux.params)})
         return out
 
     def forward_only(self, x):
@@ -182,7 +298,13 @@ class LayerNode:
             return loss
         self.sg_updates += 1
         self.last_sg_loss = loss
+        _recent(self.sg_recent, loss)
         return loss
+
+    def sg_backward(self, step: int, g: np.ndarray):
+        """Synthetic gradients: the true-ish gradient trains the SG model; nothing goes down."""
+        self.sg_update(step, g)
+        return None
 
     def drop_step(self, step: int) -> None:
         self.cache.pop(step, None)
@@ -227,21 +349,110 @@ class LayerNode:
             self._acc, self._acc_count = None, 0
         return gx
 
+    # ---------------------------------------------------------------- delayed
+    def delayed_forward(self, step: int, x: np.ndarray, y: np.ndarray):
+        """Delayed true gradients, forward half: keep what the backward needs (with weight
+        stashing, a copy of W as used now); the last layer updates at once from the loss."""
+        h = self.dense.forward(x)
+        self.fwd_steps += 1
+        if not self.spec.is_last:
+            W = None
+            if self.spec.stash:
+                W = self.dense.W.copy()
+                self.stash_bytes += W.nbytes
+                self.stash_peak = max(self.stash_peak, self.stash_bytes)
+            self.cache[step] = (x, h, W, self.version)
+            return h, None, None
+        gh, metrics = self._loss(h, y)
+        gW, gb, gx = self.dense.backward(x, h, gh, need_input_grad=not self.spec.is_first)
+        self._apply(gW, gb)
+        self._delay(0)
+        return None, gx, metrics
+
+    def delayed_backward(self, step: int, g: np.ndarray):
+        """The true gradient of ``step`` arrives, some updates after its forward: apply it
+        (learning rate divided by 1 + delay under the ``lr_scale`` remedy) and return the
+        input gradient, taken with the stashed weights if stashing is on, else the current ones."""
+        try:
+            x, h, Ws, v = self.cache.pop(step)
+        except KeyError:
+            raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
+        if Ws is not None:
+            self.stash_bytes -= Ws.nbytes
+        delay = self.version - v
+        gW, gb, gx = self.dense.backward(x, h, g, need_input_grad=not self.spec.is_first, W=Ws)
+        self._apply(gW, gb, 1.0 / (1 + delay) if self.spec.delay_remedy == "lr_scale" else 1.0)
+        self._delay(delay)
+        return gx
+
+    def _delay(self, delay: int) -> None:
+        self.version += 1
+        self.delay_sum += delay
+        self.delay_n += 1
+        self.delay_max = max(self.delay_max, delay)
+
+    # ------------------------------------------------------------------ local
+    def local_forward(self, step: int, x: np.ndarray, y: np.ndarray):
+        """Local losses: a hidden layer updates at once from its auxiliary classifier's
+        gradient (and trains the head); the last layer from the real loss. Nothing goes down."""
+        h = self.dense.forward(x)
+        self.fwd_steps += 1
+        metrics = None
+        if self.spec.is_last:
+            gh, metrics = self._loss(h, y)
+        elif self.aux is not None:
+            loss, z, grads, gh = self.aux.loss_and_grads(h, y, self.spec.aux_loss)
+            if not (np.isfinite(loss) and all_finite(*grads)):
+                self._nonfinite("auxiliary-head update")
+            elif not self.aux_opt.step(grads):
+                self._nonfinite("auxiliary-head update (the new head weights would not be finite)")
+            _recent(self.aux_recent, losses.metrics(self.spec.aux_loss, z, y)[0])
+        else:
+            return h, None, None
+        gW, gb, _ = self.dense.backward(x, h, gh, need_input_grad=False)
+        self._apply(gW, gb)
+        return (None if self.spec.is_last else h), None, metrics
+
+    def aux_logits(self, h: np.ndarray) -> np.ndarray:
+        return self.aux.logits(h)
+
     @property
     def step_complete(self) -> bool:
         """True when no micro-batch gradient is waiting to be applied."""
         return self._acc_count == 0
 
     # ------------------------------------------------------------ accounting
-    def flops_per_batch(self, batch: int, schedule: str) -> int:
-        """Floating-point operations this layer performs for one training batch."""
+    def flops_per_batch(self, batch: int, schedule: str | None = None) -> int:
+        """Floating-point operations this layer performs for one training batch under
+        ``schedule`` (default: its own), from the kind of gradient that schedule applies."""
+        s = self.spec
+        gradient = S.get(schedule or s.schedule).gradient
         W = self.dense.W
         mm = 2 * batch * W.shape[0] * W.shape[1]
         f = mm                                   # forward
         f += mm                                  # weight gradient
-        if not self.spec.is_first:
-            f += mm                              # input gradient
-        if schedule in ("async", "sequential") and self.sg is not None:
+        if not s.is_first and gradient != S.LOCAL:
+            f += mm                              # input gradient (local losses send none)
+        if gradient == S.SYNTHETIC and self.sg is not None:
             p, u = self.sg.flops(batch)
-            f += p + u + (0 if self.spec.sg_reuse else p)
+            f += p + u + (0 if s.sg_reuse else p)
+        if gradient == S.LOCAL and not s.is_last and s.aux_features:
+            q = -(-s.fan_out // max(1, -(-s.fan_out // s.aux_features)))
+            f += 3 * 2 * batch * q * s.n_out     # auxiliary head: logits, its weight gradient, dL/dh
         return f
+
+
+def _recent(buf: list, v: float, n: int = 50) -> None:
+    buf.append(float(v))
+    if len(buf) > n:
+        del buf[0]
+
+
+# The arithmetic of each kind of gradient a schedule can apply (schedules.Schedule.gradient):
+# LayerNode method names for the forward message and for a gradient coming back (None: none).
+ARITHMETIC = {
+    S.SYNTHETIC: ("dni_forward", "sg_backward"),
+    S.TRUE: ("bp_forward", "bp_backward"),
+    S.DELAYED: ("delayed_forward", "delayed_backward"),
+    S.LOCAL: ("local_forward", None),
+}

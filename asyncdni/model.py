@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import schedules
 from .config import RunConfig
 from .data import Dataset, binary_addition_split, load_idx_dir
 from .layer import LayerSpec
@@ -53,6 +54,7 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
     in_dim = train.x.shape[1]
     widths = (in_dim,) + cfg.model.hidden_widths() + (train.n_out,)
     K = cfg.model.layers
+    sched = schedules.get(t.schedule)
     specs = []
     for i in range(K):
         last = i == K - 1
@@ -61,8 +63,9 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
             activation=("sigmoid" if loss == "mse" else "linear") if last else cfg.model.activation,
             init=cfg.model.init, loss=loss, task=train.task, n_out=train.n_out,
             optimizer=t.optimizer, lr=t.lr, sg_model=t.sg_model, sg_hidden=t.sg_hidden, sg_lr=t.sg_lr,
-            cond=t.cond, microbatches=t.microbatches if t.schedule == "pipeline" else 1, seed=t.seed,
-            sg_reuse=t.sg_reuse_prediction,
+            cond=t.cond, microbatches=t.microbatches if sched.microbatches else 1, seed=t.seed,
+            sg_reuse=t.sg_reuse_prediction, schedule=sched.name, stash=t.stash_weights,
+            delay_remedy=t.delay_remedy, aux_features=t.aux_features,
         ))
     steps_per_epoch = len(train) // t.batch_size
     steps = t.steps if t.steps > 0 else max(1, round(t.epochs * steps_per_epoch))

@@ -80,12 +80,14 @@ class Dense:
         z += self.b
         return activate(self.activation, z, inplace=True)
 
-    def backward(self, x: np.ndarray, h: np.ndarray, gh: np.ndarray, need_input_grad: bool = True):
-        """Return (gW, gb, gx) for upstream gradient gh = dL/dh; gx is None when not needed."""
+    def backward(self, x: np.ndarray, h: np.ndarray, gh: np.ndarray, need_input_grad: bool = True,
+                 W: np.ndarray | None = None):
+        """Return (gW, gb, gx) for upstream gradient gh = dL/dh; gx is None when not needed.
+        ``W``: the weights to take gx with (a stashed copy), default the current ones."""
         gz = activation_backward(self.activation, h, gh)
         gW = x.T @ gz
         gb = gz.sum(axis=0)
-        gx = gz @ self.W.T if need_input_grad else None
+        gx = gz @ (self.W if W is None else W).T if need_input_grad else None
         return gW, gb, gx
 
     def flops_forward(self, batch: int) -> int:

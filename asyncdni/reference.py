@@ -1,9 +1,11 @@
 """In-process trainer of exactly the engine's arithmetic, no sockets.
 
-Uses the same :class:`LayerNode` methods, in the order the multi-process ``sequential``,
-``backprop`` and ``pipeline`` schedules impose, so a multi-process run with the same seed
-ends with the same weights. ``dni`` here is the sequential DNI order; it is also the
-single-process baseline that ``asyncdni bench`` reports.
+Runs the same :class:`LayerNode` methods in a schedule's lock-step order (a list of
+typed actions per step from ``schedules.lockstep``, executed by :class:`Runtime`), so a
+multi-process run of a deterministic schedule (``sequential``, ``backprop``,
+``pipeline``, ``delayed_fixed``, ``local``) with the same seed ends with the same weights.
+``dni`` here is the sequential DNI order; it is also the single-process baseline that
+``asyncdni bench`` reports.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import losses
+from . import schedules as S
 from .data import BatchStream, Dataset, eval_batches
 from .layer import LayerNode
 from .model import Plan, microbatch_bounds
@@ -40,67 +43,129 @@ def evaluate(nodes: list[LayerNode], loss_name: str, test: Dataset, batch: int) 
     return {"loss": tot_loss / n_all, "metric": tot_m / n_all, "metric2": tot_m2 / n_all, "n": n_all}
 
 
-def train_step(nodes: list[LayerNode], schedule: str, step: int, x, y, microbatches: int = 1) -> dict:
-    """One training step of the given schedule; returns the last layer's metrics."""
-    if schedule in ("async", "sequential", "dni"):
-        h = x
-        metrics = None
-        for i, node in enumerate(nodes):
-            out, gx, m = node.dni_forward(step, h, y)
-            if i > 0 and gx is not None:
-                nodes[i - 1].sg_update(step, gx)
-            h, metrics = out, m
-        return metrics
-    if schedule == "backprop":
-        h = x
-        for node in nodes[:-1]:
-            h, _, _ = node.bp_forward(step, h, y)
-        _, g, metrics = nodes[-1].bp_forward(step, h, y)
-        for node in reversed(nodes[:-1]):
-            g = node.bp_backward(step, g)
-        return metrics
-    if schedule == "pipeline":
+ALIASES = {"dni": "sequential"}   # the in-process DNI baseline runs the sequential DNI order
+
+
+class Runtime:
+    """Executes a lock-step order (``schedules.lockstep``) on in-process ``LayerNode``s.
+
+    Mailboxes stand in for the sockets: an ``F`` action takes its input from the stage
+    below (the feeder for stage 0) and leaves its output for the stage above and its
+    gradient for the stage below; a ``B`` action takes the gradient the stage above left.
+    An action whose input is missing, or that fails, raises :class:`ScheduleError` with the
+    order printed as a step x layer grid and the failing action marked.
+    """
+
+    def __init__(self, nodes: list[LayerNode], sched: S.Schedule):
+        self.nodes = nodes
+        self.sched = sched
+        self.K = len(nodes)
+        self.M = nodes[0].spec.microbatches
+        self.fwd: dict = {}
+        self.bwd: dict = {}
+        self.metrics: dict[int, list] = {}
+
+    def key(self, a: S.Action) -> int:
+        """The node's step id: micro-steps ``step * M + mb`` under micro-batching."""
+        return a.step * self.M + a.mb if a.mb >= 0 else a.step
+
+    def feed(self, step: int, x, y) -> None:
+        if self.M == 1:
+            self.fwd[(0, step)] = (x, y, 1.0)
+            return
         B = x.shape[0]
-        agg = {"loss": 0.0, "metric": 0.0, "metric2": 0.0, "n": 0}
-        grads = []
-        bounds = microbatch_bounds(B, microbatches)
-        for j, (a, b) in enumerate(bounds):           # all micro-batches forward
-            mstep = step * microbatches + j
-            h = x[a:b]
-            for node in nodes[:-1]:
-                h, _, _ = node.bp_forward(mstep, h, y[a:b])
-            _, g, m = nodes[-1].bp_forward(mstep, h, y[a:b], scale=(b - a) / B)
-            grads.append(g)
+        for j, (a, b) in enumerate(microbatch_bounds(B, self.M)):
+            self.fwd[(0, step * self.M + j)] = (x[a:b], y[a:b], (b - a) / B)
+
+    def run(self, ticks: list[list[S.Action]], first_tick: int = 0, batch_of=None, on_metrics=None) -> None:
+        """Execute ``ticks`` in order. ``batch_of(step) -> (x, y)`` feeds stage 0 when a step's
+        first forward comes up; ``on_metrics(step, metrics)`` gets each step's loss after its tick."""
+        for tick in ticks:
+            if batch_of is not None:
+                for step in sorted({a.step for a in tick if a.op == "F" and a.stage == 0}):
+                    self.feed(step, *batch_of(step))
+            for a in tick:
+                try:
+                    self.execute(a)
+                except Exception as e:
+                    grid = S.format_grid(ticks, self.K, failed=a, first_tick=first_tick)
+                    raise S.ScheduleError(f"schedule {self.sched.name}: action {a} failed: "
+                                          f"{type(e).__name__}: {e}\n{grid}") from e
+            if on_metrics is not None:
+                for step in sorted(self.metrics):
+                    on_metrics(step, self.step_metrics(step))
+
+    def execute(self, a: S.Action) -> None:
+        i, k = a.stage, self.key(a)
+        node = self.nodes[i]
+        if a.op == "F":
+            if (i, k) not in self.fwd:
+                raise KeyError(f"no input for stage {i} step {k}: the stage below has not run its forward")
+            x, y, scale = self.fwd.pop((i, k))
+            h, gd, m = node.forward(k, x, y, scale)
+            if h is not None and i + 1 < self.K:
+                self.fwd[(i + 1, k)] = (h, y, scale)
+            if gd is not None and i > 0:
+                self.bwd[(i - 1, k)] = gd
+            if m is not None:
+                self.metrics.setdefault(a.step, []).append(m)
+            return
+        if (i, k) not in self.bwd:
+            raise KeyError(f"no gradient for stage {i} step {k}: the stage above has not sent it")
+        gd = node.backward(k, self.bwd.pop((i, k)))
+        if gd is not None and i > 0:
+            self.bwd[(i - 1, k)] = gd
+
+    def step_metrics(self, step: int) -> dict:
+        ms = self.metrics.pop(step)
+        if len(ms) == 1:
+            return ms[0]
+        agg = {"loss": 0.0, "metric": 0.0, "metric2": 0.0, "n": 0}   # as the last worker aggregates
+        for m in ms:
             for k in ("loss", "metric", "metric2"):
                 agg[k] += m[k] * m["n"]
             agg["n"] += m["n"]
-        for j, g in enumerate(grads):                 # then all backward, in micro-batch order
-            mstep = step * microbatches + j
-            for node in reversed(nodes[:-1]):
-                g = node.bp_backward(mstep, g)
         return {k: (v / agg["n"] if k != "n" else v) for k, v in agg.items()}
-    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def train_step(nodes: list[LayerNode], schedule: str, step: int, x, y, microbatches: int = 1) -> dict:
+    """One training step of the given schedule's lock-step order; returns the last layer's
+    metrics. (Fixed-lag orders owe gradients across steps: use :func:`train_reference`.)"""
+    sched = S.get(ALIASES.get(schedule, schedule))
+    rt = Runtime(nodes, sched)
+    rt.feed(step, x, y)
+    rt.run(S.lockstep(sched, len(nodes), step, step + 1, rt.M))
+    return rt.step_metrics(step)
 
 
 def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps: int | None = None,
-                    test: Dataset | None = None, eval_every: int = 0, eval_batch: int = 1000) -> ReferenceResult:
-    nodes = [LayerNode(s) for s in plan.specs]
+                    test: Dataset | None = None, eval_every: int = 0, eval_batch: int = 1000,
+                    boundaries=(), start: int = 0, nodes: list[LayerNode] | None = None) -> ReferenceResult:
+    """Train ``steps`` steps in the schedule's lock-step order. ``boundaries``: further steps
+    at which the workers drain the pipeline (checkpoints); evaluations drain too. ``start``
+    and ``nodes``: continue from a state (a resumed run)."""
+    sched = S.get(ALIASES.get(schedule, schedule))
+    nodes = [LayerNode(s) for s in plan.specs] if nodes is None else nodes
     stream = BatchStream(train, plan.batch_size, seed)
     res = ReferenceResult(nodes)
     M = plan.specs[0].microbatches
     steps = plan.steps if steps is None else steps
+    evals = [s for s in range(start + 1, steps) if eval_every and s % eval_every == 0] if test is not None else []
+    cuts = sorted({b for b in boundaries if start < b < steps} | set(evals) | {steps})
+    rt = Runtime(nodes, sched)
     t0 = time.perf_counter()
     paused = 0.0
-    for step in range(steps):
-        x, y = stream.batch(step)
-        m = train_step(nodes, schedule, step, x, y, M)
-        res.losses.append(m["loss"])
-        if test is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+    seg = start
+    for cut in cuts:
+        rt.run(S.lockstep(sched, len(nodes), seg, cut, M), first_tick=seg, batch_of=stream.batch,
+               on_metrics=lambda step, m: res.losses.append(m["loss"]))
+        if cut in evals:
             p0 = time.perf_counter()
             ev = evaluate(nodes, plan.loss, test, eval_batch)
             paused += time.perf_counter() - p0
-            ev.update(step=step + 1, train_time=time.perf_counter() - t0 - paused)
+            ev.update(step=cut, train_time=time.perf_counter() - t0 - paused)
             res.evals.append(ev)
+        seg = cut
     res.train_time = time.perf_counter() - t0 - paused
     if test is not None:
         ev = evaluate(nodes, plan.loss, test, eval_batch)

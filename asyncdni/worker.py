@@ -28,8 +28,9 @@ import zmq
 
 from . import checkpoint as CK
 from . import protocol as P
+from . import schedules as S
 from . import security, transport
-from .config import DNI_SCHEDULES, from_dict
+from .config import from_dict
 from .data import DataError
 from .layer import LayerNode, LayerSpec, NonFiniteError, StepError, all_finite
 from .report import TRACE_CODES
@@ -81,6 +82,7 @@ class Worker:
         self.cfg = from_dict(spec["config"])
         self.rt = self.cfg.runtime
         self.schedule = self.cfg.train.schedule
+        self.sched = S.get(self.schedule)      # everything schedule-specific is read from here
         self.host = spec["nodes"][self._node_id]["host"]
         self.ctx = ctx
         self.ctrl = ctrl
@@ -342,12 +344,17 @@ class LayerWorker(Worker):
         self.last = self.lspec.is_last
         self.M = self.lspec.microbatches
         self.batch_size = self.cfg.train.batch_size
-        self.dni = self.schedule in DNI_SCHEDULES
-        self.seq = self.schedule == "sequential"
-        self.pending = None          # sequential: (step, target, message) held until the ACK from below
+        # fixed lag (delayed_fixed): the gradient of step s is applied right after the forward
+        # of step s + lag; gradients that come earlier wait in bwd_queue, and the forward of
+        # step t waits until the gradient of step t - lag - 1 has been applied
+        self.lag = self.sched.lags(self.K)[self.index] if self.sched.fixed_lag and not self.last else None
+        self.bwd_queue: list = []
+        self.bwd_applied = 0         # fixed lag: gradients applied (they come in step order)
+        self.is_pause = S.pause_points(0, int(spec["steps"]), self.cfg.train.eval_every,
+                                       self.rt.checkpoint_every)
+        self.pending = None          # hold_for_ack: (step, target, message) held until the ACK from below
         self.marker = None           # checkpoint step waiting for this layer's in-flight state to drain
         self.metrics_acc = None      # pipeline (last layer): per-step metric accumulator
-        self.sg_losses = []
         self.nonfinite_outputs = 0   # outgoing activations/gradients that had to be zeroed
         ls = self.lspec
         self.expect_fwd, self.expect_bwd = P.layer_expect(
@@ -363,6 +370,9 @@ class LayerWorker(Worker):
             ck = CK.validate(resume["dir"], None, self.K, verify_files=False)
             CK.restore_node(self.node, ck.read_layer(self.index))
             self.next_step = ck.step * self.M
+            self.bwd_applied = ck.step
+            self.is_pause = S.pause_points(ck.step, int(self.spec["steps"]), self.cfg.train.eval_every,
+                                           self.rt.checkpoint_every)
 
     def bind_inboxes(self) -> dict:
         node = self.spec["nodes"][self._node_id]
@@ -396,7 +406,7 @@ class LayerWorker(Worker):
         pc = time.perf_counter
         while True:
             t0 = pc()
-            events = dict((holding if self.marker is not None else poller).poll(timeout))
+            events = dict((poller if self.fwd_open() else holding).poll(timeout))
             dt = pc() - t0
             self.wait += dt
             if dt > 1e-4:
@@ -414,7 +424,7 @@ class LayerWorker(Worker):
             if self.marker is not None:
                 self.try_checkpoint()
             # while a checkpoint marker waits, nothing from upstream may touch the weights
-            if self.fwd_in in events and self.marker is None:
+            if self.fwd_in in events and self.fwd_open():
                 self.handle_fwd(self.recv_timed(self.fwd_in))
 
     def reported_step(self) -> int:
@@ -451,6 +461,13 @@ class LayerWorker(Worker):
             # a NaN here, since every layer zeroes its non-finite outputs
             raise StepLost(f"{self.label}: evaluation batch {e.step} can never complete: its message was rejected "
                            f"({e.reason}: {e})")
+
+    def fwd_open(self) -> bool:
+        """May the next message from upstream be read? Not while a checkpoint marker waits,
+        nor, under a fixed lag, before the gradient that must precede the next forward."""
+        if self.marker is not None:
+            return False
+        return self.lag is None or self.bwd_applied >= self.next_step - self.lag
 
     def _timed(self, code, fn, *args):
         t0 = time.perf_counter()
@@ -493,29 +510,18 @@ class LayerWorker(Worker):
         self.next_step = step + 1
         x, y = msg.arrays
         self.cur_step = step
-        if self.dni:
-            h, gx, metrics = self._timed(T_FWD, self.node.dni_forward, step, x, y)
-            if gx is not None:
-                self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
-            if self.last:
-                out = (P.DONE, step, (), _metric_fields(metrics))
-                target = self.sink
-            else:
-                out = (P.FWD, step, (self.finite_out(h, "activations"), y), None)
-                target = self.up
-            if self.seq and not self.first:
-                self.pending = (step, target, out)      # strictly one layer at a time: wait for the ACK
-            else:
-                self.send(target, *out)
-            return
-        # backprop / pipeline: step here is a micro-step (step * M + j)
-        scale = x.shape[0] / self.batch_size if self.M > 1 else 1.0
-        h, gx, metrics = self._timed(T_FWD, self.node.bp_forward, step, x, y, scale)
-        if not self.last:
-            self.send(self.up, P.FWD, step, (self.finite_out(h, "activations"), y))
-            return
-        if not self.first:
+        scale = x.shape[0] / self.batch_size if self.M > 1 else 1.0   # micro-batch share of the batch
+        h, gx, metrics = self._timed(T_FWD, self.node.forward, step, x, y, scale)
+        if gx is not None:
             self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
+        if not self.last:
+            out = (P.FWD, step, (self.finite_out(h, "activations"), y), None)
+            if self.sched.hold_for_ack and not self.first:
+                self.pending = (step, self.up, out)     # strictly one layer at a time: wait for the ACK
+            else:
+                self.send(self.up, *out)
+            self.drain_bwd_queue()
+            return
         full_step = step // self.M
         if self.M > 1:
             acc = self.metrics_acc or {"loss": 0.0, "metric": 0.0, "metric2": 0.0, "n": 0}
@@ -527,9 +533,13 @@ class LayerWorker(Worker):
                 return
             metrics = {k: (v / acc["n"] if k != "n" else v) for k, v in acc.items()}
             self.metrics_acc = None
-        self.send(self.sink, P.DONE, full_step, (), _metric_fields(metrics))
-        if self.first and self.node.step_complete:     # single-layer network: release the feeder
-            self.send(self.down, P.ACK, full_step)
+        out = (P.DONE, full_step, (), _metric_fields(metrics))
+        if self.sched.hold_for_ack and not self.first:
+            self.pending = (step, self.sink, out)
+        else:
+            self.send(self.sink, *out)
+        if self.first and self.sched.needs_ack and self.node.step_complete:
+            self.send(self.down, P.ACK, full_step)       # single-layer network: release the feeder
 
     def release_pending(self, step: int) -> None:
         if self.pending is None or self.pending[0] != step:
@@ -574,36 +584,55 @@ class LayerWorker(Worker):
 
     # -------------------------------------------------------------- backward
     def on_bwd(self, msg) -> None:
-        if msg.kind != P.BWD:
+        if msg.kind != P.BWD or not self.sched.sends_backward:
             self.reject("unexpected")
             return
-        g = msg.arrays[0]
+        if self.lag is not None:
+            if msg.step not in self.node.cache or any(m.step == msg.step for m in self.bwd_queue):
+                self.reject("step")
+                return
+            self.bwd_queue.append(msg)
+            self.drain_bwd_queue()
+            return
+        self.apply_bwd(msg)
+
+    def drain_bwd_queue(self) -> None:
+        """Fixed lag: apply queued gradients whose turn has come: step s after the forward
+        of step s + lag, or all of them once the forwards reached a drain point."""
+        q = self.bwd_queue
+        while q and (q[0].step + self.lag < self.next_step or self.is_pause(self.next_step)):
+            msg = q.pop(0)
+            self.apply_bwd(msg)
+            self.bwd_applied += 1
+
+    def apply_bwd(self, msg) -> None:
         step = msg.step
         try:
-            if self.dni:
-                loss = self._timed(T_BWD, self.node.sg_update, step, g)
-                self.sg_losses.append(loss)
-                if self.seq:
-                    self.send(self.up, P.ACK, step)
-                return
-            gx = self._timed(T_BWD, self.node.bp_backward, step, g)
+            gx = self._timed(T_BWD, self.node.backward, step, msg.arrays[0])
         except StepError:
             self.reject("step")            # a gradient for a step that is not in flight here
             return
-        if not self.first:
+        if self.sched.hold_for_ack:
+            self.send(self.up, P.ACK, step)        # the layer above may pass its output on now
+        elif gx is not None:
             self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
-        elif self.node.step_complete:
+        elif self.first and self.sched.needs_ack and self.node.step_complete:
             self.send(self.down, P.ACK, step // self.M)
 
     # ------------------------------------------------------------------ bye
     def stats(self) -> dict:
         s = super().stats()
+        n = self.node
         s.update(steps=self.node.fwd_steps // self.M, updates=self.node.updates, sg_updates=self.node.sg_updates,
-                 sg_loss=float(np.mean(self.sg_losses[-50:])) if self.sg_losses else None,
+                 sg_loss=float(np.mean(n.sg_recent)) if n.sg_recent else None,
+                 delay_mean=n.delay_sum / n.delay_n if n.delay_n else None,
+                 delay_max=n.delay_max if n.delay_n else None,
+                 stash_peak_bytes=n.stash_peak,
+                 aux_train_metric=float(np.mean(n.aux_recent)) if n.aux_recent else None,
                  cached_steps=len(self.node.cache), nonfinite_skipped=self.node.nonfinite_skipped,
                  nonfinite_outputs=self.nonfinite_outputs,
                  fan_in=self.lspec.fan_in, fan_out=self.lspec.fan_out,
-                 flops_per_batch=self.node.flops_per_batch(self.batch_size, self.schedule))
+                 flops_per_batch=self.node.flops_per_batch(self.batch_size))
         return s
 
     def bye_payload(self):
@@ -631,9 +660,9 @@ class FeederWorker(Worker):
         self.steps = int(self.spec["steps"])
         self.stream = BatchStream(self.train, t.batch_size, t.seed)
         self.eval_set = eval_batches(self.test, t.eval_batch)
-        self.M = t.microbatches if self.schedule == "pipeline" else 1
+        self.M = t.microbatches if self.sched.microbatches else 1
         self.bounds = microbatch_bounds(t.batch_size, self.M)
-        self.window = t.max_inflight if self.schedule == "async" else 1
+        self.window = self.sched.window_size(t.max_inflight, len(self.spec["specs"]))
         self.losses = np.full(self.steps, np.nan)
         self.metric = np.full(self.steps, np.nan)
         self.done_at = np.full(self.steps, np.nan)   # training-clock time each step finished
@@ -736,7 +765,7 @@ class FeederWorker(Worker):
         eval_every = self.cfg.train.eval_every
         ck_every = self.rt.checkpoint_every
         target = self.cfg.train.target_accuracy
-        need = 1 if self.schedule in DNI_SCHEDULES else 3
+        need = 3 if self.sched.needs_ack else 1      # DONE, and ACK where the gradient travels back
         got = np.zeros(self.steps, np.uint8)
         self.state = "training"
         while completed < self.steps:
