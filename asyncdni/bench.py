@@ -13,9 +13,15 @@ import numpy as np
 
 from . import config as C
 from . import coordinator, reference
+from . import schedules as S
 from .model import load_datasets, make_plan
 
-SCHEDULE_ORDER = ("sequential", "async", "backprop", "pipeline", "inprocess")
+SCHEDULE_ORDER = S.BENCH_ORDER
+BENCH_CHOICES = S.BENCH_CHOICES
+INPROCESS = "sequential"      # the schedule whose arithmetic and order the in-process run has
+PARALLELISM = {"locked": lambda K, M, cores, balance: 1.0,
+               "microbatch": lambda K, M, cores, balance: min(float(cores), K * M / (M + K - 1)),
+               "free": lambda K, M, cores, balance: balance}
 
 
 def cores() -> int:
@@ -30,17 +36,29 @@ def flops_per_sample(plan, schedule: str) -> float:
     from .layer import LayerNode
     total = 0
     B = plan.batch_size
+    s = INPROCESS if schedule == "inprocess" else schedule
     for spec in plan.specs:
-        node = LayerNode(spec)
-        s = "async" if schedule in ("async", "sequential", "inprocess") else schedule
-        total += node.flops_per_batch(B, s)
+        total += LayerNode(spec).flops_per_batch(B, s)
     return total / B
 
 
+def _sched(name: str) -> S.Schedule:
+    return S.get(INPROCESS if name == "inprocess" else name)
+
+
+def steps_to_target(evals, target) -> int | None:
+    """The step of the first evaluation at or above ``target`` (None: never)."""
+    if not target:
+        return None
+    hit = [e for e in evals or [] if e["metric"] >= target]
+    return int(hit[0]["step"]) if hit else None
+
+
 def _layer_rows(summary_layers):
-    return [{k: L[k] for k in ("layer", "pid", "busy_s", "wait_s", "comm_s", "busy_fraction", "msgs_sent",
-                               "bytes_sent", "cpu_percent", "peak_rss_mb", "steps", "updates", "sg_updates",
-                               "cached_steps", "rejected")} for L in summary_layers]
+    return [{k: L.get(k) for k in ("layer", "pid", "busy_s", "wait_s", "comm_s", "busy_fraction", "msgs_sent",
+                                   "bytes_sent", "cpu_percent", "peak_rss_mb", "steps", "updates", "sg_updates",
+                                   "cached_steps", "rejected", "delay_mean", "delay_max", "stash_peak_bytes",
+                                   "aux_train_metric")} for L in summary_layers]
 
 
 def run_inprocess(cfg: C.RunConfig) -> dict:
@@ -69,7 +87,7 @@ def run_inprocess_here(cfg: C.RunConfig) -> dict:
     train, test = load_datasets(cfg)
     plan = make_plan(cfg, train)
     t = cfg.train
-    r = reference.train_reference(plan, "dni", train, t.seed, test=test, eval_every=t.eval_every,
+    r = reference.train_reference(plan, INPROCESS, train, t.seed, test=test, eval_every=t.eval_every,
                                   eval_batch=t.eval_batch)
     ev = r.evals[-1]
     loss = np.asarray(r.losses)
@@ -105,6 +123,9 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
         r = coordinator.run(c, on_progress=on_progress, datasets=datasets)
         summ = report.run_summary(r)
         summ["per_layer"] = _layer_rows(summ["per_layer"])
+        aux = reference.aux_evaluate(r.plan, r.params, datasets[1], cfg.train.eval_batch)
+        for L, a in zip(summ["per_layer"], aux):
+            L["aux_test_metric"] = a
         runs[s] = summ
         traces[s] = r.traces
         series[s] = {"loss": r.series["loss"], "done_at": r.series["done_at"]}
@@ -116,9 +137,12 @@ def analyse(cfg, plan, runs: dict) -> dict:
     K = plan.n_layers
     M = cfg.train.microbatches
     flops = {s: flops_per_sample(plan, s) for s in runs}
+    target = cfg.train.target_accuracy
+    for r in runs.values():
+        r["steps_to_target"] = steps_to_target(r.get("evals"), target)
     out = {"machine": {"cores": n_cores}, "layers": K, "widths": list(plan.widths),
            "batch_size": plan.batch_size, "steps": plan.steps, "samples": plan.steps * plan.batch_size,
-           "runs": runs, "flops_per_sample": flops}
+           "target_accuracy": target or None, "runs": runs, "flops_per_sample": flops}
     # measured compute of each layer in the sequential run: the balance of the pipeline
     bound = float(min(K, n_cores))
     if "sequential" in runs and runs["sequential"]["per_layer"]:
@@ -137,7 +161,7 @@ def analyse(cfg, plan, runs: dict) -> dict:
     work_bound = {}
     if rate:
         for s in runs:
-            par = {"async": bound, "pipeline": min(float(n_cores), K * M / (M + K - 1))}.get(s, 1.0)
+            par = 1.0 if s == "inprocess" else PARALLELISM[_sched(s).parallelism](K, M, n_cores, bound)
             work_bound[s] = par * rate / flops[s]
     out["work_bound_samples_per_s"] = work_bound
     speed = {}
@@ -156,21 +180,24 @@ def format_bench(res: dict) -> str:
     runs = res["runs"]
     lines = [f"bench: {res['layers']} layers {'-'.join(map(str, res['widths']))}, batch {res['batch_size']}, "
              f"{res['steps']} steps ({res['samples']} samples), {res['machine']['cores']} cores"]
-    hdr = (f"  {'schedule':<11}{'samples/s':>10}{'train s':>9}{'loss':>8}{'test acc':>9}{'to target':>10}"
-           f"{'MFLOP/smp':>10}{'work bound':>11}{'of bound':>9}")
+    tgt = res.get("target_accuracy")
+    tname = f"to {100 * tgt:g}%" if tgt else "to target"
+    hdr = (f"  {'schedule':<14}{'samples/s':>10}{'train s':>9}{'loss':>8}{'test acc':>9}{tname + ' s':>11}"
+           f"{tname + ' steps':>15}{'MFLOP/smp':>10}{'work bound':>11}{'of bound':>9}")
     lines.append(hdr)
     wb = res.get("work_bound_samples_per_s", {})
-    for s in SCHEDULE_ORDER:
-        if s not in runs:
-            continue
+    order = [s for s in SCHEDULE_ORDER if s in runs] + [s for s in runs if s not in SCHEDULE_ORDER]
+    for s in order:
         r = runs[s]
         ttt = r.get("time_to_target_s")
+        stt = r.get("steps_to_target")
         b = wb.get(s)
-        ttt_s = "-" if ttt is None else f"{ttt:.2f}s"
+        ttt_s = "-" if ttt is None else f"{ttt:.2f}"
+        stt_s = "-" if stt is None else f"{stt}"
         b_s = "-" if not b else f"{b:.0f}"
         frac_s = "-" if not b else f"{100 * r['samples_per_s'] / b:.0f}%"
-        lines.append(f"  {s:<11}{r['samples_per_s']:>10.0f}{r['train_time_s']:>9.2f}{r['loss_last']:>8.3f}"
-                     f"{100 * r['test_metric']:>8.2f}%{ttt_s:>10}"
+        lines.append(f"  {s:<14}{r['samples_per_s']:>10.0f}{r['train_time_s']:>9.2f}{r['loss_last']:>8.3f}"
+                     f"{100 * r['test_metric']:>8.2f}%{ttt_s:>11}{stt_s:>15}"
                      f"{res['flops_per_sample'][s] / 1e6:>10.2f}{b_s:>11}{frac_s:>9}")
     if res.get("async_speedup"):
         lines.append("")
@@ -181,14 +208,18 @@ def format_bench(res: dict) -> str:
                 extra = (f"   (bound {bound:.2f} = min(cores {res['machine']['cores']}, layer balance "
                          f"{res.get('layer_balance', float('nan')):.2f}); efficiency {100 * v / bound:.0f}%)")
             lines.append(f"  speedup async / {s:<10} {v:5.2f}x{extra}")
-    for s in SCHEDULE_ORDER:
-        if s in runs and runs[s]["per_layer"]:
+    for s in order:
+        if runs[s]["per_layer"]:
             lines.append("")
             lines.append(f"  {s}: layer  busy s  wait s  comm s  busy%   msgs   sent MB  cpu%  rss MB")
             for L in runs[s]["per_layer"]:
                 lines.append(f"  {'':<{len(s)}}  {L['layer']:>5} {L['busy_s']:>7.2f} {L['wait_s']:>7.2f} {L['comm_s']:>7.2f}"
                              f" {100 * L['busy_fraction']:>5.1f}% {L['msgs_sent']:>6} {L['bytes_sent'] / 2**20:>9.1f}"
                              f" {L['cpu_percent']:>5.0f} {L['peak_rss_mb']:>7.1f}")
+            from .report import layer_extras
+            extra = layer_extras(runs[s]["per_layer"])
+            if extra:
+                lines += [f"  {'':<{len(s)}}  {x}" for x in extra]
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import config as C
+from . import schedules as S
 
 # flag -> (dotted config field, argparse kwargs)
 TRAIN_FLAGS = {
@@ -18,7 +19,7 @@ TRAIN_FLAGS = {
     "--bits": ("data.bits", dict(type=str, metavar="N", help="binary addition: bits per operand (default 8)")),
     "--test-fraction": ("data.test_fraction", dict(type=str, metavar="F", help="idx with one file pair: held-out fraction (default 0.2)")),
     "--data-seed": ("data.seed", dict(type=str, metavar="S", help="seed of the dataset and split")),
-    "--schedule": ("train.schedule", dict(type=str, help="async, sequential, backprop or pipeline (default async)")),
+    "--schedule": ("train.schedule", dict(type=str, help=f"{', '.join(C.SCHEDULES)} (default async)")),
     "--steps": ("train.steps", dict(type=str, metavar="N", help="training steps (overrides --epochs)")),
     "--epochs": ("train.epochs", dict(type=str, metavar="E", help="epochs over the training set (default 8)")),
     "--batch-size": ("train.batch_size", dict(type=str, metavar="B", help="batch size (default 64)")),
@@ -28,8 +29,11 @@ TRAIN_FLAGS = {
     "--sg-model": ("train.sg_model", dict(type=str, help="synthetic-gradient model: linear or mlp (default linear)")),
     "--sg-hidden": ("train.sg_hidden", dict(type=str, metavar="N", help="hidden width of the mlp SG model")),
     "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 1e-3)")),
-    "--max-inflight": ("train.max_inflight", dict(type=str, metavar="N", help="async: steps in flight (default 3)")),
+    "--max-inflight": ("train.max_inflight", dict(type=str, metavar="N", help="async, delayed, local: steps in flight (default 3)")),
     "--microbatches": ("train.microbatches", dict(type=str, metavar="M", help="pipeline: micro-batches per step (default 4)")),
+    "--stash-weights": ("train.stash_weights", dict(type=str, metavar="BOOL", help="delayed: input gradient with the forward pass's weights (default false)")),
+    "--delay-remedy": ("train.delay_remedy", dict(type=str, help="delayed: none or lr_scale (lr / (1 + delay)) (default none)")),
+    "--aux-features": ("train.aux_features", dict(type=str, metavar="N", help="local: features an auxiliary classifier reads; wider layers are average-pooled (default 256)")),
     "--seed": ("train.seed", dict(type=str, help="seed of initialisation and batching")),
     "--eval-every": ("train.eval_every", dict(type=str, metavar="N", help="evaluate every N steps (off the clock)")),
     "--eval-batch": ("train.eval_batch", dict(type=str, metavar="N", help="evaluation batch size")),
@@ -108,8 +112,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_train_flags(t)
     b = sub.add_parser("bench", help="same model, data and seed under every schedule; speedups and bounds")
     _add_train_flags(b)
-    b.add_argument("--schedules", default="sequential,async,backprop,pipeline,inprocess",
-                   help="comma-separated subset of sequential,async,backprop,pipeline,inprocess")
+    b.add_argument("--schedules", default=",".join(S.BENCH_ORDER),
+                   help=f"comma-separated subset of {','.join(S.BENCH_CHOICES)} (default all but delayed_fixed)")
     b.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     b.add_argument("--csv", metavar="FILE", help="write one row per schedule and layer as CSV")
     b.add_argument("--trace", metavar="FILE", help="write a Chrome Trace Event file (Perfetto, chrome://tracing)")
@@ -242,8 +246,8 @@ def cmd_bench(args) -> int:
             return cfg, None, bench.sweep(cfg, log=log)
         schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
         for s in schedules:
-            if s not in bench.SCHEDULE_ORDER:
-                raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(bench.SCHEDULE_ORDER)}")
+            if s not in bench.BENCH_CHOICES:
+                raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(bench.BENCH_CHOICES)}")
         return cfg, bench.bench(cfg, schedules, log=log), None
 
     out, code = guarded(measure)

@@ -172,3 +172,29 @@ def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps:
         ev.update(step=steps, train_time=res.train_time)
         res.evals.append(ev)
     return res
+
+
+def aux_evaluate(plan: Plan, params: list[dict], test: Dataset, batch: int = 1000) -> list[float | None]:
+    """Test-set metric of each layer's auxiliary classifier (local losses) from the final
+    parameters of a run (``RunResult.params``); None for layers without one."""
+    nodes = [LayerNode(s) for s in plan.specs]
+    if not any(n.aux is not None for n in nodes):
+        return [None] * len(nodes)
+    for node, p in zip(nodes, params):
+        for name, arr in node.params().items():
+            arr[...] = p[name]
+    return aux_metrics(nodes, test, batch)
+
+
+def aux_metrics(nodes: list[LayerNode], test: Dataset, batch: int = 1000) -> list[float | None]:
+    hits = [0.0] * len(nodes)
+    n_all = 0
+    for x, y in eval_batches(test, batch):
+        h = x
+        for i, node in enumerate(nodes):
+            h = node.forward_only(h)
+            if node.aux is not None:
+                m, _, n = losses.metrics(node.spec.aux_loss, node.aux_logits(h), y)
+                hits[i] += m * n
+        n_all += len(y)
+    return [hits[i] / n_all if node.aux is not None else None for i, node in enumerate(nodes)]

@@ -40,6 +40,8 @@ def run_summary(result) -> dict:
             "rejected": s["rejected"], "cached_steps": s["cached_steps"],
             "nonfinite_skipped": s.get("nonfinite_skipped", 0), "nonfinite_outputs": s.get("nonfinite_outputs", 0),
             "curve": s.get("curve", False), "curve_refused": s.get("curve_refused", 0),
+            "delay_mean": s.get("delay_mean"), "delay_max": s.get("delay_max"),
+            "stash_peak_bytes": s.get("stash_peak_bytes", 0), "aux_train_metric": s.get("aux_train_metric"),
         })
     m1, m2 = metric_names(result.plan.task)
     return {
@@ -111,6 +113,7 @@ def format_summary(summary: dict) -> str:
                      f"{L['steps']:>7} {L['updates']:>8} {L['sg_updates']:>7} "
                      f"{100 * L['busy_fraction']:>5.1f}% {L['cpu_percent']:>4.0f}% {L['peak_rss_mb']:>7.1f} "
                      f"{L['bytes_sent'] / 2**20:>8.1f}")
+    lines += [f"  {x}" for x in layer_extras(s["per_layer"])]
     faults = []
     if s["resumed_from_step"] is not None:
         faults.append(f"resumed from the checkpoint at step {s['resumed_from_step']}")
@@ -131,6 +134,25 @@ def format_summary(summary: dict) -> str:
     lines.append("")
     lines += [f"  {f}" for f in faults]
     return "\n".join(lines)
+
+
+def layer_extras(per_layer) -> list[str]:
+    """What the delayed and local schedules report per layer: observed delay (mean, max)
+    and stashed-weight memory; auxiliary classifiers' accuracy next to the network's."""
+    out = []
+    for L in per_layer:
+        parts = []
+        if L.get("delay_mean") is not None:
+            parts.append(f"delay mean {L['delay_mean']:.2f} max {L['delay_max']}")
+            if L.get("stash_peak_bytes"):
+                parts.append(f"stashed weights peak {L['stash_peak_bytes'] / 2**20:.2f} MB")
+        if L.get("aux_train_metric") is not None:
+            parts.append(f"aux head train acc {100 * L['aux_train_metric']:.2f}%")
+        if L.get("aux_test_metric") is not None:
+            parts.append(f"aux head test acc {100 * L['aux_test_metric']:.2f}%")
+        if parts:
+            out.append(f"layer {L['layer']}: " + ", ".join(parts))
+    return out
 
 
 def _clean(o):
