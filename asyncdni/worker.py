@@ -17,6 +17,7 @@ Nothing here reads argv or the environment; ``workers/*.py`` are the entry point
 """
 from __future__ import annotations
 
+import bisect
 import os
 import resource
 import socket as _socket
@@ -591,7 +592,7 @@ class LayerWorker(Worker):
             if msg.step not in self.node.cache or any(m.step == msg.step for m in self.bwd_queue):
                 self.reject("step")
                 return
-            self.bwd_queue.append(msg)
+            bisect.insort(self.bwd_queue, msg, key=lambda m: m.step)   # in step order, whatever the arrival
             self.drain_bwd_queue()
             return
         self.apply_bwd(msg)

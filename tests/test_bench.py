@@ -29,9 +29,15 @@ def test_bench_all_schedules_consistent_figures(tmp_path):
     assert 1.0 <= res["async_bound"] <= bench.cores()
     # DNI does strictly more arithmetic per sample than backprop; pipeline the same as backprop
     f = res["flops_per_sample"]
-    assert f["async"] == f["sequential"] == f["inprocess"] > f["backprop"] == f["pipeline"] > 0
+    assert f["async"] == f["sequential"] == f["inprocess"] > f["backprop"] == f["pipeline"] == f["delayed"] > 0
+    assert f["local"] < f["backprop"]           # no input gradients; the small auxiliary heads instead
     text = bench.format_bench(res)
     assert "speedup async / sequential" in text and "work bound" in text
+    # the decoupling methods report what they cost: delays, and the auxiliary heads' accuracy
+    assert [L["delay_max"] for L in runs["delayed"]["per_layer"]][-1] == 0
+    assert all(L["delay_mean"] is not None for L in runs["delayed"]["per_layer"])
+    assert [L["aux_test_metric"] is not None for L in runs["local"]["per_layer"]] == [True, True, True, False]
+    assert "delay mean" in text and "aux head test acc" in text
     # sequential DNI over sockets and in one process are the same math: same loss curve end
     assert runs["sequential"]["loss_last"] == pytest.approx(runs["inprocess"]["loss_last"], rel=1e-5)
 
@@ -40,7 +46,7 @@ def test_bench_all_schedules_consistent_figures(tmp_path):
     tr = json.loads(trace_path.read_text())
     slices = [e for e in tr["traceEvents"] if e["ph"] == "X"]
     names = {e["args"]["name"] for e in tr["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"}
-    assert names == {"sequential", "async", "backprop", "pipeline"}
+    assert names == {"sequential", "async", "delayed", "local", "backprop", "pipeline"}
     assert {e["name"] for e in slices} >= {"forward", "backward"}
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in slices)
     csv_path = tmp_path / "rows.csv"

@@ -150,7 +150,7 @@ def test_coordinator_sigkill_leaves_no_orphans(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--schedule", "bogus"], "train.schedule: 'bogus' is not one of async, sequential, backprop, pipeline"),
+    (["--schedule", "bogus"], "train.schedule: 'bogus' is not one of async, sequential, backprop, pipeline, delayed, delayed_fixed, local"),
     (["--lr", "abc"], "train.lr: expected a number"),
     (["--layers", "3", "--widths", "8"], "model.widths"),
     (["--data-path", "/nonexistent/dir"], "/nonexistent/dir"),
