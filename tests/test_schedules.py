@@ -370,3 +370,21 @@ def test_checkpoint_resume_and_restart_are_exact(tmp_path, schedule):
     res = coordinator.run(cfg, on_started=started)
     assert len(res.restarts) == 1 and res.restarts[0]["resumed_from_step"] in (60, 90)
     _assert_equal_to_reference(res, ref)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_delayed_free_running_checkpoints_and_resumes(tmp_path):
+    """Free-running delayed gradients drain at a checkpoint like every schedule: every layer
+    saves after exactly the same steps, with no gradient outstanding, and a resume goes on."""
+    base = {"train.schedule": "delayed", "train.stash_weights": True}
+    first = coordinator.run(small(**base, **{"train.steps": 60, "runtime.checkpoint_every": 30,
+                                             "runtime.checkpoint_dir": str(tmp_path)}))
+    assert first.checkpoints == [30, 60]
+    state = CK.validate(CK.step_dir(tmp_path, 60), first.config.digest(), 4).read_layer(0)
+    assert np.array_equal(state["W"], first.params[0]["W"])
+    rest = coordinator.run(small(**base, **{"train.steps": 90, "runtime.resume": str(tmp_path)}))
+    assert rest.resumed_from == 60
+    assert all(L["updates"] == 90 and L["cached_steps"] == 0 for L in rest.layers)
+    assert np.isfinite(rest.series["loss"]).all()
