@@ -5,7 +5,8 @@
    (targets: async >= 1.8x sequential; async vs backprop and pipeline reported with FLOPs)
 3. depth: 16 layers on this machine's cores still run, in-flight bound respected, RSS printed
 4. MNIST: every schedule, time to 94% test accuracy and final accuracy (targets: cDNI
-   async >= 94%, backprop >= 95%); skipped when ../shared/data/mnist is absent
+   async >= 94%, backprop >= 95%, and a decoupled schedule (async, delayed, local)
+   reaches 94% before backprop, reported); skipped when ../shared/data/mnist is absent
 """
 from __future__ import annotations
 
@@ -55,6 +56,15 @@ def main() -> int:
         "train.eval_every": 25, "train.eval_batch": 2000, "train.target_accuracy": 0.94})
     mres = bench.bench(mcfg)
     print(bench.format_bench(mres), flush=True)
+    runs = mres["runs"]
+    bp = runs["backprop"]["time_to_target_s"]
+    dec = {s: runs[s]["time_to_target_s"] for s in ("async", "delayed", "local") if s in runs}
+    best = min((v, s) for s, v in dec.items() if v is not None) if any(v is not None for v in dec.values()) else None
+    if best is None or bp is None:
+        print(f"   target a decoupled schedule reaches 94% before backprop: not measurable (times {dec}, backprop {bp})")
+    else:
+        print(f"   target a decoupled schedule reaches 94% before backprop: {best[1]} {best[0]:.2f} s vs backprop "
+              f"{bp:.2f} s -> {'met' if best[0] < bp else 'MISSED'}", flush=True)
     ok = True
     for s, target in mnist_accuracy.TARGETS.items():
         acc = mres["runs"][s]["test_metric"]
