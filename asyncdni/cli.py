@@ -112,8 +112,9 @@ def make_parser() -> argparse.ArgumentParser:
     _add_train_flags(t)
     b = sub.add_parser("bench", help="same model, data and seed under every schedule; speedups and bounds")
     _add_train_flags(b)
-    b.add_argument("--schedules", default=",".join(S.BENCH_ORDER),
-                   help=f"comma-separated subset of {','.join(S.BENCH_CHOICES)} (default all but delayed_fixed)")
+    b.add_argument("--schedules", default=None,
+                   help=f"comma-separated subset of {','.join(S.BENCH_CHOICES)} (default: "
+                        f"{','.join(S.BENCH_ORDER)}; with --lab, those the lab runs)")
     b.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     b.add_argument("--csv", metavar="FILE", help="write one row per schedule and layer as CSV")
     b.add_argument("--trace", metavar="FILE", help="write a Chrome Trace Event file (Perfetto, chrome://tracing)")
@@ -244,7 +245,7 @@ def cmd_bench(args) -> int:
         if args.sweep:
             log("sweep: samples/s of sequential, async and backprop")
             return cfg, None, bench.sweep(cfg, log=log)
-        schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+        schedules = [s.strip() for s in (args.schedules or ",".join(S.BENCH_ORDER)).split(",") if s.strip()]
         for s in schedules:
             if s not in bench.BENCH_CHOICES:
                 raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(bench.BENCH_CHOICES)}")
@@ -299,7 +300,8 @@ def _bench_lab(args, log) -> int:
         ov.setdefault("runtime.progress", False)
         cfg = C.build(args.config, ov)
         links = labbench.parse_links(args.links or labbench.DEFAULT_LINKS)
-        schedules = [s.strip() for s in args.schedules.split(",") if s.strip() and s.strip() != "inprocess"]
+        names = args.schedules or ",".join(labbench.LAB_SCHEDULES)
+        schedules = [s.strip() for s in names.split(",") if s.strip() and s.strip() != "inprocess"]
         for s in schedules:
             if s not in labbench.LAB_SCHEDULES:
                 raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(labbench.LAB_SCHEDULES)} "
