@@ -19,6 +19,8 @@ file (see :func:`node_state`):
 * ``sg.<i>``: the synthetic-gradient model's parameters, in ``SGModel.params`` order
   (absent for the last layer, which has no SG model);
 * ``sgopt.<k>``: the SG optimizer's state, named as for ``opt.``;
+* ``aux.<i>``, ``auxopt.<k>``: the auxiliary classifier of a hidden layer under ``local``
+  (``AuxHead.params`` order) and its optimizer's state;
 * ``counters``: int64 ``[fwd_steps, updates, sg_updates]``.
 
 In-flight synthetic-gradient targets are not saved: a restored layer starts with no steps
@@ -383,7 +385,7 @@ def check_layer_state(where, state: dict) -> None:
     bad = _nonfinite_entry(state)
     if bad:
         raise CheckpointError(f"{where}: non-finite weights or optimizer state: {bad}")
-    for key in ("opt.t", "sgopt.t"):
+    for key in ("opt.t", "sgopt.t", "auxopt.t"):
         if key in state and not _step_count_ok(state[key]):
             raise CheckpointError(f"{where}: impossible optimizer state: {key!r} must be a non-negative "
                                   f"integer step count, got {np.asarray(state[key]).tolist()!r:.60}")
@@ -392,7 +394,7 @@ def check_layer_state(where, state: dict) -> None:
         if c.shape != (3,) or c.dtype.kind not in "iu" or (c < 0).any():
             raise CheckpointError(f"{where}: 'counters' must be 3 non-negative integers, got {c.tolist()!r:.60}")
     for key, v in state.items():          # Adam's second moment is a running mean of squares
-        if key.startswith(("opt.v", "sgopt.v")) and f"{key.split('.')[0]}.m0" in state and (np.asarray(v) < 0).any():
+        if key.startswith(("opt.v", "sgopt.v", "auxopt.v")) and f"{key.split('.')[0]}.m0" in state and (np.asarray(v) < 0).any():
             raise CheckpointError(f"{where}: impossible optimizer state: Adam's {key!r} has negative entries")
 
 
