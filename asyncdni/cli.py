@@ -29,7 +29,8 @@ TRAIN_FLAGS = {
     "--sg-model": ("train.sg_model", dict(type=str, help="synthetic-gradient model: linear or mlp (default linear)")),
     "--sg-hidden": ("train.sg_hidden", dict(type=str, metavar="N", help="hidden width of the mlp SG model")),
     "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 1e-3)")),
-    "--max-inflight": ("train.max_inflight", dict(type=str, metavar="N", help="async, delayed, local: steps in flight (default 3)")),
+    "--max-inflight": ("train.max_inflight", dict(type=str, metavar="N|auto", help="async, delayed, local: steps in flight (default 3); auto: sized from the measured round trip and step time, up to --max-inflight-cap")),
+    "--max-inflight-cap": ("train.max_inflight_cap", dict(type=str, metavar="N", help="the largest window --max-inflight auto may choose (default 16)")),
     "--microbatches": ("train.microbatches", dict(type=str, metavar="M", help="pipeline: micro-batches per step (default 4)")),
     "--stash-weights": ("train.stash_weights", dict(type=str, metavar="BOOL", help="delayed: input gradient with the forward pass's weights (default false)")),
     "--delay-remedy": ("train.delay_remedy", dict(type=str, help="delayed: none or lr_scale (lr / (1 + delay)) (default none)")),
@@ -87,6 +88,8 @@ def overrides_from_args(args) -> dict:
         v = getattr(args, flag[2:].replace("-", "_"))
         if v is not None:
             ov[field] = v
+    if ov.get("train.max_inflight") == "auto":
+        ov["train.max_inflight"] = 0
     if args.data_path is not None and args.dataset is None:
         ov["data.dataset"] = "idx"
     if args.cond is not None:

@@ -84,7 +84,9 @@ class TrainConfig:
     sg_lr: float = 1e-3
     sg_reuse_prediction: bool = False   # SG regression reuses the forward prediction (faster, less accurate under async)
     cond: bool = True                   # label-conditioned SG (cDNI)
-    max_inflight: int = 3               # async: steps in flight between feeder and last layer (staleness bound)
+    max_inflight: int = 3               # async: steps in flight between feeder and last layer (staleness bound);
+                                        # 0 (--max-inflight auto): sized from measured round trip and step times
+    max_inflight_cap: int = 16          # the largest window --max-inflight auto may choose
     microbatches: int = 4               # pipeline: micro-batches per step
     seed: int = 0
     eval_every: int = 0                 # evaluate on the test set every N steps (0: at the end only)
@@ -140,7 +142,7 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "microbatches", "eval_every",
+RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "max_inflight_cap", "microbatches", "eval_every",
                          "eval_batch", "target_accuracy", "stash_weights", "delay_remedy")
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
@@ -320,7 +322,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not (v > 0 and math.isfinite(v)):
             raise ConfigError(f"{name}: must be a positive finite number, got {v}")
     _positive("train.sg_hidden", t.sg_hidden, 0)
-    _positive("train.max_inflight", t.max_inflight, 1)
+    _positive("train.max_inflight", t.max_inflight, 0)
+    _positive("train.max_inflight_cap", t.max_inflight_cap, 1)
     _positive("train.microbatches", t.microbatches, 1)
     _choice("train.delay_remedy", t.delay_remedy, DELAY_REMEDIES)
     _positive("train.aux_features", t.aux_features, 1)

@@ -60,6 +60,8 @@ def run_summary(result) -> dict:
         "checkpoints": result.checkpoints, "resumed_from_step": result.resumed_from,
         "restarts": result.restarts,
         "launcher": result.config.runtime.launcher,
+        "window": result.feeder.get("window"), "window_auto": result.feeder.get("window_auto", False),
+        "window_rtt_s": result.feeder.get("window_rtt"), "window_step_s": result.feeder.get("window_step"),
         "curve": bool(layers and all(L["curve"] for L in layers)),
         "curve_refused": sum(L["curve_refused"] for L in layers) + result.feeder.get("curve_refused", 0)
         + getattr(result, "refused", 0),
@@ -97,6 +99,10 @@ def format_summary(summary: dict) -> str:
         ("training time", f"{s['train_time_s']:.2f} s"),
         ("wall-clock (with start-up)", f"{s['wall_s']:.2f} s"),
     ]
+    if s.get("window_auto"):
+        how = (f"auto: round trip {1e3 * s['window_rtt_s']:.1f} ms / step {1e3 * s['window_step_s']:.2f} ms"
+               if s.get("window_step_s") else "auto: the run ended before the probe did")
+        rows.append(("in-flight window", f"{s['window']} ({how})"))
     if s.get("target_accuracy"):
         t = s["time_to_target_s"]
         rows.append((f"time to {100 * s['target_accuracy']:.1f}%", "not reached" if t is None else f"{t:.2f} s"))

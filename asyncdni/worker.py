@@ -47,6 +47,15 @@ USER_ERRORS = (DataError, transport.TransportError, CK.CheckpointError, NonFinit
 TRACE_LIMIT = 200_000           # timeline events kept per worker
 T_FWD, T_BWD, T_EVAL, T_WAIT = (TRACE_CODES[k] for k in ("forward", "backward", "eval", "wait"))
 PROGRESS_INTERVAL = 0.25        # seconds between feeder progress reports
+AUTO_WARMUP, AUTO_PROBE = 3, 8  # --max-inflight auto: steps ignored, then steps measured, per phase
+
+
+def auto_window(round_trip: float, step_time: float, cap: int) -> int:
+    """Steps in flight that keep the slowest stage busy: a step's round trip (all hops and
+    layers in series) divided by the slowest stage's time per step, rounded up, in [1, cap]."""
+    if not (round_trip > 0 and step_time > 0) or not np.isfinite(round_trip / step_time):
+        return cap
+    return int(min(cap, max(1, np.ceil(round_trip / step_time))))
 # Messages read from one inbox per loop turn: a flood on one socket cannot starve the
 # others, the heartbeats or the control socket (each gets its turn between batches).
 MAX_DRAIN = 64
@@ -664,6 +673,12 @@ class FeederWorker(Worker):
         self.M = t.microbatches if self.sched.microbatches else 1
         self.bounds = microbatch_bounds(t.batch_size, self.M)
         self.window = self.sched.window_size(t.max_inflight, len(self.spec["specs"]))
+        # --max-inflight auto (0): probe, then size the window from measured times (auto_window)
+        self.auto = self.window == 0
+        self.auto_probe = {"phase": "serial", "latency": [], "done": [], "rtt": None, "step": None}
+        if self.auto:
+            self.window = 1
+        self.sent_at = np.full(self.steps, np.nan)   # training-clock time each step was sent
         self.losses = np.full(self.steps, np.nan)
         self.metric = np.full(self.steps, np.nan)
         self.done_at = np.full(self.steps, np.nan)   # training-clock time each step finished
@@ -774,6 +789,7 @@ class FeederWorker(Worker):
                 if self._pause_point(sent) and sent > completed:
                     break                       # drain before evaluating or checkpointing
                 x, y = self.stream.batch(sent)
+                self.sent_at[sent] = time.perf_counter() - t0 - paused
                 if self.M == 1:
                     self.send(self.up, P.FWD, sent, (x, y))
                 else:
@@ -786,6 +802,8 @@ class FeederWorker(Worker):
             completed += 1
             self.completed = completed
             self.done_at[s] = time.perf_counter() - t0 - paused
+            if self.auto and self.auto_probe["phase"] != "set":
+                self._probe_window(s)
             self.cur_step = completed
             now = time.perf_counter()
             if completed == sent and completed < self.steps and self._pause_point(completed):
@@ -871,8 +889,29 @@ class FeederWorker(Worker):
             return
         got[eid] = msg.fields
 
+    def _probe_window(self, s: int) -> None:
+        """--max-inflight auto. Phase 1, one step in flight: the round trip of a step (every
+        hop and every layer, in series). Phase 2, the cap in flight: the interval between
+        completions, i.e. the slowest stage's step time. Then the window is just enough to
+        cover a round trip: ceil(round trip / step time), between 1 and the cap."""
+        pr, t = self.auto_probe, self.cfg.train
+        if pr["phase"] == "serial":
+            pr["latency"].append(self.done_at[s] - self.sent_at[s])
+            if len(pr["latency"]) >= AUTO_WARMUP + AUTO_PROBE:
+                pr["rtt"] = float(np.median(pr["latency"][AUTO_WARMUP:]))
+                pr["phase"] = "full"
+                self.window = t.max_inflight_cap
+            return
+        pr["done"].append(self.done_at[s])
+        if len(pr["done"]) >= AUTO_WARMUP + AUTO_PROBE + 1:
+            pr["step"] = float(np.median(np.diff(pr["done"][AUTO_WARMUP:])))
+            self.window = auto_window(pr["rtt"], pr["step"], t.max_inflight_cap)
+            pr["phase"] = "set"
+
     def stats(self) -> dict:
         s = super().stats()
+        pr = self.auto_probe
+        s.update(window=int(self.window), window_auto=bool(self.auto), window_rtt=pr["rtt"], window_step=pr["step"])
         s.update(steps=self.steps, start_step=self.start_step, completed=int(self.completed),
                  train_time=getattr(self, "train_time", None),
                  n_evals=len(self.evals), time_to_target=self.time_to_target, batch_size=self.cfg.train.batch_size,

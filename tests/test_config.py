@@ -331,7 +331,7 @@ RULES = [
     P({"train.lr": "nan"}, "train.lr", (), id="lr-nan"),
     P({"train.sg_lr": 0}, "train.sg_lr", (), id="sg_lr"),
     P({"train.sg_hidden": -1}, "train.sg_hidden", (), id="sg_hidden"),
-    P({"train.max_inflight": 0}, "train.max_inflight", (), id="max_inflight"),
+    P({"train.max_inflight": -1}, "train.max_inflight", (), id="max_inflight"),
     P({"train.microbatches": 0}, "train.microbatches", (), id="microbatches>=1"),
     P({"train.schedule": "pipeline", "train.batch_size": 4, "train.microbatches": 5},
       "train.microbatches", ("5", "4"), id="microbatches>batch-pipeline"),

@@ -199,3 +199,25 @@ def test_idx_dataset_end_to_end(tmp_path):
     assert r.plan.in_dim == 20 and r.plan.n_out == 3
     assert r.final_eval["n"] == 120                            # 20% of 600 held out
     assert r.final_eval["metric"] > 0.8
+
+
+def test_max_inflight_auto_sizes_the_window_from_measured_times():
+    from asyncdni.worker import auto_window
+    assert auto_window(0.040, 0.005, 16) == 8           # a 40 ms round trip over 5 ms steps
+    assert auto_window(0.041, 0.005, 16) == 9           # rounded up: the slowest stage never idles
+    assert auto_window(0.5, 0.001, 16) == 16            # capped
+    assert auto_window(0.001, 0.005, 16) == 1
+    assert auto_window(0.0, 0.0, 5) == 5                # nothing measured: the cap
+    r = coordinator.run(small(**{"train.steps": 200, "train.max_inflight": 0, "train.max_inflight_cap": 6}))
+    f = r.feeder
+    assert f["window_auto"] and f["window_rtt"] > 0 and f["window_step"] > 0
+    assert f["window"] == auto_window(f["window_rtt"], f["window_step"], 6)
+    assert r.feeder["completed"] == 200 and np.isfinite(r.series["loss"]).all()
+
+
+def test_max_inflight_auto_on_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "train", "--max-inflight", "auto", "--steps", "60",
+                          "--width", "32", "--no-progress"], cwd=tmp_path, env=env_with_repo(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "in-flight window" in out.stdout and "auto: round trip" in out.stdout

@@ -117,7 +117,7 @@ def test_missing_agent_times_out_with_its_name(tmp_path):
         t0 = time.monotonic()
         with pytest.raises(Exception) as ei:
             coordinator.run(cfg)
-        assert time.monotonic() - t0 < 8
+        assert time.monotonic() - t0 < 15                 # the 2 s start-up timeout, plus a loaded machine
     msg = str(ei.value)
     assert "no agent named ghost joined" in msg and "asyncdni agent --join" in msg and "\n" not in msg
 
@@ -214,7 +214,7 @@ def test_killed_coordinator_leaves_nothing_behind_on_any_host(tmp_path):
             time.sleep(1.0)
             cli.kill()
             cli.wait(10)
-            assert pids_gone(pids, timeout=8.0) == []
+            assert pids_gone(pids, timeout=15.0) == []
             assert all(p.poll() == 3 for p in ag.procs.values())   # "the coordinator is gone"
         finally:
             if cli.poll() is None:
