@@ -44,6 +44,7 @@ CPU_PER_WORKER = 0.01         # a token CPU share: K+1 actors fit any node; the 
 NODE_CHECK_INTERVAL = 1.0     # seconds between looks at the cluster's node table
 CONNECT_PROBE_TIMEOUT = 5.0   # seconds for the TCP probe of HOST:PORT before ray.init
 TAIL_BYTES = 64 * 1024        # an actor keeps at most this much of its worker's output
+NODE_DIED = "its node died"
 
 
 def _import_ray():
@@ -159,7 +160,7 @@ class RayLauncher(Launcher):
         if ray.is_initialized():
             return
         addr = self.address.strip()
-        kw = dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+        kw = dict(log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
         if not addr or addr == "local":
             kw.update(address="local", _node_ip_address=self.local_ip)
         elif addr == "auto" or addr.startswith("ray://"):
@@ -202,21 +203,28 @@ class RayLauncher(Launcher):
         self._connect()
         self._release_group()
         names = list(placements)
-        nodes = [n for n in self._nodes() if n.get("Resources", {}).get("CPU", 0) >= CPU_PER_WORKER]
-        if not nodes:
-            raise LaunchError("the Ray cluster has no live node with a CPU to place workers on")
-        ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in nodes}
-        self.placed = {}
-        if any(placements.values()):
+        wanted = {ip for ip in placements.values() if ip}
+        deadline = time.monotonic() + timeout
+        while True:       # with --hosts, wait (like the agents launcher) for the nodes it names
+            nodes = [n for n in self._nodes() if n.get("Resources", {}).get("CPU", 0) >= CPU_PER_WORKER]
             by_ip: dict[str, list[str]] = {}
             for n in nodes:
                 by_ip.setdefault(n["NodeManagerAddress"], []).append(n["NodeID"])
+            missing = sorted(wanted - set(by_ip))
+            if nodes and not missing:
+                break
+            if time.monotonic() > deadline:
+                if not nodes:
+                    raise LaunchError("the Ray cluster has no live node with a CPU to place workers on")
+                raise LaunchError(f"--hosts: no live Ray node has address {missing[0]} after {timeout:.0f} s "
+                                  f"(nodes: {', '.join(sorted(by_ip))})")
+            time.sleep(0.5)
+        ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in nodes}
+        self.placed = {}
+        if wanted:
             turn: dict[str, int] = {}
             for name in names:
                 ip = placements[name]
-                if ip not in by_ip:
-                    known = ", ".join(sorted(by_ip))
-                    raise LaunchError(f"--hosts: no live Ray node has address {ip} (nodes: {known})")
                 ids = by_ip[ip]
                 node = ids[turn.get(ip, 0) % len(ids)]
                 turn[ip] = turn.get(ip, 0) + 1
@@ -314,7 +322,11 @@ class RayLauncher(Launcher):
         """A Ray node that carried a live worker is gone: :class:`HostLost`."""
         if not self.actors:
             return
-        died = any(self._reap(a) and a.died and a.state == "running" for a in self.actors.values())
+        dead = [a for a in self.actors.values() if a.state == "running" and self._reap(a) and a.died]
+        for a in dead:
+            if _death_cause(a.died) == NODE_DIED:
+                raise HostLost(f"Ray node {a.node_ip} (node id {a.node_id[:12]}) is gone; it ran {_human(a.name)}")
+        died = bool(dead)
         now = time.monotonic()
         if not died and now < self._next_node_check:
             return
@@ -438,7 +450,7 @@ def _ray_message(e) -> str:
 def _death_cause(msg: str) -> str:
     low = msg.lower()
     if "node" in low and ("died" in low or "dead" in low) and "worker process has died" not in low:
-        return "its node died"
+        return NODE_DIED
     if "ray.kill" in low:
         return "killed with ray.kill"
     if "worker process has died" in low or "unexpectedly" in low:
