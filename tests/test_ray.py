@@ -347,7 +347,9 @@ def ray_on_namespaces(tmp_path_factory):
         common = ["--block", "--disable-usage-stats", "--include-dashboard=false"]
         # the nodes authenticate the way this process (the driver) will: Ray's token mode is
         # read from RAY_AUTH_MODE (a local Cluster turns it on here when ~/.ray/auth_token exists)
-        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+               # a loaded 2-core machine: give each raylet's helper agents time to come up
+               "RAY_agent_register_timeout_ms": "120000", "RAY_raylet_start_wait_time_s": "120"}
 
         def start(argv, name, ns=None):
             argv = ([["ip", "netns", "exec", ns]] if ns else [[]])[0] + argv
@@ -355,6 +357,21 @@ def ray_on_namespaces(tmp_path_factory):
             procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, env=env))
             log.close()
+
+        def start_node(argv, name, ns):
+            """One node at a time (their helper agents start slowly on a loaded machine), and
+            once more if Ray gives up on it: `ray start --block` exits then."""
+            for attempt in range(2):
+                start(argv, name, ns)
+                deadline = time.monotonic() + 150
+                while time.monotonic() < deadline and procs[-1].poll() is None:
+                    if b"Ray runtime started" in (tmp_path / f"{name}.log").read_bytes():
+                        return
+                    time.sleep(0.2)
+                _end_group(procs[-1])
+                for pid in _ns_pids(ns):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"Ray node {name} did not start: {(tmp_path / f'{name}.log').read_text()[-2000:]}")
 
         start([ray_bin, "start", "--head", "--node-ip-address", f"{NS_NET}.1", "--port", str(port),
                "--num-cpus", "0", "--temp-dir", f"{NS_TMP}/head", *common], "head")
@@ -368,8 +385,9 @@ def ray_on_namespaces(tmp_path_factory):
                     pytest.fail(f"the Ray head did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
                 time.sleep(0.2)
         for i in range(1, NS_HOSTS + 1):
-            start([ray_bin, "start", "--address", f"{NS_NET}.1:{port}", "--node-ip-address", f"{NS_NET}.{10 + i}",
-                   "--num-cpus", "1", "--temp-dir", f"{NS_TMP}/h{i}", *common[:2]], f"h{i}", ns=f"{NS}h{i}")
+            start_node([ray_bin, "start", "--address", f"{NS_NET}.1:{port}", "--node-ip-address",
+                        f"{NS_NET}.{10 + i}", "--num-cpus", "1", "--temp-dir", f"{NS_TMP}/h{i}", *common[:2]],
+                       f"h{i}", f"{NS}h{i}")
         yield f"{NS_NET}.1:{port}", [f"{NS_NET}.{10 + i}" for i in range(1, NS_HOSTS + 1)], procs
     finally:
         if ray.is_initialized():
