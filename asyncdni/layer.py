@@ -16,7 +16,7 @@ from . import losses
 from . import schedules as S
 from .nn import Dense, init_weights
 from .optim import all_finite, make_optimizer  # noqa: F401 (all_finite: re-exported)
-from .synthetic import make_sg_model
+from .synthetic import make_sg_model, param_count as sg_param_count
 
 
 class StepError(RuntimeError):
@@ -51,6 +51,9 @@ class LayerSpec:
     stash: bool = False       # delayed: backward with the weights of the forward pass (weight stashing)
     delay_remedy: str = "none"  # delayed: "none" or "lr_scale" (lr / (1 + observed delay))
     aux_features: int = 0     # local: features the auxiliary classifier reads (0: no auxiliary head)
+    sg_layers: int = 1      # hidden layers of the mlp SG model
+    sg_stale_decay: float = 1.0   # weight of an SG target per step of lag (1: all equal; 0: stale ones dropped)
+    sg_clip: float = 0.0          # cap each SG prediction's norm at sg_clip x its activation's norm (0: off)
 
     @property
     def gradient(self) -> str:
@@ -94,11 +97,7 @@ class LayerSpec:
             return n
         if self.has_aux:
             n += (self.aux_in + 1) * self.n_out
-        d, k = self.fan_out, self.cond_dim
-        if self.sg_model == "linear":
-            return n + (d + 1 + k) * d
-        h = self.sg_hidden or d
-        return n + (d + k) * h + h + h * d + d
+        return n + sg_param_count(self.sg_model, self.fan_out, self.cond_dim, self.sg_hidden, self.sg_layers)
 
 
 def condition_vector(task: str, n_out: int, y: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -157,6 +156,16 @@ class AuxHead:
         return 3 * 2 * batch * q * n        # logits, head weight gradient, gradient into h
 
 
+def _clip_factor(pred: np.ndarray, h: np.ndarray, ratio: float) -> np.ndarray:
+    """(B, 1) factors that cap each row's ||pred|| at ratio * ||h|| (1 where it is below)."""
+    pn = np.sqrt(np.einsum("ij,ij->i", pred, pred))
+    cap = ratio * np.sqrt(np.einsum("ij,ij->i", h, h))
+    f = np.ones_like(pn)
+    big = pn > cap
+    f[big] = cap[big] / pn[big]
+    return f[:, None]
+
+
 class LayerNode:
     def __init__(self, spec: LayerSpec, dtype=np.float32, fail_on_nonfinite: bool = False):
         self.spec = spec
@@ -168,7 +177,8 @@ class LayerNode:
         self.sg = None
         self.sg_opt = None
         if not spec.is_last and spec.sg_model != "none":
-            self.sg = make_sg_model(spec.sg_model, spec.fan_out, spec.cond_dim, spec.sg_hidden, rng, dtype)
+            self.sg = make_sg_model(spec.sg_model, spec.fan_out, spec.cond_dim, spec.sg_hidden, rng, dtype,
+                                     spec.sg_layers)
             self.sg_opt = make_optimizer(spec.optimizer, self.sg.params, spec.sg_lr)
         self.aux = None
         self.aux_opt = None
@@ -192,6 +202,8 @@ class LayerNode:
         self.updates = 0
         self.sg_updates = 0
         self.last_sg_loss = float("nan")
+        self.last_fwd_step = -1          # newest step this layer has run forward (DNI)
+        self.stale_dropped = 0           # SG targets discarded for their lag (sg_stale_decay 0)
 
     # ----------------------------------------------------------------- helpers
     def _cond(self, y):
@@ -269,7 +281,10 @@ class LayerNode:
             c = self._cond(y)
             pred, ctx = self.sg.predict_keep(h, c)
             gh = pred * (1.0 / B)
+            if self.spec.sg_clip > 0:
+                gh = gh * _clip_factor(pred, h, self.spec.sg_clip)
             self.cache[step] = (ctx, pred)
+            self.last_fwd_step = max(self.last_fwd_step, step)
         else:
             gh = None
         self.fwd_steps += 1
@@ -285,6 +300,14 @@ class LayerNode:
             ctx, pred = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
+        decay = self.spec.sg_stale_decay
+        weight = 1.0
+        if decay != 1.0:
+            lag = max(0, self.last_fwd_step - step)      # forward steps run since this one
+            if lag and decay == 0.0:
+                self.stale_dropped += 1
+                return float("nan")
+            weight = decay ** lag
         if not self.spec.sg_reuse:
             # the regression gradient at the SG's current parameters: under async the SG has
             # moved since it made ``pred`` (measured: reusing pred costs ~1.5 points on MNIST)
@@ -293,6 +316,8 @@ class LayerNode:
         if not (np.isfinite(loss) and all_finite(*grads)):
             self._nonfinite("synthetic-gradient update")
             return loss
+        if weight != 1.0:
+            grads = [g_ * weight for g_ in grads]
         if not self.sg_opt.step(grads):
             self._nonfinite("synthetic-gradient update (the new SG weights would not be finite)")
             return loss

@@ -71,7 +71,46 @@ def run_summary(result) -> dict:
         "nonfinite_skipped": sum(L["nonfinite_skipped"] for L in layers),
         "nonfinite_outputs": sum(L["nonfinite_outputs"] for L in layers),
         "per_layer": layers,
+        "preset": preset_values(result.config),
+        "in_force": in_force(result.config),
     }
+
+
+def preset_values(cfg) -> dict:
+    """{dotted field: value} of the fields whose value came from the dataset's preset."""
+    out = {}
+    for dotted in getattr(cfg, "preset", ()):
+        section, _, key = dotted.partition(".")
+        out[dotted] = getattr(getattr(cfg, section), key)
+    return out
+
+
+def in_force(cfg) -> dict:
+    """The learning settings a reader needs to reproduce the run's accuracy."""
+    m, t = cfg.model, cfg.train
+    return {"model.width": m.width if not m.widths else list(m.widths), "model.activation": m.activation,
+            "train.optimizer": t.optimizer, "train.lr": t.lr, "train.sg_model": t.sg_model,
+            "train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.max_inflight": t.max_inflight}
+
+
+def format_settings(summary: dict) -> str:
+    """One line: the settings in force, those from the dataset's preset marked with '*'."""
+    preset = summary.get("preset") or {}
+    parts = []
+    for k, v in (summary.get("in_force") or {}).items():
+        name = k.partition(".")[2]
+        if isinstance(v, list):
+            v = ",".join(map(str, v))
+        parts.append(f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}")
+        if k in preset:
+            parts[-1] += "*"
+    for k, v in preset.items():          # a preset field not among the usual ones
+        if k not in (summary.get("in_force") or {}):
+            parts.append(f"{k.partition('.')[2]}={v}*")
+    line = "settings: " + " ".join(parts)
+    if preset:
+        line += "   (* from the dataset's preset; flags or TOML override it)"
+    return line
 
 
 def _merge_counts(dicts) -> dict:
@@ -87,6 +126,8 @@ def format_summary(summary: dict) -> str:
     lines = []
     lines.append(f"schedule {s['schedule']}: {s['layers']} layers {'-'.join(map(str, s['widths']))}, "
                  f"{s['steps']} steps of {s['batch_size']}")
+    if s.get("in_force"):
+        lines.append(format_settings(s))
     rows = [
         ("loss (train, first -> last)", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}"),
         ("test loss", f"{s['test_loss']:.4f}"),

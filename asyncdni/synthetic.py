@@ -7,7 +7,11 @@ Conventions
 * The model predicts the *per-example* gradient ``B * dL/dh`` (L is the batch-mean loss), so
   its scale does not depend on the batch size; the layer divides the prediction by B.
 * Output layers are initialised to zero (as in the DNI paper), so an untrained model predicts
-  a zero gradient and training starts from "no update" rather than from noise.
+  a zero gradient rather than noise. That is *not* "no update" under Adam: Adam divides by
+  the gradient's running RMS, so the first small non-zero predictions, after the first SG
+  regression steps, already move the layer by about the learning rate per step, and scaling
+  the SG output changes nothing. Only plain SGD turns a near-zero prediction into a
+  near-zero step.
 * Training is regression with the summed-over-features, batch-mean squared error
   (``predict_keep`` / ``grads_from``). By default the layer predicts again at regression
   time, so the gradient is taken at the SG's current parameters. With
@@ -91,59 +95,113 @@ class LinearSG(SGModel):
 
 
 class MLPSG(SGModel):
-    """g = relu(h @ A1 + c @ C1 + a1) @ A2 + a2, with A2 and a2 zero-initialised."""
+    """g = h @ A + c @ C + a  +  MLP(h, c): a linear skip (exactly the linear SG) plus an MLP.
+
+    The MLP has ``layers`` ReLU hidden layers of width ``hidden``; the first one sees
+    ``h @ W[0] + c @ C1 + b[0]``, and its output layer ``Wo`` has no bias (the skip's ``a``
+    is the bias). The skip and ``Wo`` start at zero, so an untrained model predicts zero,
+    and at the start it learns as the linear SG does (the MLP joins in as ``Wo`` moves off
+    zero). Initialisation: ``W[0]`` He over the activation's fan-in (d); ``C1`` He over the
+    label's own fan-in (k), so that the label enters the hidden layer at the scale of the
+    activation, not at ~1/5 of it as a slice of one He draw over (d + k) inputs would give;
+    deeper ``W[i]`` He over ``hidden``.
+
+    ``params`` order: A, a, [C], then W[0], b[0], [C1], then W[i], b[i] for i >= 1, then Wo.
+    """
     kind = "mlp"
 
-    def __init__(self, dim: int, cond_dim: int, hidden: int, rng: np.random.Generator, dtype=np.float32):
-        W1 = init_weights(rng, dim + cond_dim, hidden, "he", dtype)
-        self.A1 = W1[:dim].copy()
-        self.C1 = W1[dim:].copy() if cond_dim else None
-        self.a1 = np.zeros(hidden, dtype)
-        self.A2 = np.zeros((hidden, dim), dtype)
-        self.a2 = np.zeros(dim, dtype)
-        self.params = [self.A1, self.a1, self.A2, self.a2] + ([self.C1] if cond_dim else [])
+    def __init__(self, dim: int, cond_dim: int, hidden: int, rng: np.random.Generator, dtype=np.float32,
+                 layers: int = 1):
+        if layers < 1:
+            raise ValueError(f"an mlp SG model needs at least one hidden layer, got {layers}")
+        self.A = np.zeros((dim, dim), dtype)
+        self.a = np.zeros(dim, dtype)
+        self.C = np.zeros((cond_dim, dim), dtype) if cond_dim else None
+        self.W = [init_weights(rng, dim, hidden, "he", dtype)]
+        self.b = [np.zeros(hidden, dtype)]
+        self.C1 = init_weights(rng, cond_dim, hidden, "he", dtype) if cond_dim else None
+        for _ in range(layers - 1):
+            self.W.append(init_weights(rng, hidden, hidden, "he", dtype))
+            self.b.append(np.zeros(hidden, dtype))
+        self.Wo = np.zeros((hidden, dim), dtype)
+        self.params = [self.A, self.a] + ([self.C] if cond_dim else [])
+        self.params += [self.W[0], self.b[0]] + ([self.C1] if cond_dim else [])
+        for W, b in zip(self.W[1:], self.b[1:]):
+            self.params += [W, b]
+        self.params.append(self.Wo)
 
-    def _hidden(self, h, c):
-        z = h @ self.A1
-        z += self.a1
+    def _hiddens(self, h, c):
+        z = h @ self.W[0]
+        z += self.b[0]
         if self.C1 is not None:
             z += c @ self.C1
-        return np.maximum(z, 0, out=z)
+        us = [np.maximum(z, 0, out=z)]
+        for W, b in zip(self.W[1:], self.b[1:]):
+            z = us[-1] @ W
+            z += b
+            us.append(np.maximum(z, 0, out=z))
+        return us
 
-    def predict(self, h, c):
-        g = self._hidden(h, c) @ self.A2
-        g += self.a2
+    def _out(self, h, c, u):
+        g = h @ self.A
+        g += self.a
+        if self.C is not None:
+            g += c @ self.C
+        g += u @ self.Wo
         return g
 
+    def predict(self, h, c):
+        return self._out(h, c, self._hiddens(h, c)[-1])
+
     def predict_keep(self, h, c):
-        u = self._hidden(h, c)
-        pred = u @ self.A2
-        pred += self.a2
-        return pred, (h, c, u)
+        us = self._hiddens(h, c)
+        return self._out(h, c, us[-1]), (h, c, us)
 
     def grads_from(self, ctx, pred, target):
-        h, c, u = ctx
+        h, c, us = ctx
         loss, gd = _mse(pred, target)
-        gA2 = u.T @ gd
-        ga2 = gd.sum(axis=0)
-        gu = gd @ self.A2.T
-        gu *= (u > 0)
-        grads = [h.T @ gu, gu.sum(axis=0), gA2, ga2]
-        if self.C1 is not None:
-            grads.append(c.T @ gu)
+        skip = [h.T @ gd, gd.sum(axis=0)] + ([c.T @ gd] if self.C is not None else [])
+        gWo = us[-1].T @ gd
+        gu = gd @ self.Wo.T
+        hidden = []                      # (gW, gb) from the last hidden layer down
+        for i in range(len(self.W) - 1, -1, -1):
+            gu *= (us[i] > 0)
+            below = us[i - 1] if i > 0 else h
+            hidden.append((below.T @ gu, gu.sum(axis=0)))
+            if i > 0:
+                gu = gu @ self.W[i].T
+        hidden.reverse()
+        grads = skip + list(hidden[0]) + ([c.T @ gu] if self.C1 is not None else [])
+        for gW, gb in hidden[1:]:
+            grads += [gW, gb]
+        grads.append(gWo)
         return loss, grads
 
     def flops(self, batch):
-        d, hid = self.A1.shape
-        k = 0 if self.C1 is None else self.C1.shape[0]
-        pred = 2 * batch * (d + k) * hid + 2 * batch * hid * d
-        # update (prediction kept from the forward pass): dA2, du, dA1 (and dC1)
-        return pred, 2 * batch * hid * d * 2 + 2 * batch * (d + k) * hid
+        d = self.A.shape[0]
+        k = 0 if self.C is None else self.C.shape[0]
+        hid = self.Wo.shape[0]
+        deep = len(self.W) - 1
+        skip = 2 * batch * (d + k) * d
+        mlp = 2 * batch * (d + k) * hid + deep * 2 * batch * hid * hid + 2 * batch * hid * d
+        # update (prediction kept): skip grads; dWo and du; per deeper layer dW and du; dW[0] (and dC1)
+        upd = skip + 2 * 2 * batch * hid * d + deep * 2 * 2 * batch * hid * hid + 2 * batch * (d + k) * hid
+        return skip + mlp, upd
 
 
-def make_sg_model(kind: str, dim: int, cond_dim: int, hidden: int, rng, dtype=np.float32) -> SGModel:
+def param_count(kind: str, dim: int, cond_dim: int, hidden: int, layers: int = 1) -> int:
+    """Scalars in an SG model of this shape (without building it)."""
+    d, k = dim, cond_dim
+    if kind == "linear":
+        return (d + 1 + k) * d
+    h = hidden or d
+    return (d + 1 + k) * d + (d + k) * h + h + (layers - 1) * (h * h + h) + h * d
+
+
+def make_sg_model(kind: str, dim: int, cond_dim: int, hidden: int, rng, dtype=np.float32,
+                  layers: int = 1) -> SGModel:
     if kind == "linear":
         return LinearSG(dim, cond_dim, rng, dtype)
     if kind == "mlp":
-        return MLPSG(dim, cond_dim, hidden or dim, rng, dtype)
+        return MLPSG(dim, cond_dim, hidden or dim, rng, dtype, layers)
     raise ValueError(f"unknown SG model {kind!r}; allowed: {', '.join(SG_MODELS)}")

@@ -49,13 +49,13 @@ def addition():
 
 
 def test_defaults_build_and_validate():
-    cfg = build()
+    cfg = build(preset=False)
     assert cfg == RunConfig()
     assert validate(RunConfig()) == RunConfig()
     assert cfg.model == ModelConfig() and cfg.data == DataConfig()
     assert cfg.train == TrainConfig() and cfg.runtime == RuntimeConfig()
     assert cfg.model.hidden_widths() == (128, 128, 128)
-    assert build(None, {}) == cfg
+    assert build(None, {}, preset=False) == cfg
 
 
 def test_field_names_cover_all_sections():
@@ -66,8 +66,9 @@ def test_field_names_cover_all_sections():
 
 
 def test_digest_stable_and_hex():
-    a, b = build().digest(), RunConfig().digest()
-    assert a == b
+    a, b = build().digest(), RunConfig(model=ModelConfig(width=256, activation="tanh"),
+                                       train=TrainConfig(lr=1e-3)).digest()
+    assert a == b              # the digest is of the values in force (here the addition preset's)
     assert len(a) == 16 and int(a, 16) >= 0
     assert build().digest() == a  # deterministic across calls
 
@@ -85,7 +86,7 @@ def test_digest_stable_and_hex():
     {"train.max_inflight": 5},
 ])
 def test_digest_ignores_runtime(override):
-    assert build(None, override).digest() == RunConfig().digest()
+    assert build(None, override).digest() == build().digest()
 
 
 @pytest.mark.parametrize("override", [
@@ -94,12 +95,71 @@ def test_digest_ignores_runtime(override):
     {"train.optimizer": "sgd"},
     {"train.seed": 1},
     {"model.width": 32},
-    {"model.activation": "tanh"},
+    {"model.activation": "sigmoid"},
     {"model.widths": [32, 16, 8]},
     {"data.bits": 4},
 ])
 def test_digest_changes_with_model_train_data(override):
-    assert build(None, override).digest() != RunConfig().digest()
+    assert build(None, override).digest() != build().digest()
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_addition_preset_fills_what_the_user_did_not_set():
+    cfg = build()
+    assert (cfg.model.width, cfg.model.activation, cfg.train.lr) == (256, "tanh", 1e-3)
+    assert set(cfg.preset) == set(C.PRESETS["addition"])
+    assert cfg.train.sg_lr == TrainConfig().sg_lr                # not part of the preset
+
+
+@pytest.mark.parametrize("override,field", [
+    # set explicitly to the *global default*: the user's value still wins over the preset
+    ({"model.activation": "relu"}, "model.activation"),
+    ({"model.width": 128}, "model.width"),
+    ({"train.lr": "5e-4"}, "train.lr"),
+])
+def test_explicit_value_beats_preset_even_at_the_global_default(override, field, tmp_path):
+    for cfg in (build(None, override),
+                build(_write(tmp_path, "[{}]\n{} = {!r}\n".format(*field.split("."), list(override.values())[0]))),
+                build(_write(tmp_path, "[model]\nlayers = 4\n"), override)):
+        section, key = field.split(".")
+        assert str(getattr(getattr(cfg, section), key)) == str(_coerce_like(field, list(override.values())[0]))
+        assert field not in cfg.preset
+        assert len(cfg.preset) == len(C.PRESETS["addition"]) - 1
+
+
+def _coerce_like(field, v):
+    section, key = field.split(".")
+    return type(getattr(getattr(RunConfig(), section), key))(v)
+
+
+def test_explicit_widths_keep_preset_width_out():
+    cfg = build(None, {"model.layers": 3, "model.widths": "32,16"})
+    assert cfg.model.hidden_widths() == (32, 16) and "model.width" not in cfg.preset
+
+
+def test_idx_has_no_preset(tmp_path):
+    cfg = build(None, {"data.dataset": "idx", "data.path": str(tmp_path)})
+    assert cfg.preset == () and cfg == build(None, {"data.dataset": "idx", "data.path": str(tmp_path)}, preset=False)
+    assert cfg.model.activation == "relu" and cfg.train.lr == 5e-4
+    cfg = build(_write(tmp_path, '[data]\ndataset = "idx"\npath = "x"\n'))
+    assert cfg.preset == () and cfg.model.width == 128
+
+
+def test_preset_provenance_survives_dict_round_trip_and_is_not_in_the_digest():
+    cfg = build()
+    again = C.from_dict(cfg.to_dict())
+    assert again == cfg and again.preset == cfg.preset
+    explicit = build(None, {"model.width": 256, "model.activation": "tanh", "train.lr": 1e-3})
+    assert explicit.preset == () and explicit.digest() == cfg.digest()
+    _raises(C.from_dict, {"preset": "model.width"}, match_all=("preset",))
+
+
+def test_new_sg_layers_field_leaves_older_digests_alone():
+    assert build(None, {"train.sg_layers": 1}).digest() == build().digest()
+    assert build(None, {"train.sg_layers": 2}).digest() != build().digest()
+    _raises(build, None, {"train.sg_layers": 0}, match_all=("train.sg_layers",))
 
 
 # --------------------------------------------------------------------------- TOML loading
@@ -151,11 +211,12 @@ def test_toml_all_sections(tmp_path):
     assert cfg.runtime.heartbeat_interval == 1.0 and isinstance(cfg.runtime.heartbeat_interval, float)
     assert cfg.runtime.progress is False
     # unspecified fields keep their defaults
-    assert cfg.train.sg_model == "linear" and cfg.model.width == 128
+    assert cfg.train.sg_model == "linear" and cfg.model.width == 128   # widths given: no preset width
 
 
 def test_toml_empty_file_gives_defaults(tmp_path):
-    assert build(_write(tmp_path, "")) == RunConfig()
+    assert build(_write(tmp_path, "")) == build()
+    assert build(_write(tmp_path, ""), preset=False) == RunConfig()
 
 
 def test_toml_unknown_section(tmp_path):
@@ -418,8 +479,9 @@ def test_replace_returns_validated_copy():
     orig = build()
     new = replace(orig, **{"train.schedule": "backprop", "model.width": 16})
     assert new.train.schedule == "backprop" and new.model.width == 16
-    assert orig.train.schedule == "async" and orig.model.width == 128
-    assert orig == RunConfig()
+    assert orig.train.schedule == "async" and orig.model.width == 256
+    assert orig == build()
+    assert new.preset == ("model.activation", "train.lr")   # width is no longer the preset's
     assert new.data == orig.data and new.runtime == orig.runtime
     assert new.digest() != orig.digest()
     # tuples survive the dict round trip
@@ -445,7 +507,7 @@ def test_configs_are_frozen():
         cfg.data.bits = 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.runtime.host = "x"
-    assert cfg == RunConfig()
+    assert cfg == build()
 
 
 def test_to_dict_roundtrip():
@@ -469,7 +531,7 @@ def _chain_ok(plan, in_dim, n_out):
 
 def test_make_plan_default_addition(addition):
     train, _ = addition
-    cfg = build(None, {"train.batch_size": 64})
+    cfg = build(None, {"train.batch_size": 64}, preset=False)
     plan = make_plan(cfg, train)
     assert plan.n_layers == cfg.model.layers == 4
     assert plan.in_dim == 16 and plan.n_out == 9 and plan.task == "bits"

@@ -176,7 +176,11 @@ def test_cli_train_with_toml_and_json_report(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "schedule backprop: 3 layers 16-24-24-9, 60 steps of 64" in proc.stdout
+    # the settings in force; only the activation came from the addition preset (width: TOML, lr: flag)
+    assert "width=24 activation=tanh* optimizer=adam lr=0.002 " in proc.stdout
+    assert "from the dataset's preset" in proc.stdout
     rep = json.loads((tmp_path / "out.json").read_text())
+    assert rep["config"]["preset"] == ["model.activation"] and rep["summary"]["preset"] == {"model.activation": "tanh"}
     assert rep["config"]["train"]["lr"] == 0.002 and rep["config"]["model"]["width"] == 24
     s = rep["summary"]
     assert s["steps"] == 60 and len(s["per_layer"]) == 3

@@ -22,6 +22,7 @@ from asyncdni.model import microbatch_bounds
 from asyncdni.nn import ACTIVATIONS, Dense, activate, activation_backward, init_weights
 from asyncdni.optim import SGD, Adam, Momentum, make_optimizer
 from asyncdni.synthetic import LinearSG, MLPSG, make_sg_model
+from asyncdni.synthetic import param_count as sg_param_count
 
 F64 = np.float64
 EPS = 1e-6      # finite-difference step
@@ -233,48 +234,97 @@ def test_linear_sg_grads_match_finite_differences(cond_dim):
         assert_grad(grads[i], num, f"LinearSG {names[i]}")
 
 
-def _mlp_case(cond_dim):
+def _mlp_preacts(sg, h, c):
+    z = [h @ sg.W[0] + sg.b[0] + (c @ sg.C1 if sg.C1 is not None else 0)]
+    for W, b in zip(sg.W[1:], sg.b[1:]):
+        z.append(np.maximum(z[-1], 0) @ W + b)
+    return z
+
+
+def _mlp_case(cond_dim, layers=1):
     """MLPSG with random params whose hidden pre-activations are all >= 0.05 away from 0."""
     for seed in range(500):
         rng = np.random.default_rng(seed)
-        sg = MLPSG(4, cond_dim, 5, rng, F64)
+        sg = MLPSG(4, cond_dim, 5, rng, F64, layers=layers)
         h = rng.normal(0, 1, (6, 4))
         c = (condition_vector("bits", cond_dim, rng.integers(0, 2, (6, cond_dim)), F64)
              if cond_dim else None)
-        # zero-initialised output layer: an untrained model predicts exactly zero
+        # zero-initialised skip and output layer: an untrained model predicts exactly zero
         np.testing.assert_array_equal(sg.predict(h, c), np.zeros((6, 4)))
-        assert np.any(sg.A1 != 0)
+        assert all(np.any(W != 0) for W in sg.W)
         _randomise(sg.params, rng)
-        z = h @ sg.A1 + sg.a1 + (c @ sg.C1 if cond_dim else 0)
-        if np.abs(z).min() > 0.05 and (z > 0).mean() > 0.3:
+        zs = _mlp_preacts(sg, h, c)
+        if all(np.abs(z).min() > 0.05 and (z > 0).mean() > 0.3 for z in zs):
             return rng, sg, h, c
     raise AssertionError("no well-conditioned MLPSG case found")
 
 
-@pytest.mark.parametrize("cond_dim", [0, 3])
-def test_mlp_sg_grads_match_finite_differences(cond_dim):
-    rng, sg, h, c = _mlp_case(cond_dim)
-    assert len(sg.params) == (5 if cond_dim else 4)
+@pytest.mark.parametrize("cond_dim,layers", [(0, 1), (3, 1), (3, 2), (0, 3)])
+def test_mlp_sg_grads_match_finite_differences(cond_dim, layers):
+    rng, sg, h, c = _mlp_case(cond_dim, layers)
+    k = 1 if cond_dim else 0
+    assert len(sg.params) == (2 + k) + (2 + k) + 2 * (layers - 1) + 1
     target = rng.normal(0, 1, (6, 4))
     pred = sg.predict(h, c)
-    z = h @ sg.A1 + sg.a1 + (c @ sg.C1 if cond_dim else 0)
-    np.testing.assert_allclose(pred, np.maximum(z, 0) @ sg.A2 + sg.a2, rtol=1e-12)
+    # prediction = linear skip + MLP
+    linear = h @ sg.A + sg.a + (c @ sg.C if cond_dim else 0)
+    np.testing.assert_allclose(pred, linear + np.maximum(_mlp_preacts(sg, h, c)[-1], 0) @ sg.Wo, rtol=1e-12)
     loss, grads = sg.loss_and_grads(h, c, target)
     assert loss == pytest.approx(((pred - target) ** 2).sum() / 6, rel=1e-12)
     assert len(grads) == len(sg.params)
-    names = ["A1", "a1", "A2", "a2", "C1"]
     for i, p in enumerate(sg.params):
+        assert grads[i].shape == p.shape
         num = numgrad(lambda: sg.loss_and_grads(h, c, target)[0], p)
-        assert_grad(grads[i], num, f"MLPSG {names[i]}")
+        assert_grad(grads[i], num, f"MLPSG param {i} (layers={layers}, cond={cond_dim})")
+
+
+def test_mlp_sg_label_path_has_its_own_fan_in():
+    """The label weights are He over the label's own fan-in (k), not a slice of one draw over
+    d + k inputs (std sqrt(2/(d+k)), 5x smaller here), so the label reaches the hidden layer
+    at a scale comparable to the activation's."""
+    rng = np.random.default_rng(0)
+    d, k, hid = 256, 10, 512
+    sg = MLPSG(d, k, hid, rng)
+    assert sg.C1.std() == pytest.approx(np.sqrt(2.0 / k), rel=0.05)
+    assert sg.W[0].std() == pytest.approx(np.sqrt(2.0 / d), rel=0.05)
+    h = np.abs(rng.normal(0, 1, (64, d))).astype(np.float32)
+    c = condition_vector("classification", k, rng.integers(0, k, 64))
+    ratio = (c @ sg.C1).std() / (h @ sg.W[0]).std()
+    assert 0.25 < ratio < 1.0       # the old slice gave ~0.06
+
+
+def test_mlp_sg_with_zero_mlp_output_is_the_linear_sg():
+    """With the MLP's output at zero, the skip is exactly the linear SG: same prediction and
+    the same gradients for the shared parameters."""
+    rng = np.random.default_rng(4)
+    d, k = 5, 3
+    mlp = MLPSG(d, k, 6, rng, F64, layers=2)
+    lin = LinearSG(d, k, rng, F64)
+    for p_lin, p_mlp in zip(lin.params, mlp.params[:3]):
+        p_lin[...] = rng.normal(0, 0.5, p_lin.shape)
+        p_mlp[...] = p_lin
+    h = rng.normal(0, 1, (7, d))
+    c = condition_vector("bits", k, rng.integers(0, 2, (7, k)), F64)
+    t = rng.normal(0, 1, (7, d))
+    np.testing.assert_allclose(mlp.predict(h, c), lin.predict(h, c), rtol=1e-12)
+    (l1, g1), (l2, g2) = lin.loss_and_grads(h, c, t), mlp.loss_and_grads(h, c, t)
+    assert l1 == pytest.approx(l2, rel=1e-12)
+    for a, b in zip(g1, g2[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
 def test_make_sg_model_and_unknown_kind():
     rng = np.random.default_rng(0)
     assert isinstance(make_sg_model("linear", 3, 0, 0, rng, F64), LinearSG)
     m = make_sg_model("mlp", 3, 2, 0, rng, F64)
-    assert isinstance(m, MLPSG) and m.A2.shape == (3, 3)     # hidden defaults to dim
+    assert isinstance(m, MLPSG) and m.Wo.shape == (3, 3)     # hidden defaults to dim
+    m = make_sg_model("mlp", 3, 2, 7, rng, F64, layers=2)
+    assert [W.shape for W in m.W] == [(3, 7), (7, 7)] and m.Wo.shape == (7, 3)
+    assert sum(p.size for p in m.params) == sg_param_count("mlp", 3, 2, 7, 2)
     with pytest.raises(ValueError):
         make_sg_model("conv", 3, 0, 0, rng)
+    with pytest.raises(ValueError):
+        make_sg_model("mlp", 3, 0, 0, rng, layers=0)
 
 
 # --------------------------------------------------------- 2. whole-network check

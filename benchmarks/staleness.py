@@ -1,0 +1,134 @@
+"""In-process replay of DNI with delayed synthetic-gradient targets (no sockets).
+
+The ``async`` schedule differs from ``sequential`` DNI in one way that matters for the
+math: the SG target for step t (the gradient layer i+1 sends back) reaches layer i after
+layer i has already run L more forward steps with its SG model. This replay runs the
+engine's own ``LayerNode`` code in one process and holds every SG target back by a lag L
+drawn per target from ``--lags`` (probabilities of L = 0, 1, 2, ...; the default is the
+distribution measured at max-inflight 3: 27% / 58% / 15%). L = 0 everywhere is exactly the
+in-process sequential reference.
+
+Prints, per seed, the final test metrics and the largest drop (best accuracy so far minus
+current accuracy, in points, over evaluations every ``--eval-every`` steps).
+
+    python -m benchmarks.staleness --steps 8000 --seeds 0-9 --set model.activation=relu ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")     # one BLAS thread, like the workers (before numpy loads)
+
+import numpy as np  # noqa: E402
+
+from asyncdni import config
+from asyncdni.layer import LayerNode
+from asyncdni.model import load_datasets, make_plan
+from asyncdni.data import BatchStream
+from asyncdni.reference import evaluate
+
+MEASURED_LAGS = (0.27, 0.58, 0.15)
+
+
+def parse_seeds(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
+def diagnose(nodes, loss_name, x, y) -> list[dict]:
+    """Per non-last layer on one batch: cosine and norm ratio of the SG prediction against the
+    true gradient (backprop through the current weights), and the fraction of dead units."""
+    from asyncdni import losses
+    xs, hs = [x], []
+    for node in nodes:
+        hs.append(node.dense.forward(xs[-1]))
+        xs.append(hs[-1])
+    _, g = losses.compute(loss_name, hs[-1], y)
+    out = []
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        if not node.spec.is_last:
+            B = x.shape[0]
+            pred = node.sg.predict(hs[i], node._cond(y)) / B
+            cos = float(np.vdot(pred, g) / (np.linalg.norm(pred) * np.linalg.norm(g) + 1e-30))
+            out.append({"layer": i + 1, "cos": cos, "norm_ratio": float(np.linalg.norm(pred) / (np.linalg.norm(g) + 1e-30)),
+                        "dead": float((hs[i].max(axis=0) <= 0).mean()), "h_rms": float(np.sqrt((hs[i] ** 2).mean()))})
+        _, _, g = node.dense.backward(xs[i], hs[i], g)
+    return out[::-1]
+
+
+def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, datasets=None) -> dict:
+    train, test = datasets or load_datasets(cfg)
+    plan = make_plan(cfg, train)
+    nodes = [LayerNode(s) for s in plan.specs]
+    stream = BatchStream(train, plan.batch_size, cfg.train.seed)
+    rng = np.random.default_rng([lag_seed, cfg.train.seed])
+    probs = np.asarray(lags, float) / np.sum(lags)
+    pending: dict[int, list] = {}          # deliver at the start of step s -> [(layer, step, g)]
+    evals, diags = [], []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for layer, t, g in pending.pop(step, ()):
+            nodes[layer].sg_update(t, g)
+        x, y = stream.batch(step)
+        h = x
+        for i, node in enumerate(nodes):
+            out, gx, _m = node.dni_forward(step, h, y)
+            if i > 0 and gx is not None:
+                L = int(rng.choice(len(probs), p=probs))
+                if L == 0:
+                    nodes[i - 1].sg_update(step, gx)
+                else:                      # layer i-1 runs L more forward steps first
+                    pending.setdefault(step + L + 1, []).append((i - 1, step, gx))
+            h = out
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            ev = evaluate(nodes, plan.loss, test, 1000)
+            evals.append((step + 1, ev["metric"], ev["metric2"]))
+            diags.append(diagnose(nodes, plan.loss, *stream.batch(0)))
+    train_time = time.perf_counter() - t0
+    acc = np.array([e[1] for e in evals])
+    best = np.maximum.accumulate(acc)
+    return {"final": evals[-1][1], "final2": evals[-1][2], "max_drop_pts": float(100 * (best - acc).max()),
+            "min_after_90pct": float(acc[len(acc) // 10:].min()), "evals": evals, "diag": diags, "time_s": train_time}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--seeds", default="0-2")
+    ap.add_argument("--lags", default=",".join(map(str, MEASURED_LAGS)),
+                    help="probabilities of a lag of 0, 1, 2, ... steps (default: measured at max-inflight 3)")
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--json", help="write every run (with its evaluation curve) as JSON")
+    args = ap.parse_args(argv)
+    ov = dict(item.split("=", 1) for item in args.set)
+    lags = [float(v) for v in args.lags.split(",")]
+    rows = []
+    for seed in parse_seeds(args.seeds):
+        cfg = config.build(overrides={**ov, "train.seed": seed, "runtime.progress": False})
+        r = replay(cfg, args.steps, lags, args.eval_every)
+        r["seed"] = seed
+        rows.append(r)
+        print(f"seed {seed}: final {100 * r['final']:.2f}% / {100 * r['final2']:.2f}%  max drop "
+              f"{r['max_drop_pts']:.2f} pts  ({r['time_s']:.0f} s)", flush=True)
+    drops = [r["max_drop_pts"] for r in rows]
+    print(f"{len(rows)} runs: max drop {max(drops):.2f} pts; runs with a drop > 2 pts: "
+          f"{sum(d > 2 for d in drops)}; final {100 * min(r['final'] for r in rows):.2f}-"
+          f"{100 * max(r['final'] for r in rows):.2f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": rows}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
