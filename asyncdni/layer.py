@@ -53,7 +53,6 @@ class LayerSpec:
     aux_features: int = 0     # local: features the auxiliary classifier reads (0: no auxiliary head)
     sg_layers: int = 1      # hidden layers of the mlp SG model
     sg_stale_decay: float = 1.0   # weight of an SG target per step of lag (1: all equal; 0: stale ones dropped)
-    sg_clip: float = 0.0          # cap each SG prediction's norm at sg_clip x its activation's norm (0: off)
 
     @property
     def gradient(self) -> str:
@@ -154,16 +153,6 @@ class AuxHead:
     def flops(self, batch: int) -> int:
         q, n = self.A.shape
         return 3 * 2 * batch * q * n        # logits, head weight gradient, gradient into h
-
-
-def _clip_factor(pred: np.ndarray, h: np.ndarray, ratio: float) -> np.ndarray:
-    """(B, 1) factors that cap each row's ||pred|| at ratio * ||h|| (1 where it is below)."""
-    pn = np.sqrt(np.einsum("ij,ij->i", pred, pred))
-    cap = ratio * np.sqrt(np.einsum("ij,ij->i", h, h))
-    f = np.ones_like(pn)
-    big = pn > cap
-    f[big] = cap[big] / pn[big]
-    return f[:, None]
 
 
 class LayerNode:
@@ -281,8 +270,6 @@ class LayerNode:
             c = self._cond(y)
             pred, ctx = self.sg.predict_keep(h, c)
             gh = pred * (1.0 / B)
-            if self.spec.sg_clip > 0:
-                gh = gh * _clip_factor(pred, h, self.spec.sg_clip)
             self.cache[step] = (ctx, pred)
             self.last_fwd_step = max(self.last_fwd_step, step)
         else:

@@ -467,6 +467,35 @@ def test_sg_update_moves_prediction_toward_target(sg_model):
     np.testing.assert_array_equal(node.dense.W, W_fixed)          # lr=0: h really was fixed
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_stale_sg_targets_are_weighted_by_decay_per_step_of_lag(decay):
+    """sg_stale_decay: a target that arrives after the layer ran L more forward steps moves
+    the SG by decay**L of a fresh one (plain SGD, so the step is linear in the weight);
+    decay 0 drops stale targets and counts them. A fresh target (L = 0) is never touched."""
+    import dataclasses
+    base = make_spec(1, 3, 5, 4, "tanh", optimizer="sgd", lr=0.0, sg_lr=0.05, seed=4)
+    rng = np.random.default_rng(2)
+    B = 8
+    x = rng.normal(0, 1, (B, 5))
+    y = rng.integers(0, 3, B)
+    g = rng.normal(0, 1, (B, 4)) / B
+    moves = {}
+    for d in (1.0, decay):
+        node = LayerNode(dataclasses.replace(base, sg_stale_decay=d), dtype=F64)
+        for step in range(3):                       # steps 0, 1, 2 forward; then step 0's target
+            node.dni_forward(step, x, y)
+        A0 = node.sg.A.copy()
+        loss = node.sg_update(0, g)                 # lag 2
+        moves[d] = node.sg.A - A0
+        node.sg_update(2, g)                        # lag 0: always applied
+        assert node.sg_updates == (2 if d else 1)
+        assert node.stale_dropped == (1 if d == 0.0 else 0)
+        if d == 0.0:
+            assert np.isnan(loss) and not moves[d].any()
+    assert np.abs(moves[1.0]).max() > 0
+    np.testing.assert_allclose(moves[decay], decay ** 2 * moves[1.0], rtol=1e-10, atol=1e-15)
+
+
 def test_sg_trained_on_per_example_gradient_scale():
     """The SG regresses onto B * dL/dh, and the layer divides its prediction by B again."""
     node = LayerNode(make_spec(1, 3, 5, 4, "tanh", optimizer="sgd", lr=0.0, sg_model="linear",
