@@ -126,12 +126,22 @@ def test_explicit_value_beats_preset_even_at_the_global_default(override, field,
         section, key = field.split(".")
         assert str(getattr(getattr(cfg, section), key)) == str(_coerce_like(field, list(override.values())[0]))
         assert field not in cfg.preset
-        assert len(cfg.preset) == len(C.PRESETS["addition"]) - 1
+        assert set(C.PRESETS["addition"]) - {field} <= set(cfg.preset)
 
 
 def _coerce_like(field, v):
     section, key = field.split(".")
     return type(getattr(getattr(RunConfig(), section), key))(v)
+
+
+def test_addition_with_relu_gets_the_stable_sg_lr_unless_the_user_sets_it(tmp_path):
+    cfg = build(None, {"model.activation": "relu"})
+    assert cfg.train.sg_lr == 3e-4 and "train.sg_lr" in cfg.preset and "model.activation" not in cfg.preset
+    assert build(_write(tmp_path, '[model]\nactivation = "relu"\n')).train.sg_lr == 3e-4
+    assert build(None, {"model.activation": "relu", "train.sg_lr": 1e-3}).train.sg_lr == 1e-3
+    assert build().train.sg_lr == 1e-3                                # tanh (the preset's)
+    idx = {"data.dataset": "idx", "data.path": str(tmp_path), "model.activation": "relu"}
+    assert build(None, idx).train.sg_lr == 1e-3                       # not on MNIST
 
 
 def test_explicit_widths_keep_preset_width_out():
