@@ -476,13 +476,6 @@ PRESETS: dict[str, dict[str, object]] = {
     # MNIST-format files: the global defaults (relu; tanh costs ~2 points of test accuracy)
     "idx": {},
 }
-# Preset values that depend on a value in force (the user's or the preset's): (dataset,
-# field, value) -> overlay. Binary addition with relu under async staleness: SG lr 1e-3
-# makes the delayed SG regression overshoot and accuracy collapse by 5-25 points; 3e-4
-# does not (README, "Stability under staleness"). tanh wants 1e-3 (3e-4 is too slow).
-PRESET_WHEN: dict[tuple[str, str, object], dict[str, object]] = {
-    ("addition", "model.activation", "relu"): {"train.sg_lr": 3e-4},
-}
 
 
 def apply_preset(d: dict) -> tuple[dict, tuple[str, ...]]:
@@ -492,13 +485,7 @@ def apply_preset(d: dict) -> tuple[dict, tuple[str, ...]]:
     ``model.widths`` is given (the explicit list overrides it)."""
     data = d.get("data") if isinstance(d.get("data"), dict) else {}
     dataset = data.get("dataset", DataConfig.dataset)
-    preset = dict(PRESETS.get(dataset, {})) if isinstance(dataset, str) else {}
-    for (ds, dotted, value), overlay in PRESET_WHEN.items():
-        section, _, key = dotted.partition(".")
-        given = d.get(section) if isinstance(d.get(section), dict) else {}
-        default = getattr(_SECTION_CLASSES[section], key)
-        if ds == dataset and given.get(key, preset.get(dotted, default)) == value:
-            preset.update(overlay)
+    preset = PRESETS.get(dataset, {}) if isinstance(dataset, str) else {}
     applied = []
     for dotted in preset:
         section, _, key = dotted.partition(".")

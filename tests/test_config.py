@@ -134,16 +134,6 @@ def _coerce_like(field, v):
     return type(getattr(getattr(RunConfig(), section), key))(v)
 
 
-def test_addition_with_relu_gets_the_stable_sg_lr_unless_the_user_sets_it(tmp_path):
-    cfg = build(None, {"model.activation": "relu"})
-    assert cfg.train.sg_lr == 3e-4 and "train.sg_lr" in cfg.preset and "model.activation" not in cfg.preset
-    assert build(_write(tmp_path, '[model]\nactivation = "relu"\n')).train.sg_lr == 3e-4
-    assert build(None, {"model.activation": "relu", "train.sg_lr": 1e-3}).train.sg_lr == 1e-3
-    assert build().train.sg_lr == 1e-3                                # tanh (the preset's)
-    idx = {"data.dataset": "idx", "data.path": str(tmp_path), "model.activation": "relu"}
-    assert build(None, idx).train.sg_lr == 1e-3                       # not on MNIST
-
-
 def test_explicit_widths_keep_preset_width_out():
     cfg = build(None, {"model.layers": 3, "model.widths": "32,16"})
     assert cfg.model.hidden_widths() == (32, 16) and "model.width" not in cfg.preset
