@@ -20,7 +20,8 @@ from tests.conftest import env_with_repo, pids_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_processes")]
 
-BASE = {"model.width": 32, "data.train_size": 2048, "data.test_size": 256, "runtime.progress": False}
+BASE = {"model.width": 32, "model.activation": "relu", "data.train_size": 2048, "data.test_size": 256,
+        "runtime.progress": False}     # relu: unbounded, so a huge lr overflows (tanh, the addition preset, does not)
 
 
 def cfg_of(**ov):
@@ -270,7 +271,8 @@ def test_nonfinite_updates_are_skipped_and_counted():
 
 def test_fail_on_nonfinite_stops_cleanly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "train", "--steps", "60", "--optimizer", "sgd",
-                          "--lr", "1e30", "--schedule", "backprop", "--no-progress", "--fail-on-nonfinite"],
+                          "--lr", "1e30", "--activation", "relu", "--schedule", "backprop", "--no-progress",
+                          "--fail-on-nonfinite"],
                          cwd=tmp_path, env=env_with_repo(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "non-finite" in out.stderr and "fail_on_nonfinite" in out.stderr
