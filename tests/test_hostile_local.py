@@ -243,7 +243,7 @@ def test_diverging_run_saves_finite_weights(tmp_path, optimizer, lr):
     from asyncdni.model import load_datasets, make_plan
     from asyncdni.reference import train_reference
     cfg = C.build(None, {"train.optimizer": optimizer, "train.lr": lr, "train.steps": "400",
-                         "train.schedule": "sequential"})
+                         "train.schedule": "sequential", "model.activation": "relu"})   # tanh would saturate
     train, _ = load_datasets(cfg)
     with np.errstate(all="ignore"):
         res = train_reference(make_plan(cfg, train), "sequential", train, cfg.train.seed)
