@@ -60,7 +60,6 @@ import math
 import os
 import re
 import shutil
-import stat
 import tempfile
 import time
 import zipfile
@@ -68,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from . import files
 
 FORMAT = "asyncdni-checkpoint"
 VERSION = 1
@@ -162,18 +163,15 @@ def _open_regular(path: Path):
     """``path`` opened for reading if it is a regular file (after symlinks); one-line errors.
     Never blocks (a FIFO is refused, not waited on) and never opens a device for reading."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return files.open_regular(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
+    except files.NotRegularFile as e:
+        if e.is_dir:
+            raise CheckpointError(f"{path}: is a directory, not a file") from None
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket); refusing to read it") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read: {_one_line(e.strerror or e)}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise CheckpointError(f"{path}: is a directory, not a file")
-        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket); refusing to read it")
-    return os.fdopen(fd, "rb")
 
 
 def _read_regular(path: Path, limit: int | None = None) -> bytes:

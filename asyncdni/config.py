@@ -9,8 +9,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import stat
 import typing
 from dataclasses import dataclass, field
 
@@ -19,6 +17,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from . import files
 from . import schedules as _schedules
 from .nn import ACTIVATIONS, INITS
 from .optim import OPTIMIZERS
@@ -255,16 +254,14 @@ def load_toml(path: str) -> dict:
     """A TOML file as a dict. Only a regular file is read (a FIFO or a device would block or
     never end), and at most MAX_CONFIG_BYTES of it; every failure is a one-line ConfigError."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        f = files.open_regular(path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: no such file") from None
+    except files.NotRegularFile as e:
+        raise ConfigError(f"config file {path}: " + ("is a directory" if e.is_dir else "not a regular file")) from None
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise ConfigError(f"config file {path}: " + ("is a directory" if stat.S_ISDIR(mode) else "not a regular file"))
-    with os.fdopen(fd, "rb") as f:
+    with f:
         try:
             raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as e:
