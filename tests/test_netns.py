@@ -94,7 +94,7 @@ def test_five_namespace_hosts_equal_the_reference(lab, mnist_dir, schedule, ref_
 
 
 def test_five_namespace_hosts_async_mnist_accuracy_matches_a_local_run(lab, mnist_dir):
-    ov = {"train.epochs": 3.0, "train.seed": 1}
+    ov = {"train.epochs": 6.0, "train.seed": 1}    # past the steep part of the curve: 3 epochs ended at 89-91%
     local = coordinator.run(config.build(overrides={"data.dataset": "idx", "data.path": str(mnist_dir),
                                                     "model.width": 256, "runtime.progress": False, **ov}))
     agents = start_agents(lab, PORT + 2)
@@ -103,7 +103,7 @@ def test_five_namespace_hosts_async_mnist_accuracy_matches_a_local_run(lab, mnis
     finally:
         end(agents)
     a, b = local.final_eval["metric"], remote.final_eval["metric"]
-    assert b > 0.9 and abs(a - b) < 0.015, (a, b)     # async arrival order differs; the band is 1.5 points
+    assert b > 0.92 and abs(a - b) < 0.015, (a, b)    # async arrival order differs; the band is 1.5 points
 
 
 def test_killed_worker_in_a_namespace_is_detected_and_restarted(lab, mnist_dir, tmp_path):
