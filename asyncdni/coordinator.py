@@ -137,6 +137,7 @@ class Coordinator:
         self.workers: list[WorkerInfo] = [WorkerInfo("feeder", "feeder", "feeder", 0, 0, places[0])]
         self.workers += [WorkerInfo(f"layer {i + 1}", f"layer{i}", "layer", i, i + 1, places[i + 1]) for i in range(K)]
         self.placements = {w.ident: w.host for w in self.workers}
+        self._idents = {w.ident: w for w in self.workers}
         self.ports = ports
         self.curve = False
         self.allowlist: security.Allowlist | None = None
@@ -156,17 +157,11 @@ class Coordinator:
 
     # ------------------------------------------------------------- identity
     def _by_identity(self, ident: bytes) -> WorkerInfo | None:
-        name = ident.decode(errors="replace")
-        if name == "feeder":
-            return self.workers[0]
-        if name.startswith("layer") and name[5:].isdigit():
-            i = int(name[5:])
-            if 0 <= i < self.plan.n_layers:
-                return self.workers[i + 1]
-        return None
+        """The worker whose control identity (socket frame) this is; None for a stranger."""
+        return self._by_ident(ident.decode(errors="replace"))
 
     def _by_ident(self, ident: str) -> WorkerInfo | None:
-        return next((w for w in self.workers if w.ident == ident), None)
+        return self._idents.get(ident)
 
     def _send(self, w: WorkerInfo, kind: str, **fields) -> None:
         try:
@@ -368,7 +363,7 @@ class Coordinator:
                 w.pid = msg.fields["pid"]
                 w.hello = True
                 self._send(w, P.SPEC, spec=self.spec)
-            elif msg.kind == P.READY and getattr(w, "hello", False):
+            elif msg.kind == P.READY and w.hello:
                 fwd, bwd = msg.fields.get("fwd", ""), msg.fields.get("bwd", "")
                 if not (isinstance(fwd, str) and isinstance(bwd, str)):
                     continue
