@@ -13,7 +13,9 @@ On-disk format
 entries; never pickled, so it loads with ``allow_pickle=False``). The entries of a layer
 file (see :func:`node_state`):
 
-* ``W``, ``b``: the dense layer's weights and bias;
+* ``W``, ``b``: the dense layer's weights and bias; with batch normalisation (a hidden
+  layer of a ``model.batch_norm`` run) ``W`` and, instead of ``b``, ``bn.gamma``, ``bn.beta``
+  (its parameters) and ``bn.mean``, ``bn.var`` (its running statistics, used at evaluation);
 * ``opt.<k>``: the layer optimizer's state (``opt.t``, a 0-d int64 step count, then
   ``opt.m0``, ``opt.v0``, ... for Adam, ``opt.v0``, ... for momentum);
 * ``sg.<i>``: the synthetic-gradient model's parameters, in ``SGModel.params`` order
@@ -47,7 +49,8 @@ What reading refuses, each with a one-line :class:`CheckpointError`: anything th
 a regular file (a FIFO would block, a device never ends), a manifest over
 :data:`MAX_MANIFEST_BYTES` or nested too deeply for the JSON parser, and, once the
 checksums match, content no run could have written: NaN or infinite numbers, a negative or
-non-integer optimizer step count, negative counters or Adam second moments, a feeder file
+non-integer optimizer step count, negative counters, Adam second moments or running
+variances of batch normalisation, a feeder file
 without one of its entries or with the wrong shapes (:func:`check_layer_state`,
 :func:`check_feeder_state`; :func:`restore_node` also checks every shape against the layer).
 """
@@ -279,7 +282,7 @@ def _load_npz(path: Path, data: bytes) -> dict:
 # --------------------------------------------------------------- node state
 def _expected_layout(node) -> dict:
     """name -> (shape, dtype) of every entry :func:`node_state` writes for this node."""
-    out = {"W": (node.dense.W.shape, node.dense.W.dtype), "b": (node.dense.b.shape, node.dense.b.dtype)}
+    out = {k: (v.shape, v.dtype) for k, v in _dense_arrays(node).items()}
     for k, v in node.opt.state().items():
         v = np.asarray(v)
         out[f"opt.{k}"] = (v.shape, v.dtype)
@@ -299,6 +302,14 @@ def _expected_layout(node) -> dict:
     return out
 
 
+def _dense_arrays(node) -> dict:
+    """The dense layer's entries: ``W`` and ``b``, or ``W`` and ``bn.*`` with batch normalisation."""
+    bn = getattr(node.dense, "bn", None)
+    if bn is None:
+        return {"W": node.dense.W, "b": node.dense.b}
+    return {"W": node.dense.W, "bn.gamma": bn.gamma, "bn.beta": bn.beta, "bn.mean": bn.mean, "bn.var": bn.var}
+
+
 def node_state(node) -> dict:
     """Everything needed to continue training a ``LayerNode`` exactly, as name -> array copies.
 
@@ -307,7 +318,7 @@ def node_state(node) -> dict:
     if getattr(node, "_acc_count", 0):
         raise CheckpointError(f"layer {node.spec.index + 1}: a pipeline step is partly accumulated "
                               f"({node._acc_count} of {node.spec.microbatches} micro-batches); checkpoint between steps")
-    out = {"W": node.dense.W.copy(), "b": node.dense.b.copy()}
+    out = {k: v.copy() for k, v in _dense_arrays(node).items()}
     out.update({f"opt.{k}": np.array(v, copy=True) for k, v in node.opt.state().items()})
     if node.sg is not None:
         out.update({f"sg.{i}": p.copy() for i, p in enumerate(node.sg.params)})
@@ -344,8 +355,8 @@ def restore_node(node, state: dict) -> None:
     check_layer_state(who, state)
     counters = np.asarray(state["counters"])
 
-    node.dense.W[...] = state["W"]
-    node.dense.b[...] = state["b"]
+    for k, v in _dense_arrays(node).items():
+        v[...] = state[k]
     node.opt.load_state({k[len("opt."):]: np.asarray(v) for k, v in state.items() if k.startswith("opt.")})
     if node.sg is not None:
         for i, p in enumerate(node.sg.params):
@@ -394,6 +405,9 @@ def check_layer_state(where, state: dict) -> None:
     for key, v in state.items():          # Adam's second moment is a running mean of squares
         if key.startswith(("opt.v", "sgopt.v", "auxopt.v")) and f"{key.split('.')[0]}.m0" in state and (np.asarray(v) < 0).any():
             raise CheckpointError(f"{where}: impossible optimizer state: Adam's {key!r} has negative entries")
+    if "bn.var" in state and (np.asarray(state["bn.var"]) < 0).any():
+        raise CheckpointError(f"{where}: impossible batch-normalisation state: 'bn.var' (a running variance) "
+                              "has negative entries")
 
 
 def check_feeder_state(where, state: dict, step: int) -> None:

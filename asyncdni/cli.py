@@ -70,6 +70,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cond", dest="cond", action="store_const", const=True, default=None,
                    help="label-conditioned synthetic gradients (cDNI, default on)")
     g.add_argument("--no-cond", dest="cond", action="store_const", const=False, help="unconditioned synthetic gradients")
+    bn = p.add_mutually_exclusive_group()
+    bn.add_argument("--batch-norm", dest="batch_norm", action="store_const", const=True, default=None,
+                    help="batch normalisation of the hidden layers' pre-activations (default off)")
+    bn.add_argument("--no-batch-norm", dest="batch_norm", action="store_const", const=False,
+                    help="no batch normalisation")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config field, e.g. --set train.sg_lr=3e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
@@ -95,6 +100,8 @@ def overrides_from_args(args) -> dict:
         ov["data.dataset"] = "idx"
     if args.cond is not None:
         ov["train.cond"] = args.cond
+    if args.batch_norm is not None:
+        ov["model.batch_norm"] = args.batch_norm
     if args.no_progress:
         ov["runtime.progress"] = False
     if args.fail_on_nonfinite:

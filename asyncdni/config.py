@@ -54,6 +54,7 @@ class ModelConfig:
     widths: tuple[int, ...] = ()        # explicit hidden widths (layers-1 of them); overrides width
     activation: str = "relu"
     init: str = "he"
+    batch_norm: bool = False            # hidden layers: h = act(BN(x @ W)), BN's beta replacing the bias
 
     def hidden_widths(self) -> tuple[int, ...]:
         return self.widths if self.widths else (self.width,) * (self.layers - 1)
@@ -155,7 +156,7 @@ class RunConfig:
 RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "max_inflight_cap", "microbatches", "eval_every",
                          "eval_batch", "target_accuracy", "stash_weights", "delay_remedy")
 # fields added after checkpoints existed, with the value that reproduces the older behaviour
-DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0}
+DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False}
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -419,8 +420,8 @@ def _gib(n: float) -> str:
 
 
 def layer_param_counts(cfg: RunConfig, in_dim: int, n_out: int) -> list[int]:
-    """Scalars per layer worker: the dense layer and, but for the last, its SG model
-    (the arithmetic of ``LayerSpec.param_count``, without building specs)."""
+    """Scalars per layer worker: the dense layer and, but for the last, its SG model and
+    batch normalisation (the arithmetic of ``LayerSpec.param_count``, without building specs)."""
     t = cfg.train
     widths = (in_dim,) + cfg.model.hidden_widths() + (n_out,)
     k = n_out if t.cond else 0
@@ -429,6 +430,8 @@ def layer_param_counts(cfg: RunConfig, in_dim: int, n_out: int) -> list[int]:
         n = (widths[i] + 1) * widths[i + 1]
         if i < len(widths) - 2:
             n += sg_param_count(t.sg_model, widths[i + 1], k, t.sg_hidden, t.sg_layers)
+            if cfg.model.batch_norm:
+                n += 3 * widths[i + 1]       # gamma and beta instead of b, running mean and variance
         out.append(n)
     return out
 

@@ -53,6 +53,7 @@ class LayerSpec:
     aux_features: int = 0     # local: features the auxiliary classifier reads (0: no auxiliary head)
     sg_layers: int = 1      # hidden layers of the mlp SG model
     sg_stale_decay: float = 1.0   # weight of an SG target per step of lag (1: all equal; 0: stale ones dropped)
+    batch_norm: bool = False  # hidden layers: h = act(BN(x @ W)) (the last layer never normalises)
 
     @property
     def gradient(self) -> str:
@@ -65,6 +66,10 @@ class LayerSpec:
     @property
     def is_last(self) -> bool:
         return self.index == self.n_layers - 1
+
+    @property
+    def has_bn(self) -> bool:
+        return self.batch_norm and not self.is_last
 
     @property
     def cond_dim(self) -> int:
@@ -92,6 +97,8 @@ class LayerSpec:
         """Scalars in this layer's parameters: the dense layer plus its SG model and
         auxiliary classifier, if any."""
         n = (self.fan_in + 1) * self.fan_out
+        if self.has_bn:
+            n += 3 * self.fan_out             # gamma and beta instead of b, running mean and variance
         if self.is_last:
             return n
         if self.has_aux:
@@ -161,7 +168,8 @@ class LayerNode:
         self.fail_on_nonfinite = fail_on_nonfinite
         self.nonfinite_skipped = 0       # updates (layer or SG) not applied because of NaN/Inf
         rng = np.random.default_rng([spec.seed, spec.index])
-        self.dense = Dense.create(rng, spec.fan_in, spec.fan_out, spec.activation, spec.init, dtype)
+        self.dense = Dense.create(rng, spec.fan_in, spec.fan_out, spec.activation, spec.init, dtype,
+                                  batch_norm=spec.has_bn)
         self.opt = make_optimizer(spec.optimizer, self.dense.params, spec.lr)
         self.sg = None
         self.sg_opt = None
@@ -209,17 +217,18 @@ class LayerNode:
         if self.fail_on_nonfinite:
             raise NonFiniteError(f"layer {self.spec.index + 1}: non-finite {what}; stopping (fail_on_nonfinite)")
 
-    def _apply(self, gW, gb, lr_scale: float = 1.0):
-        """Apply a weight update (learning rate times ``lr_scale``), unless the gradient or the
-        updated weights are not finite: then nothing changes, and it is counted (or stops the
-        run under fail_on_nonfinite)."""
-        if not all_finite(gW, gb):
+    def _apply(self, *grads, lr_scale: float = 1.0):
+        """Apply a weight update (gradients in ``dense.params`` order: gW, gb, or gW, ggamma,
+        gbeta with batch normalisation; learning rate times ``lr_scale``), unless a gradient or
+        the updated weights are not finite: then nothing changes, and it is counted (or stops
+        the run under fail_on_nonfinite)."""
+        if not all_finite(*grads):
             self._nonfinite("weight gradient")
             return
         lr = self.opt.lr
         self.opt.lr = lr * lr_scale
         try:
-            ok = self.opt.step([gW, gb])
+            ok = self.opt.step(list(grads))
         finally:
             self.opt.lr = lr
         if not ok:                          # the update itself overflowed: nothing was changed
@@ -243,7 +252,11 @@ class LayerNode:
         return getattr(self, self._bwd_name)(step, g)
 
     def params(self) -> dict[str, np.ndarray]:
-        out = {"W": self.dense.W, "b": self.dense.b}
+        bn = self.dense.bn
+        if bn is None:
+            out = {"W": self.dense.W, "b": self.dense.b}
+        else:       # the running statistics too: evaluation needs them, and they must agree
+            out = {"W": self.dense.W, "bn_gamma": bn.gamma, "bn_beta": bn.beta, "bn_mean": bn.mean, "bn_var": bn.var}
         if self.sg is not None:
             out.update({f"sg{i}": p for i, p in enumerate(self.sg.params)})
         if self.aux is not None:
@@ -251,7 +264,8 @@ class LayerNode:
         return out
 
     def forward_only(self, x):
-        """Inference: the layer's output (logits for the last layer), no state touched."""
+        """Inference: the layer's output (logits for the last layer), no state touched
+        (batch normalisation uses its running statistics)."""
         return self.dense.forward(x)
 
     # --------------------------------------------------------------------- DNI
@@ -261,7 +275,7 @@ class LayerNode:
         Returns (h, g_in, metrics): h is None for the last layer; g_in (dL/dx) is None for
         the first layer; metrics is a dict for the last layer, else None.
         """
-        h = self.dense.forward(x)
+        h, bctx = self.dense.forward_train(x)
         B = x.shape[0]
         metrics = None
         if self.spec.is_last:
@@ -277,8 +291,8 @@ class LayerNode:
         self.fwd_steps += 1
         if gh is None:      # no SG model: the layer is frozen, only passes activations on
             return h, None, None
-        gW, gb, gx = self.dense.backward(x, h, gh, need_input_grad=not self.spec.is_first)
-        self._apply(gW, gb)
+        grads, gx = self.dense.grads(x, h, gh, bctx, need_input_grad=not self.spec.is_first)
+        self._apply(*grads)
         return (None if self.spec.is_last else h), gx, metrics
 
     def sg_update(self, step: int, g: np.ndarray) -> float:
@@ -326,35 +340,35 @@ class LayerNode:
         """Update-locked backprop, forward half. Non-last layers cache and return (h, None, None);
         the last layer computes the loss and its own gradient and returns (None, g_in, metrics).
         ``scale`` weights a micro-batch's gradient (micro-batch size / batch size)."""
-        h = self.dense.forward(x)
+        h, bctx = self.dense.forward_train(x)
         self.fwd_steps += 1
         if not self.spec.is_last:
-            self.cache[step] = (x, h)
+            self.cache[step] = (x, h, bctx)
             return h, None, None
         gh, metrics = self._loss(h, y)
         if scale != 1.0:
             gh *= scale
-        gx = self._backward_and_maybe_update(x, h, gh)
+        gx = self._backward_and_maybe_update(x, h, gh, bctx)
         return None, gx, metrics
 
     def bp_backward(self, step: int, g: np.ndarray):
         try:
-            x, h = self.cache.pop(step)
+            x, h, bctx = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
-        return self._backward_and_maybe_update(x, h, g)
+        return self._backward_and_maybe_update(x, h, g, bctx)
 
-    def _backward_and_maybe_update(self, x, h, gh):
-        gW, gb, gx = self.dense.backward(x, h, gh, need_input_grad=not self.spec.is_first)
+    def _backward_and_maybe_update(self, x, h, gh, bctx=None):
+        grads, gx = self.dense.grads(x, h, gh, bctx, need_input_grad=not self.spec.is_first)
         M = self.spec.microbatches
         if M <= 1:
-            self._apply(gW, gb)
+            self._apply(*grads)
             return gx
         if self._acc is None:
-            self._acc = [gW, gb]
+            self._acc = grads
         else:
-            self._acc[0] += gW
-            self._acc[1] += gb
+            for a, g in zip(self._acc, grads):
+                a += g
         self._acc_count += 1
         if self._acc_count == M:
             self._apply(*self._acc)
@@ -364,20 +378,21 @@ class LayerNode:
     # ---------------------------------------------------------------- delayed
     def delayed_forward(self, step: int, x: np.ndarray, y: np.ndarray):
         """Delayed true gradients, forward half: keep what the backward needs (with weight
-        stashing, a copy of W as used now); the last layer updates at once from the loss."""
-        h = self.dense.forward(x)
+        stashing, a copy of W (and BN's gamma) as used now); the last layer updates at once from the loss."""
+        h, bctx = self.dense.forward_train(x)
         self.fwd_steps += 1
         if not self.spec.is_last:
-            W = None
+            stash = None
             if self.spec.stash:
-                W = self.dense.W.copy()
-                self.stash_bytes += W.nbytes
+                bn = self.dense.bn
+                stash = (self.dense.W.copy(), None if bn is None else bn.gamma.copy())
+                self.stash_bytes += sum(a.nbytes for a in stash if a is not None)
                 self.stash_peak = max(self.stash_peak, self.stash_bytes)
-            self.cache[step] = (x, h, W, self.version)
+            self.cache[step] = (x, h, bctx, stash, self.version)
             return h, None, None
         gh, metrics = self._loss(h, y)
-        gW, gb, gx = self.dense.backward(x, h, gh, need_input_grad=not self.spec.is_first)
-        self._apply(gW, gb)
+        grads, gx = self.dense.grads(x, h, gh, bctx, need_input_grad=not self.spec.is_first)
+        self._apply(*grads)
         self._delay(0)
         return None, gx, metrics
 
@@ -386,14 +401,16 @@ class LayerNode:
         (learning rate divided by 1 + delay under the ``lr_scale`` remedy) and return the
         input gradient, taken with the stashed weights if stashing is on, else the current ones."""
         try:
-            x, h, Ws, v = self.cache.pop(step)
+            x, h, bctx, stash, v = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
-        if Ws is not None:
-            self.stash_bytes -= Ws.nbytes
+        Ws = gs = None
+        if stash is not None:
+            Ws, gs = stash
+            self.stash_bytes -= sum(a.nbytes for a in stash if a is not None)
         delay = self.version - v
-        gW, gb, gx = self.dense.backward(x, h, g, need_input_grad=not self.spec.is_first, W=Ws)
-        self._apply(gW, gb, 1.0 / (1 + delay) if self.spec.delay_remedy == "lr_scale" else 1.0)
+        grads, gx = self.dense.grads(x, h, g, bctx, need_input_grad=not self.spec.is_first, W=Ws, gamma=gs)
+        self._apply(*grads, lr_scale=1.0 / (1 + delay) if self.spec.delay_remedy == "lr_scale" else 1.0)
         self._delay(delay)
         return gx
 
@@ -407,7 +424,7 @@ class LayerNode:
     def local_forward(self, step: int, x: np.ndarray, y: np.ndarray):
         """Local losses: a hidden layer updates at once from its auxiliary classifier's
         gradient (and trains the head); the last layer from the real loss. Nothing goes down."""
-        h = self.dense.forward(x)
+        h, bctx = self.dense.forward_train(x)
         self.fwd_steps += 1
         metrics = None
         if self.spec.is_last:
@@ -421,8 +438,8 @@ class LayerNode:
             _recent(self.aux_recent, losses.metrics(self.spec.aux_loss, z, y)[0])
         else:
             return h, None, None
-        gW, gb, _ = self.dense.backward(x, h, gh, need_input_grad=False)
-        self._apply(gW, gb)
+        grads, _ = self.dense.grads(x, h, gh, bctx, need_input_grad=False)
+        self._apply(*grads)
         return (None if self.spec.is_last else h), None, metrics
 
     def aux_logits(self, h: np.ndarray) -> np.ndarray:

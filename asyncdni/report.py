@@ -90,7 +90,8 @@ def in_force(cfg) -> dict:
     m, t = cfg.model, cfg.train
     return {"model.width": m.width if not m.widths else list(m.widths), "model.activation": m.activation,
             "train.optimizer": t.optimizer, "train.lr": t.lr, "train.sg_model": t.sg_model,
-            "train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.max_inflight": t.max_inflight}
+            "train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.max_inflight": t.max_inflight,
+            "model.batch_norm": m.batch_norm}
 
 
 def format_settings(summary: dict) -> str:

@@ -219,6 +219,8 @@ def _assert_differ(a, b):
     {"optimizer": "momentum"},                             # momentum
     {"optimizer": "sgd", "sg_model": "mlp", "cond": False},
     {"index": 2},                                          # last layer: no SG
+    {"batch_norm": True},                                  # batch normalisation: gamma, beta, running stats
+    {"batch_norm": True, "index": 2},                      # the last layer does not normalise
 ])
 def test_restore_continues_exactly(tmp_path, changes):
     spec = dataclasses.replace(BASE_SPEC, **changes)
@@ -229,7 +231,8 @@ def test_restore_continues_exactly(tmp_path, changes):
     assert not a.cache
 
     state = ck.node_state(a)
-    expected_keys = {"W", "b", "counters"} | {f"opt.{k}" for k in a.opt.state()}
+    dense_keys = {"W", "bn.gamma", "bn.beta", "bn.mean", "bn.var"} if spec.has_bn else {"W", "b"}
+    expected_keys = dense_keys | {"counters"} | {f"opt.{k}" for k in a.opt.state()}
     if spec.is_last:
         assert a.sg is None
         assert not any(k.startswith(("sg.", "sgopt.")) for k in state)
@@ -261,6 +264,9 @@ def test_restore_continues_exactly(tmp_path, changes):
     assert b.opt.t == a.opt.t == 7
     # the optimizer still updates the node's own parameter arrays (restore was in place)
     assert b.opt.params[0] is b.dense.W
+    if spec.has_bn:
+        assert b.opt.params[1] is b.dense.bn.gamma and b.opt.params[2] is b.dense.bn.beta
+        assert not np.array_equal(state["bn.mean"], 0) and not np.array_equal(state["bn.var"], 1)
     if b.sg is not None:
         assert all(p is q for p, q in zip(b.sg_opt.params, b.sg.params))
     # and A moved on from the saved state, which stayed as it was
@@ -305,6 +311,37 @@ def test_restore_errors():
     _raises(ck.restore_node, uncond, state, match_all=("unexpected", "sg.2"))
     # nothing was changed by the failed restores
     assert np.array_equal(b.dense.W, W_before)
+
+
+def test_restore_refuses_bad_batchnorm_state():
+    spec = dataclasses.replace(BASE_SPEC, batch_norm=True)
+    a = LayerNode(spec)
+    rng = np.random.default_rng(3)
+    for step in range(2):
+        _dni_step(a, step, rng)
+    state = ck.node_state(a)
+    b = LayerNode(dataclasses.replace(spec, seed=9))
+    before = ck.node_state(b)
+    bad = dict(state, **{"bn.var": np.ones(4, np.float32)})
+    _raises(ck.restore_node, b, bad, match_all=("layer 2", "'bn.var'", "(4,)", "(5,)"))
+    bad = dict(state)
+    del bad["bn.mean"]
+    _raises(ck.restore_node, b, bad, match_all=("layer 2", "bn.mean"))
+    nan = state["bn.mean"].copy()
+    nan[2] = np.nan
+    _raises(ck.restore_node, b, dict(state, **{"bn.mean": nan}), match_all=("non-finite", "'bn.mean'"))
+    inf = state["bn.gamma"].copy()
+    inf[0] = np.inf
+    _raises(ck.restore_node, b, dict(state, **{"bn.gamma": inf}), match_all=("non-finite", "'bn.gamma'"))
+    _raises(ck.restore_node, b, dict(state, **{"bn.var": -state["bn.var"]}),
+            match_all=("bn.var", "negative"))
+    # a layer with batch normalisation does not fit one without, nor the other way round
+    _raises(ck.restore_node, LayerNode(BASE_SPEC), state, match_all=("no 'b'",))
+    _raises(ck.restore_node, b, ck.node_state(LayerNode(BASE_SPEC)), match_all=("no 'bn.gamma'",))
+    after = ck.node_state(b)                                # nothing was changed by the failed restores
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    ck.restore_node(b, state)
+    _assert_same_node(a, b)
 
 
 def test_node_state_refuses_partial_pipeline_step():

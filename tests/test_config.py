@@ -156,6 +156,12 @@ def test_preset_provenance_survives_dict_round_trip_and_is_not_in_the_digest():
     _raises(C.from_dict, {"preset": "model.width"}, match_all=("preset",))
 
 
+def test_batch_norm_field_leaves_older_digests_alone():
+    assert build(None, {"model.batch_norm": False}).digest() == build().digest()
+    assert build(None, {"model.batch_norm": "true"}).digest() != build().digest()
+    _raises(build, None, {"model.batch_norm": "maybe"}, match_all=("model.batch_norm",))
+
+
 def test_new_sg_layers_field_leaves_older_digests_alone():
     assert build(None, {"train.sg_layers": 1}).digest() == build().digest()
     assert build(None, {"train.sg_layers": 2}).digest() != build().digest()

@@ -24,13 +24,21 @@ def small(**ov):
     return config.build(overrides={**SMALL, **ov})
 
 
-@pytest.mark.parametrize("schedule,ref_schedule", [("sequential", "dni"), ("backprop", "backprop"),
-                                                   ("pipeline", "pipeline")])
-def test_multiprocess_matches_in_process_reference(schedule, ref_schedule):
-    cfg = small(**{"train.schedule": schedule, "train.seed": 3, "train.microbatches": 3})
+@pytest.mark.parametrize("schedule,ref_schedule,bn", [("sequential", "dni", False), ("backprop", "backprop", False),
+                                                      ("pipeline", "pipeline", False), ("sequential", "dni", True),
+                                                      ("backprop", "backprop", True)])
+def test_multiprocess_matches_in_process_reference(schedule, ref_schedule, bn):
+    cfg = small(**{"train.schedule": schedule, "train.seed": 3, "train.microbatches": 3, "model.batch_norm": bn})
     result = coordinator.run(cfg)
-    train, _ = load_datasets(cfg)
-    ref = reference.train_reference(make_plan(cfg, train), ref_schedule, train, cfg.train.seed)
+    train, test = load_datasets(cfg)
+    ref = reference.train_reference(make_plan(cfg, train), ref_schedule, train, cfg.train.seed, test=test,
+                                    eval_batch=cfg.train.eval_batch)
+    if bn:   # hidden layers: gamma, beta and the running statistics instead of the bias
+        assert set(result.params[0]) == {"W", "bn_gamma", "bn_beta", "bn_mean", "bn_var", "sg0", "sg1", "sg2"}
+        assert not np.allclose(result.params[0]["bn_mean"], 0)       # the running statistics moved
+    # the workers' evaluation (batch normalisation: with the running statistics) is the reference's
+    assert result.final_eval["metric"] == pytest.approx(ref.evals[-1]["metric"], abs=1e-9)
+    assert result.final_eval["loss"] == pytest.approx(ref.evals[-1]["loss"], rel=1e-4)
     assert len(result.params) == cfg.model.layers
     for i, node in enumerate(ref.nodes):
         for name, want in node.params().items():
@@ -172,16 +180,18 @@ def test_cli_train_with_toml_and_json_report(tmp_path):
         "[model]\nlayers = 3\nwidth = 24\n[train]\nsteps = 60\nschedule = \"backprop\"\n"
         "[data]\ntrain_size = 1024\ntest_size = 128\n")
     proc = subprocess.run([sys.executable, "-m", "asyncdni.cli", "train", "--config", "run.toml", "--lr", "0.002",
-                           "--no-progress", "--report", "out.json"], cwd=tmp_path, env=env_with_repo(),
+                           "--batch-norm", "--no-progress", "--report", "out.json"], cwd=tmp_path, env=env_with_repo(),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "schedule backprop: 3 layers 16-24-24-9, 60 steps of 64" in proc.stdout
     # the settings in force; only the activation came from the addition preset (width: TOML, lr: flag)
     assert "width=24 activation=tanh* optimizer=adam lr=0.002 " in proc.stdout
+    assert " batch_norm=True" in proc.stdout
     assert "from the dataset's preset" in proc.stdout
     rep = json.loads((tmp_path / "out.json").read_text())
     assert rep["config"]["preset"] == ["model.activation"] and rep["summary"]["preset"] == {"model.activation": "tanh"}
     assert rep["config"]["train"]["lr"] == 0.002 and rep["config"]["model"]["width"] == 24
+    assert rep["config"]["model"]["batch_norm"] is True
     s = rep["summary"]
     assert s["steps"] == 60 and len(s["per_layer"]) == 3
     assert s["samples_per_s"] > 0 and 0 <= s["test_metric"] <= 1

@@ -84,9 +84,11 @@ def test_worker_exits_when_its_coordinator_is_sigkilled(tmp_path):
 
 
 # ----------------------------------------------------------------------- checkpoints
-def test_resume_continues_exactly(tmp_path):
-    """sequential: 200 steps with checkpoints, then resume to 300 == 300 steps in one go."""
-    seq = {"train.schedule": "sequential"}
+@pytest.mark.parametrize("bn", [False, True])
+def test_resume_continues_exactly(tmp_path, bn):
+    """sequential: 200 steps with checkpoints, then resume to 300 == 300 steps in one go
+    (with batch normalisation: its gamma, beta and running statistics carried over too)."""
+    seq = {"train.schedule": "sequential", "model.batch_norm": bn}
     whole = coordinator.run(cfg_of(**seq, **{"train.steps": 300}))
     first = coordinator.run(cfg_of(**seq, **{"train.steps": 200, "runtime.checkpoint_every": 100,
                                              "runtime.checkpoint_dir": str(tmp_path)}))
@@ -100,6 +102,11 @@ def test_resume_continues_exactly(tmp_path):
             assert np.array_equal(a[k], b[k]), k
     assert np.allclose(whole.series["loss"], rest.series["loss"])   # history carried over
     assert rest.layers[0]["updates"] == 300                           # counters carried over
+    if bn:
+        assert {"bn.gamma", "bn.beta", "bn.mean", "bn.var"} <= set(ck.read_layer(0))
+        assert "bn.mean" not in ck.read_layer(3)                       # the output layer does not normalise
+        assert np.array_equal(whole.params[0]["bn_var"], rest.params[0]["bn_var"])
+        assert rest.final_eval["metric"] == whole.final_eval["metric"]  # evaluation: the restored statistics
 
 
 def test_resume_skips_corrupt_and_refuses_other_config(tmp_path):

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -874,3 +875,158 @@ def test_param_count_matches_the_arrays(sg, hidden, cond, last):
                      sg_model=sg, sg_hidden=hidden, sg_lr=1e-3, cond=cond, microbatches=1, seed=0)
     node = LayerNode(spec)
     assert spec.param_count() == sum(p.size for p in node.params().values())
+
+
+# ------------------------------------------------------------ batch normalisation
+def _bn_dense_case(activation: str, B: int = 7):
+    """A float64 batch-normalised Dense layer with random W, gamma, beta and x; for relu every
+    normalised pre-activation is at least 0.05 away from the kink."""
+    for seed in range(200):
+        rng = np.random.default_rng(100 + seed)
+        d = Dense.create(rng, 5, 4, activation, "he", F64, batch_norm=True)
+        d.bn.gamma[...] = rng.uniform(0.5, 1.5, 4)
+        d.bn.beta[...] = rng.normal(0, 0.5, 4)
+        x = rng.normal(0, 1, (B, 5))
+        y, _ = d.bn.forward_train(x @ d.W, update=False)
+        if activation != "relu" or (np.abs(y).min() > 0.05 and (y > 0).sum() >= B):
+            return rng, d, x
+    raise AssertionError("no well-conditioned relu case found")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_batchnorm_dense_grads_match_finite_differences(activation):
+    rng, d, x = _bn_dense_case(activation)
+    assert d.b is None and [p is q for p, q in zip(d.params, (d.W, d.bn.gamma, d.bn.beta))] == [True] * 3
+    R = rng.normal(0, 1, (x.shape[0], 4))          # L = sum(h * R)  =>  dL/dh = R
+
+    def f():            # training mode: the batch's own statistics (the running ones do not enter)
+        return float((d.forward_train(x)[0] * R).sum())
+
+    h, ctx = d.forward_train(x)
+    (gW, ggamma, gbeta), gx = d.grads(x, h, R.copy(), ctx, need_input_grad=True)
+    assert_grad(gW, numgrad(f, d.W), f"bn {activation} gW")
+    assert_grad(ggamma, numgrad(f, d.bn.gamma), f"bn {activation} ggamma")
+    assert_grad(gbeta, numgrad(f, d.bn.beta), f"bn {activation} gbeta")
+    assert_grad(gx, numgrad(f, x), f"bn {activation} gx")
+    grads2, gx2 = d.grads(x, h, R.copy(), ctx, need_input_grad=False)
+    assert gx2 is None
+    for a, b in zip(grads2, (gW, ggamma, gbeta)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="grads"):
+        d.backward(x, h, R)
+
+
+def test_batchnorm_running_statistics_and_evaluation():
+    rng = np.random.default_rng(7)
+    d = Dense.create(rng, 5, 4, "linear", "he", F64, batch_norm=True)
+    d.bn.gamma[...] = [0.5, 1.0, 2.0, 1.5]
+    d.bn.beta[...] = [0.1, -0.2, 0.3, 0.0]
+    x1, x2 = rng.normal(1, 2, (2, 8, 5))
+    mean, var = np.zeros(4), np.ones(4)
+    for x in (x1, x2):
+        h, _ = d.forward_train(x)
+        z = x @ d.W
+        # training output: the batch's own statistics (biased variance)
+        np.testing.assert_allclose(h, (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5) * d.bn.gamma + d.bn.beta,
+                                   rtol=1e-12, atol=1e-12)
+        mean = 0.9 * mean + 0.1 * z.mean(0)
+        var = 0.9 * var + 0.1 * z.var(0, ddof=1)       # running variance: unbiased
+    np.testing.assert_allclose(d.bn.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(d.bn.var, var, rtol=1e-12)
+    # evaluation: the running statistics, so each example's output is independent of its batch
+    xe = rng.normal(0, 1, (6, 5))
+    want = (xe @ d.W - mean) / np.sqrt(var + 1e-5) * d.bn.gamma + d.bn.beta
+    np.testing.assert_allclose(d.forward(xe), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d.forward(xe[:1]), want[:1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d.bn.mean, mean, rtol=1e-12)          # evaluation changes nothing
+    # a batch of one has no variance: the running variance keeps its value
+    d.forward_train(xe[:1])
+    np.testing.assert_allclose(d.bn.var, var, rtol=1e-12)
+
+
+def test_batchnorm_keeps_float32():
+    rng = np.random.default_rng(8)
+    d = Dense.create(rng, 5, 4, "relu", "he", np.float32, batch_norm=True)
+    x = rng.normal(0, 1, (6, 5)).astype(np.float32)
+    h, ctx = d.forward_train(x)
+    grads, gx = d.grads(x, h, np.ones_like(h), ctx)
+    assert {a.dtype for a in [h, gx, d.forward(x), d.bn.mean, d.bn.var, *grads]} == {np.dtype(np.float32)}
+
+
+def _bn_net(acts, seed, B, optimizer="sgd", lr=1.0, microbatches=1):
+    K = len(acts)
+    widths = (6, 5, 4, 3)
+    nodes = [LayerNode(dataclasses.replace(
+        make_spec(i, K, widths[i], widths[i + 1], acts[i], loss="softmax_ce", task="classification", n_out=3,
+                  optimizer=optimizer, lr=lr, seed=seed, microbatches=microbatches), batch_norm=True), dtype=F64)
+        for i in range(K)]
+    rng = np.random.default_rng(seed + 1)
+    for node in nodes[:-1]:
+        node.dense.bn.gamma[...] = rng.uniform(0.5, 1.5, node.dense.bn.gamma.shape)
+        node.dense.bn.beta[...] = rng.normal(0, 0.3, node.dense.bn.beta.shape)
+    nodes[-1].dense.b[...] = rng.normal(0, 0.3, 3)
+    return nodes, rng
+
+
+def test_batchnorm_three_layer_backprop_gradients_match_finite_differences():
+    """Through LayerNode's backprop arithmetic: the hidden layers normalise (W, gamma, beta
+    updated by the optimizer), the last layer does not (W, b)."""
+    nodes, rng = _bn_net(("tanh", "sigmoid", "linear"), 31, 9)
+    assert [n.spec.has_bn for n in nodes] == [True, True, False]
+    assert [n.dense.b is None for n in nodes] == [True, True, False]
+    B = 9
+    x = rng.normal(0, 1, (B, 6))
+    y = rng.integers(0, 3, B)
+
+    def f():            # the training-mode loss (batch statistics)
+        h = x
+        for node in nodes:
+            h = node.dense.forward_train(h)[0]
+        return losses.compute("softmax_ce", h, y)[0]
+
+    L0 = f()
+    numeric = [[numgrad(f, p) for p in n.dense.params] for n in nodes]
+    before = [[p.copy() for p in n.dense.params] for n in nodes]
+    h = x
+    for node in nodes[:-1]:
+        h, _, _ = node.bp_forward(0, h, y)
+    _, g, metrics = nodes[-1].bp_forward(0, h, y)
+    assert metrics["loss"] == pytest.approx(L0, rel=1e-12)
+    for node in reversed(nodes[:-1]):
+        g = node.bp_backward(0, g)
+    names = (("W", "gamma", "beta"), ("W", "gamma", "beta"), ("W", "b"))
+    for i, node in enumerate(nodes):
+        assert node.updates == 1 and node.cache == {}
+        for name, p0, p, num in zip(names[i], before[i], node.dense.params, numeric[i]):
+            assert_grad(p0 - p, num, f"bn layer {i + 1} {name}")     # SGD, lr=1: update = -gradient
+
+
+def test_batchnorm_dni_update_is_the_synthetic_gradient_through_bn():
+    """dni_forward with batch normalisation applies exactly the gradient of <h, SG(h)/B>
+    through the batch statistics: checked against finite differences of that surrogate."""
+    node = LayerNode(dataclasses.replace(make_spec(1, 3, 5, 4, "tanh", lr=1.0, seed=4), batch_norm=True), dtype=F64)
+    rng = np.random.default_rng(5)
+    node.sg.A[...] = rng.normal(0, 0.5, node.sg.A.shape)    # a non-trivial SG
+    node.sg.a[...] = rng.normal(0, 0.5, node.sg.a.shape)
+    node.dense.bn.gamma[...] = rng.uniform(0.5, 1.5, 4)
+    B = 6
+    x = rng.normal(0, 1, (B, 5))
+    h0, _ = node.dense.forward_train(x)
+    G = node.sg.predict_keep(h0, None)[0] / B               # dL/dh the layer will use (fixed)
+
+    def f():
+        return float((node.dense.forward_train(x)[0] * G).sum())
+
+    numeric = [numgrad(f, p) for p in node.dense.params]
+    before = [p.copy() for p in node.dense.params]
+    node.dni_forward(0, x, None)
+    for name, p0, p, num in zip(("W", "gamma", "beta"), before, node.dense.params, numeric):
+        assert_grad(p0 - p, num, f"bn dni {name}")
+
+
+def test_batchnorm_param_count_and_params():
+    for last in (False, True):
+        s = dataclasses.replace(make_spec(2 if last else 1, 3, 6, 5, "relu"), batch_norm=True)
+        node = LayerNode(s, F64)
+        assert s.param_count() == sum(p.size for p in node.params().values())
+        assert ("bn_mean" in node.params()) == (not last)
