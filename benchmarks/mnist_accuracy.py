@@ -7,10 +7,18 @@ is missed, 0 otherwise (and skips with a message when the files are absent).
 
     python -m benchmarks.mnist_accuracy [--data DIR] [--epochs 10] [--json OUT]
     python -m benchmarks.mnist_accuracy --sg-models linear,mlp,mlp:2x1024   # SG models, async
+    python -m benchmarks.mnist_accuracy --batch-norm [--seeds 0,1,2]          # BN study
+    python -m benchmarks.mnist_accuracy --sg-models linear,mlp --batch-norm   # both tables, one run
 
 With ``--sg-models`` it compares synthetic-gradient models instead (``linear`` or
 ``mlp[:LAYERSxHIDDEN]``), each under ``async`` through the workers with test accuracy every
 25 steps: final accuracy and the first evaluated step at >= 94%.
+
+With ``--batch-norm`` it measures batch normalisation instead: backprop, async cDNI and async
+DNI without the label (``--no-cond``), each without and with BN, through the workers, test
+accuracy every 25 steps; per run the final accuracy and the first evaluated step at >= 94%,
+then per method the median over the seeds and the two gaps BN might narrow: DNI's steps to
+94% over backprop's, and cDNI's final accuracy minus plain DNI's.
 """
 from __future__ import annotations
 
@@ -40,12 +48,21 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=float, default=10.0)
     ap.add_argument("--json", help="write the figures as JSON")
     ap.add_argument("--sg-models", default="", help="compare these SG models under async instead")
+    ap.add_argument("--batch-norm", action="store_true", help="measure batch normalisation instead")
+    ap.add_argument("--seeds", default="0", help="--batch-norm: seeds (e.g. 0,1,2 or 0-2)")
     args = ap.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"mnist_accuracy: skipped, no MNIST directory at {args.data}")
         return 0
-    if args.sg_models:
-        return sg_models(args)
+    if args.sg_models or args.batch_norm:     # both given: both tables from one run
+        out = {}
+        if args.sg_models:
+            out["sg_models"] = sg_models(args)
+        if args.batch_norm:
+            out["batch_norm"] = batch_norm_study(args)
+        if args.json:
+            report.write_json(args.json, out)
+        return 0
     rows, ok = [], True
     for schedule in ("async", "backprop"):
         r = coordinator.run(mnist_config(args.data, schedule, args.epochs))
@@ -63,7 +80,7 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
-def sg_models(args) -> int:
+def sg_models(args) -> list[dict]:
     from .sg_models import model_overrides, steps_to
     rows = []
     for spec in args.sg_models.split(","):
@@ -76,9 +93,74 @@ def sg_models(args) -> int:
         print(f"mnist async sg_model {spec:12s} final {100 * row['test_accuracy']:.2f}%  best {100 * row['best']:.2f}%  "
               f"steps to 94%: {row['steps_to_94']}  train {row['train_time_s']:.1f} s  {row['samples_per_s']:.0f} samples/s",
               flush=True)
-    if args.json:
-        report.write_json(args.json, {"sg_models": rows})
-    return 0
+    return rows
+
+
+# method -> (schedule, label-conditioned SG)
+BN_METHODS = {"backprop": ("backprop", True), "async cDNI": ("async", True), "async DNI (no cond)": ("async", False)}
+
+
+def _median(values):
+    v = sorted(values)
+    return None if not v else (v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)
+
+
+def bn_configs(data, epochs, seeds):
+    """(method, batch_norm, seed, config) of every run of the batch-normalisation study."""
+    return [(method, bn, seed, mnist_config(data, schedule, epochs, **{
+                "train.cond": cond, "model.batch_norm": bn, "train.seed": seed, "train.eval_every": 25}))
+            for method, (schedule, cond) in BN_METHODS.items() for bn in (False, True) for seed in seeds]
+
+
+def bn_table(rows) -> list[str]:
+    """The study's summary lines (a Markdown table, then the no-cond gaps) from its rows:
+    medians over the seeds; steps to 94% only where every seed reached it."""
+    summary = {}
+    for method in BN_METHODS:
+        for bn in (False, True):
+            rs = [r for r in rows if r["method"] == method and r["batch_norm"] == bn]
+            if not rs:
+                continue
+            reached = [r["steps_to_94"] for r in rs if r["steps_to_94"] is not None]
+            summary[(method, bn)] = {
+                "final": _median([r["test_accuracy"] for r in rs]),
+                "lo": min(r["test_accuracy"] for r in rs), "hi": max(r["test_accuracy"] for r in rs),
+                "steps": _median(reached) if len(reached) == len(rs) else None,
+                "missed": len(rs) - len(reached), "runs": len(rs)}
+    lines = [("| method | BN | final test accuracy, median (range) | steps to 94%, median | "
+              "steps to 94% / backprop's |"), "|---|---|---|---|---|"]
+    for (method, bn), v in summary.items():
+        bp = summary.get(("backprop", bn), {}).get("steps")
+        st = v["steps"]
+        ratio = f"{st / bp:.2f}x" if st is not None and bp and method != "backprop" else ""
+        steps = f"{st:g}" if st is not None else f"not reached in {v['missed']} of {v['runs']} runs"
+        lines.append(f"| {method} | {'on' if bn else 'off'} | {100 * v['final']:.2f}% "
+                     f"({100 * v['lo']:.2f}-{100 * v['hi']:.2f}) | {steps} | {ratio} |")
+    for bn in (False, True):
+        c, d = summary.get(("async cDNI", bn)), summary.get(("async DNI (no cond)", bn))
+        if c and d:
+            lines.append(f"no-cond gap (cDNI final - plain DNI final, medians), BN {'on' if bn else 'off'}: "
+                         f"{100 * (c['final'] - d['final']):.2f} points")
+    return lines
+
+
+def batch_norm_study(args) -> list[dict]:
+    from .sg_models import steps_to
+    from .staleness import parse_seeds
+    rows = []
+    for method, bn, seed, cfg in bn_configs(args.data, args.epochs, parse_seeds(args.seeds)):
+        s = report.run_summary(coordinator.run(cfg))
+        row = {"method": method, "batch_norm": bn, "seed": seed, "test_accuracy": s["test_metric"],
+               "best": max(e["metric"] for e in s["evals"]), "steps_to_94": steps_to(s["evals"], 0.94),
+               "train_time_s": s["train_time_s"], "samples_per_s": s["samples_per_s"]}
+        rows.append(row)
+        print(f"mnist {method:20s} bn {'on ' if bn else 'off'} seed {seed}: final "
+              f"{100 * row['test_accuracy']:.2f}%  best {100 * row['best']:.2f}%  steps to 94%: "
+              f"{row['steps_to_94']}  ({row['samples_per_s']:.0f} samples/s)", flush=True)
+    print(f"\nbatch normalisation, seeds {args.seeds} (4 x 256 relu, batch 64, Adam 5e-4, SG lr 1e-3, "
+          f"{args.epochs:g} epochs, window 3, test accuracy every 25 steps):")
+    print("\n".join(bn_table(rows)), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -100,3 +100,30 @@ def test_plots_are_written_when_matplotlib_is_installed(tmp_path):
     for p in files:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mnist_batch_norm_study_configs_and_table(tmp_path):
+    from benchmarks import mnist_accuracy as M
+    runs = M.bn_configs(str(tmp_path), 10.0, [0, 1])
+    assert len(runs) == 3 * 2 * 2
+    got = {(m, bn, s): (c.train.schedule, c.train.cond, c.model.batch_norm, c.train.seed) for m, bn, s, c in runs}
+    assert got[("backprop", True, 1)] == ("backprop", True, True, 1)
+    assert got[("async cDNI", False, 0)] == ("async", True, False, 0)
+    assert got[("async DNI (no cond)", True, 0)] == ("async", False, True, 0)
+    assert all(c.model.width == 256 and c.model.layers == 4 and c.train.eval_every == 25 for *_, c in runs)
+
+    def row(method, bn, acc, steps):
+        return {"method": method, "batch_norm": bn, "test_accuracy": acc, "steps_to_94": steps}
+    rows = [row("backprop", False, 0.955, 300), row("backprop", False, 0.957, 350),
+            row("async cDNI", False, 0.958, 700), row("async cDNI", False, 0.956, 800),
+            row("async DNI (no cond)", False, 0.905, None), row("async DNI (no cond)", False, 0.91, None),
+            row("backprop", True, 0.96, 200), row("backprop", True, 0.96, 200),
+            row("async cDNI", True, 0.962, 300), row("async cDNI", True, 0.96, None),
+            row("async DNI (no cond)", True, 0.95, 500), row("async DNI (no cond)", True, 0.95, 600)]
+    text = "\n".join(M.bn_table(rows))
+    assert "| backprop | off | 95.60% (95.50-95.70) | 325 |  |" in text
+    assert "| async cDNI | off | 95.70% (95.60-95.80) | 750 | 2.31x |" in text
+    assert "| async DNI (no cond) | off | 90.75% (90.50-91.00) | not reached in 2 of 2 runs |  |" in text
+    assert "| async cDNI | on | 96.10% (96.00-96.20) | not reached in 1 of 2 runs |  |" in text
+    assert "| async DNI (no cond) | on | 95.00% (95.00-95.00) | 550 | 2.75x |" in text
+    assert "BN off: 4.95 points" in text and "BN on: 1.10 points" in text
