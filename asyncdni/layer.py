@@ -94,8 +94,9 @@ class LayerSpec:
         return "softmax_ce" if self.task == "classification" else "sigmoid_bce"
 
     def param_count(self) -> int:
-        """Scalars in this layer's parameters: the dense layer plus its SG model and
-        auxiliary classifier, if any."""
+        """Scalars in this layer's parameters: the dense layer (with batch normalisation: W,
+        gamma, beta and the running mean and variance) plus its SG model and auxiliary
+        classifier, if any."""
         n = (self.fan_in + 1) * self.fan_out
         if self.has_bn:
             n += 3 * self.fan_out             # gamma and beta instead of b, running mean and variance
