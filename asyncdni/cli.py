@@ -255,7 +255,10 @@ def cmd_bench(args) -> int:
         for s in schedules:
             if s not in bench.BENCH_CHOICES:
                 raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(bench.BENCH_CHOICES)}")
-        return cfg, bench.bench(cfg, schedules, log=log), None
+        # no --eval-every: the bench evaluates periodically anyway (bench.default_eval_every)
+        # unless the config file set an interval; --eval-every 0 evaluates at the end only
+        every = cfg.train.eval_every if "train.eval_every" in ov else None
+        return cfg, bench.bench(cfg, schedules, log=log, eval_every=every), None
 
     out, code = guarded(measure)
     if code is not None:
