@@ -367,7 +367,8 @@ def format_bench(res: dict) -> str:
 
 def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 128), steps: int = 40,
           log=None) -> list[dict]:
-    """sequential vs async (and backprop) over a grid of depth, width and batch size."""
+    """sequential vs async (and backprop, through the workers and in one process on every
+    core) over a grid of depth, width and batch size."""
     rows = []
     for K in layers:
         for w in widths:
@@ -375,13 +376,15 @@ def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 1
                 c = C.replace(cfg, **{"model.layers": K, "model.width": w, "model.widths": (),
                                       "train.batch_size": b, "train.steps": steps, "train.eval_every": 0,
                                       "train.target_accuracy": 0.0, "runtime.progress": False})
-                res = bench(c, schedules=("sequential", "async", "backprop"), eval_every=0)
+                res = bench(c, schedules=("sequential", "async", "backprop", BASELINE_ALL), eval_every=0)
                 r = res["runs"]
                 row = {"layers": K, "width": w, "batch": b,
                        "sequential_sps": r["sequential"]["samples_per_s"], "async_sps": r["async"]["samples_per_s"],
                        "backprop_sps": r["backprop"]["samples_per_s"],
+                       "inprocess_backprop_all_sps": r[BASELINE_ALL]["samples_per_s"],
                        "speedup_vs_sequential": res["async_speedup"]["sequential"],
                        "speedup_vs_backprop": res["async_speedup"]["backprop"],
+                       "speedup_vs_inprocess_backprop_all": res["async_speedup"][BASELINE_ALL],
                        "bound": res["async_bound"],
                        "peak_rss_mb": max(L["peak_rss_mb"] for L in r["async"]["per_layer"])}
                 rows.append(row)
@@ -393,4 +396,6 @@ def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 1
 def format_sweep_row(r: dict) -> str:
     return (f"  K={r['layers']:<2} width={r['width']:<5} batch={r['batch']:<4} seq {r['sequential_sps']:8.0f}/s  "
             f"async {r['async_sps']:8.0f}/s  backprop {r['backprop_sps']:8.0f}/s  async/seq {r['speedup_vs_sequential']:.2f}x "
-            f"(bound {r['bound']:.2f})  async/bp {r['speedup_vs_backprop']:.2f}x  max rss {r['peak_rss_mb']:.0f} MB")
+            f"(bound {r['bound']:.2f})  async/bp {r['speedup_vs_backprop']:.2f}x  in-process bp (all cores) "
+            f"{r['inprocess_backprop_all_sps']:8.0f}/s  async/it {r['speedup_vs_inprocess_backprop_all']:.2f}x"
+            f"{'' if r['speedup_vs_inprocess_backprop_all'] >= 1 else ' (async LOSES)'}  max rss {r['peak_rss_mb']:.0f} MB")
