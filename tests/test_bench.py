@@ -153,3 +153,28 @@ def test_plots_are_written_when_matplotlib_is_installed(tmp_path):
     for p in files:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lowrank_benchmark_flops_and_verdict():
+    """benchmarks.lowrank: the analytic part at width 1024, and the targets judged per setting."""
+    from benchmarks import lowrank
+    sets = lowrank.settings((16, 256), (1, 4))
+    assert [n for n, _ in sets] == ["linear", "lowrank r=16 n=1", "lowrank r=16 n=4", "lowrank r=256 n=1",
+                                    "lowrank r=256 n=4"]
+    bp, flops = lowrank.flops_rows(sets)
+    assert flops["linear"] / bp == pytest.approx(2.5, abs=0.01)          # issue 11: 31.7 vs 12.7 MFLOP
+    assert flops["lowrank r=16 n=4"] < flops["lowrank r=16 n=1"] < 1.2 * bp < flops["lowrank r=256 n=1"]
+    row = {"mflop_per_sample": 13.6, "flops_vs_backprop": 1.07, "async_samples_per_s": 9000.0,
+           "vs_inprocess_backprop_all": 1.1, "wide_bit_acc": 0.5, "mnist_acc": 0.955, "mnist_last5": 0.956,
+           "mnist_to_94_s": 3.0}
+    res = {"backprop_mflop_per_sample": 12.7, "baselines": {bench.BASELINE: 6000.0, bench.BASELINE_ALL: 8000.0},
+           "rows": [dict(row, setting="linear", targets={"flops": False, "speed": False, "accuracy": True}),
+                    dict(row, setting="lowrank r=16 n=1", targets={"flops": True, "speed": True, "accuracy": True}),
+                    dict(row, setting="lowrank r=64 n=1", targets={"flops": False, "speed": True, "accuracy": True})]}
+    ok, line = lowrank.verdict(res)
+    assert ok and "lowrank r=16 n=1" in line and "r=64" not in line
+    res["rows"][1]["targets"]["speed"] = False
+    ok, line = lowrank.verdict(res)
+    assert not ok and "lowrank r=16 n=1 (speed missed)" in line and "lowrank r=64 n=1 (flops missed)" in line
+    table = lowrank.format_table(res)
+    assert "met MISSED met" in table and "95.50%" in table
