@@ -178,3 +178,15 @@ def test_lowrank_benchmark_flops_and_verdict():
     assert not ok and "lowrank r=16 n=1 (speed missed)" in line and "lowrank r=64 n=1 (flops missed)" in line
     table = lowrank.format_table(res)
     assert "met MISSED met" in table and "95.50%" in table
+
+
+@pytest.mark.parametrize("flag,steps", [([], [25, 50, 60]), (["--eval-every", "0"], [60])])
+def test_bench_cli_evaluates_periodically_unless_told_not_to(tmp_path, flag, steps):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "asyncdni.cli", "bench", "--schedules", "inprocess-backprop",
+                           "--steps", "60", "--width", "16", "--json", str(out), *flag],
+                          cwd=tmp_path, env=env_with_repo(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(out.read_text())["bench"]["runs"]["inprocess-backprop"]
+    assert [e["step"] for e in run["evals"]] == steps
+    assert run["blas_threads"] == 1 and run["time_to_target_s"] is not None     # the automatic target
