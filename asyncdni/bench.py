@@ -19,6 +19,11 @@ from .model import load_datasets, make_plan
 SCHEDULE_ORDER = S.BENCH_ORDER
 BENCH_CHOICES = S.BENCH_CHOICES
 INPROCESS = "sequential"      # the schedule whose arithmetic and order the in-process run has
+# the rows run in one process (no sockets): name -> (lock-step order, BLAS threads; None: the
+# config's runtime.blas_threads, as every worker has; "all": one per core)
+INPROCESS_ROWS = {"inprocess": (INPROCESS, None), "inprocess-backprop": ("backprop", 1),
+                  "inprocess-backprop-all": ("backprop", "all")}
+BASELINE, BASELINE_ALL = "inprocess-backprop", "inprocess-backprop-all"
 PARALLELISM = {"locked": lambda K, M, cores, balance: 1.0,
                "microbatch": lambda K, M, cores, balance: min(float(cores), K * M / (M + K - 1)),
                "free": lambda K, M, cores, balance: balance}
@@ -36,14 +41,33 @@ def flops_per_sample(plan, schedule: str) -> float:
     from .layer import LayerNode
     total = 0
     B = plan.batch_size
-    s = INPROCESS if schedule == "inprocess" else schedule
+    s = INPROCESS_ROWS[schedule][0] if schedule in INPROCESS_ROWS else schedule
     for spec in plan.specs:
         total += LayerNode(spec).flops_per_batch(B, s)
     return total / B
 
 
+def flops_parts(plan, schedule: str) -> list[dict]:
+    """Per layer, the analytic FLOPs per sample by part (``LayerNode.flops_parts``)."""
+    from .layer import LayerNode
+    B = plan.batch_size
+    s = INPROCESS_ROWS[schedule][0] if schedule in INPROCESS_ROWS else schedule
+    return [{k: v / B for k, v in LayerNode(spec).flops_parts(B, s).items()} for spec in plan.specs]
+
+
+def default_eval_every(steps: int) -> int:
+    """The bench's evaluation interval when none is given: every 25 steps (MNIST's 10 epochs:
+    50 points), and on long runs often enough for about 100 points per curve."""
+    return max(25, -(-steps // 100))
+
+
 def _sched(name: str) -> S.Schedule:
-    return S.get(INPROCESS if name == "inprocess" else name)
+    return S.get(INPROCESS_ROWS[name][0] if name in INPROCESS_ROWS else name)
+
+
+def _threads(cfg: C.RunConfig, name: str) -> int:
+    t = INPROCESS_ROWS[name][1]
+    return cfg.runtime.blas_threads if t is None else cores() if t == "all" else t
 
 
 def steps_to_target(evals, target) -> int | None:
@@ -61,9 +85,11 @@ def _layer_rows(summary_layers):
                                    "aux_train_metric")} for L in summary_layers]
 
 
-def run_inprocess(cfg: C.RunConfig) -> dict:
-    """The single-process run of the same DNI math (no sockets), timed like the others, in a
-    process of its own pinned to ``runtime.blas_threads`` BLAS threads like every worker."""
+def run_inprocess(cfg: C.RunConfig, name: str = "inprocess") -> dict:
+    """A single-process run (no sockets) of one of ``INPROCESS_ROWS``, timed like the others,
+    in a process of its own whose BLAS thread count is fixed before numpy loads: the DNI math
+    on ``runtime.blas_threads`` threads like every worker, or plain backprop on 1 thread or
+    on every core (the way a user would run it)."""
     import json
     import subprocess
     import sys
@@ -72,22 +98,26 @@ def run_inprocess(cfg: C.RunConfig) -> dict:
     from launch.local import worker_env
     with tempfile.TemporaryDirectory(prefix="asyncdni-inproc-") as d:
         cfg_path, out_path = Path(d) / "config.json", Path(d) / "out.json"
+        threads = _threads(cfg, name)
+        cfg = C.replace(cfg, **{"runtime.blas_threads": threads})
         cfg_path.write_text(json.dumps(cfg.to_dict()))
-        env = worker_env(cfg.runtime.blas_threads)
-        proc = subprocess.run([sys.executable, "-m", "workers.inprocess", str(cfg_path), str(out_path)],
+        env = worker_env(threads)
+        proc = subprocess.run([sys.executable, "-m", "workers.inprocess", str(cfg_path), str(out_path), name],
                               env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-            raise coordinator.RunError(f"in-process run failed (exit {proc.returncode}): {tail}")
-        return json.loads(out_path.read_text())
+            raise coordinator.RunError(f"in-process run {name} failed (exit {proc.returncode}): {tail}")
+        return json.loads(out_path.read_text()) | {"blas_threads": threads}
 
 
-def run_inprocess_here(cfg: C.RunConfig) -> dict:
+def run_inprocess_here(cfg: C.RunConfig, name: str = "inprocess") -> dict:
     """The in-process run in the calling process (whatever its BLAS threads)."""
+    # the layers' arithmetic follows the plan's schedule: the row's own lock-step order
+    cfg = C.replace(cfg, **{"train.schedule": INPROCESS_ROWS[name][0]})
     train, test = load_datasets(cfg)
     plan = make_plan(cfg, train)
     t = cfg.train
-    r = reference.train_reference(plan, INPROCESS, train, t.seed, test=test, eval_every=t.eval_every,
+    r = reference.train_reference(plan, INPROCESS_ROWS[name][0], train, t.seed, test=test, eval_every=t.eval_every,
                                   eval_batch=t.eval_batch)
     ev = r.evals[-1]
     loss = np.asarray(r.losses)
@@ -96,15 +126,20 @@ def run_inprocess_here(cfg: C.RunConfig) -> dict:
     if t.target_accuracy:
         hit = [e for e in r.evals if e["metric"] >= t.target_accuracy]
         ttt = hit[0]["train_time"] if hit else None
-    return {"schedule": "inprocess", "train_time_s": r.train_time,
+    return {"schedule": name, "train_time_s": r.train_time,
             "samples_per_s": plan.steps * plan.batch_size / r.train_time,
             "loss_first": float(loss[:k].mean()), "loss_last": float(loss[-k:].mean()),
             "test_loss": ev["loss"], "test_metric": ev["metric"], "test_metric2": ev["metric2"],
             "time_to_target_s": ttt, "evals": r.evals, "per_layer": [], "wall_s": r.train_time}
 
 
-def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None) -> dict:
-    """Run every schedule on the same config; returns a plain-data result."""
+def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None,
+          eval_every: int | None = None) -> dict:
+    """Run every schedule on the same config; returns a plain-data result.
+
+    ``eval_every``: test-set evaluations (off the clock) every so many steps; None: the
+    config's ``train.eval_every``, or :func:`default_eval_every` where that is 0, so that
+    every row has an accuracy curve and a time to the target accuracy; 0: at the end only."""
     from . import report
     # one bench runs several schedules on the same config: checkpoints, resume and restarts
     # would mix their files in one directory, and are not what is being measured
@@ -112,12 +147,15 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
                             "runtime.max_restarts": 0})
     datasets = load_datasets(cfg)
     plan = make_plan(cfg, datasets[0])
+    if eval_every is None:
+        eval_every = cfg.train.eval_every or default_eval_every(plan.steps)
+    cfg = C.replace(cfg, **{"train.eval_every": eval_every})
     runs, traces, series = {}, {}, {}
     for s in schedules:
         if log:
             log(f"bench: running {s} ...")
-        if s == "inprocess":
-            runs[s] = run_inprocess(cfg)
+        if s in INPROCESS_ROWS:
+            runs[s] = run_inprocess(cfg, s)
             continue
         c = C.replace(cfg, **{"train.schedule": s})
         r = coordinator.run(c, on_progress=on_progress, datasets=datasets)
@@ -129,7 +167,22 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
         runs[s] = summ
         traces[s] = r.traces
         series[s] = {"loss": r.series["loss"], "done_at": r.series["done_at"]}
-    return analyse(cfg, plan, runs) | {"_traces": traces, "_series": series}
+    return analyse(cfg, plan, runs) | {"_traces": traces, "_series": series, "eval_every": eval_every}
+
+
+def auto_target(runs: dict) -> float | None:
+    """The target accuracy when none is given: 98% of the best final test accuracy among the
+    rows, rounded down to half a point (MNIST: ~94.5%), so that times to it compare rows
+    that all learn the task; rows that stop short of it show '-'."""
+    best = max((r["test_metric"] for r in runs.values() if np.isfinite(r.get("test_metric", np.nan))), default=None)
+    if not best:
+        return None
+    return float(np.floor(0.98 * best * 200) / 200)
+
+
+def time_to_target(evals, target) -> float | None:
+    hit = [e for e in evals or [] if e["metric"] >= target]
+    return float(hit[0]["train_time"]) if hit else None
 
 
 def analyse(cfg, plan, runs: dict) -> dict:
@@ -137,12 +190,18 @@ def analyse(cfg, plan, runs: dict) -> dict:
     K = plan.n_layers
     M = cfg.train.microbatches
     flops = {s: flops_per_sample(plan, s) for s in runs}
-    target = cfg.train.target_accuracy
+    target = cfg.train.target_accuracy or None
+    target_auto = target is None
+    if target_auto:
+        target = auto_target(runs)
     for r in runs.values():
         r["steps_to_target"] = steps_to_target(r.get("evals"), target)
+        if target_auto or r.get("time_to_target_s") is None:
+            r["time_to_target_s"] = time_to_target(r.get("evals"), target) if target else None
     out = {"machine": {"cores": n_cores}, "layers": K, "widths": list(plan.widths),
            "batch_size": plan.batch_size, "steps": plan.steps, "samples": plan.steps * plan.batch_size,
-           "target_accuracy": target or None, "runs": runs, "flops_per_sample": flops}
+           "target_accuracy": target, "target_auto": target_auto, "runs": runs, "flops_per_sample": flops,
+           "flops_parts": {s: flops_parts(plan, s) for s in runs}}
     # measured compute of each layer in the sequential run: the balance of the pipeline
     bound = float(min(K, n_cores))
     if "sequential" in runs and runs["sequential"]["per_layer"]:
@@ -151,17 +210,20 @@ def analyse(cfg, plan, runs: dict) -> dict:
         bound = min(float(n_cores), balance)
         out["layer_balance"] = balance
     out["async_bound"] = bound
-    # compute rate of one core on this model, from the single-process run when available
+    # compute rate of one core on this model, from a single-process run when available
     rate = None
-    if "inprocess" in runs:
-        rate = flops["inprocess"] * runs["inprocess"]["samples_per_s"]
-    elif "sequential" in runs:
-        rate = flops["sequential"] * runs["sequential"]["samples_per_s"]
+    for s in ("inprocess", BASELINE, "sequential"):
+        if s in runs:
+            rate = flops[s] * runs[s]["samples_per_s"]
+            break
     out["core_flop_rate"] = rate
     work_bound = {}
     if rate:
         for s in runs:
-            par = 1.0 if s == "inprocess" else PARALLELISM[_sched(s).parallelism](K, M, n_cores, bound)
+            if s in INPROCESS_ROWS:
+                par = float(runs[s].get("blas_threads") or 1)
+            else:
+                par = PARALLELISM[_sched(s).parallelism](K, M, n_cores, bound)
             work_bound[s] = par * rate / flops[s]
     out["work_bound_samples_per_s"] = work_bound
     speed = {}
@@ -173,16 +235,79 @@ def analyse(cfg, plan, runs: dict) -> dict:
     out["async_speedup"] = speed
     if "sequential" in speed:
         out["async_efficiency"] = speed["sequential"] / bound
+    # every engine row against plain backprop in one process: samples/s and time to target
+    vs = {}
+    for base in (BASELINE, BASELINE_ALL):
+        if base not in runs:
+            continue
+        b = runs[base]
+        vs[base] = {}
+        for s, r in runs.items():
+            if s in INPROCESS_ROWS:
+                continue
+            t, tb = r.get("time_to_target_s"), b.get("time_to_target_s")
+            vs[base][s] = {"samples_per_s": r["samples_per_s"] / b["samples_per_s"],
+                           "time_to_target": (tb / t) if t and tb else None}
+    out["vs_inprocess_backprop"] = vs
     return out
+
+
+def _verdict(s: str, base: str, v: dict, r: dict, b: dict, tname: str) -> str:
+    """One plain sentence: does the engine row beat plain backprop in one process?"""
+    sp = v["samples_per_s"]
+    t, tb = r.get("time_to_target_s"), b.get("time_to_target_s")
+    rate = f"{sp:.2f}x its samples/s"
+    if tb is None:
+        when, faster_t = f"the baseline never reached {tname[3:]}", None
+    elif t is None:
+        when, faster_t = f"never reaches {tname[3:]} (baseline {tb:.2f} s)", False
+    else:
+        faster_t = t < tb
+        ratio = f"{tb / t:.2f}x sooner" if faster_t else f"{t / tb:.2f}x later"
+        when = f"reaches {tname[3:]} {ratio} ({t:.2f} s vs {tb:.2f} s)"
+    if sp >= 1 and faster_t is not False:
+        word = "BEATS"
+    elif sp < 1 and faster_t is not True:
+        word = "LOSES TO"
+    else:
+        word = "is faster per sample than" if sp >= 1 else "is slower per sample than"
+        word += " but " + ("reaches the target later than" if faster_t is False else "reaches the target before")
+    return f"  {s} {word} {base}: {rate}, {when}"
+
+
+def format_flops(res: dict) -> list[str]:
+    """MFLOP per sample by part, summed over layers, per schedule (analytic)."""
+    parts = res.get("flops_parts") or {}
+    if not parts:
+        return []
+    keys = ("forward", "backward", "sg_predict", "sg_repredict", "sg_update", "aux")
+    lines = ["", "  MFLOP/sample by part (analytic, all layers; SG regression averaged over --sg-every steps):",
+             f"  {'schedule':<24}" + "".join(f"{k.replace('_', ' '):>13}" for k in keys) + f"{'total':>9}{'/ backprop':>11}"]
+    bp = res["flops_per_sample"].get("backprop") or res["flops_per_sample"].get(BASELINE)
+    groups: dict[tuple, list[str]] = {}      # rows with the same arithmetic share a line
+    for s, layers in parts.items():
+        groups.setdefault(tuple(sum(L[k] for L in layers) for k in keys), []).append(s)
+    rows = [(", ".join(names), sums) for sums, names in groups.items()]
+    w = max([24] + [len(n) + 2 for n, _ in rows])
+    lines[-1] = f"  {'schedule':<{w}}" + lines[-1][26:]
+    for name, sums in rows:
+        tot = sum(sums)
+        lines.append(f"  {name:<{w}}" + "".join(f"{v / 1e6:>13.2f}" for v in sums) + f"{tot / 1e6:>9.2f}"
+                     + (f"{tot / bp:>10.2f}x" if bp else ""))
+    return lines
 
 
 def format_bench(res: dict) -> str:
     runs = res["runs"]
     lines = [f"bench: {res['layers']} layers {'-'.join(map(str, res['widths']))}, batch {res['batch_size']}, "
-             f"{res['steps']} steps ({res['samples']} samples), {res['machine']['cores']} cores"]
+             f"{res['steps']} steps ({res['samples']} samples), {res['machine']['cores']} cores"
+             + (f", test accuracy every {res['eval_every']} steps (off the clock)" if res.get("eval_every") else "")]
     tgt = res.get("target_accuracy")
     tname = f"to {100 * tgt:g}%" if tgt else "to target"
-    hdr = (f"  {'schedule':<14}{'samples/s':>10}{'train s':>9}{'loss':>8}{'test acc':>9}{tname + ' s':>11}"
+    if tgt and res.get("target_auto"):
+        lines.append(f"  target {100 * tgt:g}%: 98% of the best final accuracy (no --target-accuracy given)")
+    w = max([14] + [len(s) + 2 for s in runs])
+    hdr = (f"  {'schedule':<{w}}{'samples/s':>10}{'train s':>9}{'loss':>8}{'test acc':>9}{tname + ' s':>11}"
            f"{tname + ' steps':>15}{'MFLOP/smp':>10}{'work bound':>11}{'of bound':>9}")
     lines.append(hdr)
     wb = res.get("work_bound_samples_per_s", {})
@@ -196,9 +321,13 @@ def format_bench(res: dict) -> str:
         stt_s = "-" if stt is None else f"{stt}"
         b_s = "-" if not b else f"{b:.0f}"
         frac_s = "-" if not b else f"{100 * r['samples_per_s'] / b:.0f}%"
-        lines.append(f"  {s:<14}{r['samples_per_s']:>10.0f}{r['train_time_s']:>9.2f}{r['loss_last']:>8.3f}"
+        lines.append(f"  {s:<{w}}{r['samples_per_s']:>10.0f}{r['train_time_s']:>9.2f}{r['loss_last']:>8.3f}"
                      f"{100 * r['test_metric']:>8.2f}%{ttt_s:>11}{stt_s:>15}"
                      f"{res['flops_per_sample'][s] / 1e6:>10.2f}{b_s:>11}{frac_s:>9}")
+    inproc = [s for s in order if s in INPROCESS_ROWS]
+    if inproc:
+        lines.append("  (" + "; ".join(f"{s}: one process, {runs[s].get('blas_threads', '?')} BLAS thread(s)"
+                                       for s in inproc) + ")")
     if res.get("async_speedup"):
         lines.append("")
         bound = res["async_bound"]
@@ -207,7 +336,20 @@ def format_bench(res: dict) -> str:
             if s == "sequential":
                 extra = (f"   (bound {bound:.2f} = min(cores {res['machine']['cores']}, layer balance "
                          f"{res.get('layer_balance', float('nan')):.2f}); efficiency {100 * v / bound:.0f}%)")
-            lines.append(f"  speedup async / {s:<10} {v:5.2f}x{extra}")
+            lines.append(f"  speedup async / {s:<{w}} {v:5.2f}x{extra}")
+    vs = res.get("vs_inprocess_backprop") or {}
+    for base, rows in vs.items():
+        if not rows:
+            continue
+        b = runs[base]
+        lines.append("")
+        lines.append(f"  against {base} (plain backprop in one process, {b.get('blas_threads', '?')} BLAS thread(s), "
+                     f"{b['samples_per_s']:.0f} samples/s"
+                     + (f", {tname} in {b['time_to_target_s']:.2f} s" if b.get("time_to_target_s") is not None else "")
+                     + "):")
+        for s, v in rows.items():
+            lines.append(_verdict(s, base, v, runs[s], b, tname))
+    lines += format_flops(res)
     for s in order:
         if runs[s]["per_layer"]:
             lines.append("")
@@ -225,7 +367,8 @@ def format_bench(res: dict) -> str:
 
 def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 128), steps: int = 40,
           log=None) -> list[dict]:
-    """sequential vs async (and backprop) over a grid of depth, width and batch size."""
+    """sequential vs async (and backprop, through the workers and in one process on every
+    core) over a grid of depth, width and batch size."""
     rows = []
     for K in layers:
         for w in widths:
@@ -233,13 +376,15 @@ def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 1
                 c = C.replace(cfg, **{"model.layers": K, "model.width": w, "model.widths": (),
                                       "train.batch_size": b, "train.steps": steps, "train.eval_every": 0,
                                       "train.target_accuracy": 0.0, "runtime.progress": False})
-                res = bench(c, schedules=("sequential", "async", "backprop"))
+                res = bench(c, schedules=("sequential", "async", "backprop", BASELINE_ALL), eval_every=0)
                 r = res["runs"]
                 row = {"layers": K, "width": w, "batch": b,
                        "sequential_sps": r["sequential"]["samples_per_s"], "async_sps": r["async"]["samples_per_s"],
                        "backprop_sps": r["backprop"]["samples_per_s"],
+                       "inprocess_backprop_all_sps": r[BASELINE_ALL]["samples_per_s"],
                        "speedup_vs_sequential": res["async_speedup"]["sequential"],
                        "speedup_vs_backprop": res["async_speedup"]["backprop"],
+                       "speedup_vs_inprocess_backprop_all": res["async_speedup"][BASELINE_ALL],
                        "bound": res["async_bound"],
                        "peak_rss_mb": max(L["peak_rss_mb"] for L in r["async"]["per_layer"])}
                 rows.append(row)
@@ -251,4 +396,6 @@ def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 1
 def format_sweep_row(r: dict) -> str:
     return (f"  K={r['layers']:<2} width={r['width']:<5} batch={r['batch']:<4} seq {r['sequential_sps']:8.0f}/s  "
             f"async {r['async_sps']:8.0f}/s  backprop {r['backprop_sps']:8.0f}/s  async/seq {r['speedup_vs_sequential']:.2f}x "
-            f"(bound {r['bound']:.2f})  async/bp {r['speedup_vs_backprop']:.2f}x  max rss {r['peak_rss_mb']:.0f} MB")
+            f"(bound {r['bound']:.2f})  async/bp {r['speedup_vs_backprop']:.2f}x  in-process bp (all cores) "
+            f"{r['inprocess_backprop_all_sps']:8.0f}/s  async/it {r['speedup_vs_inprocess_backprop_all']:.2f}x"
+            f"{'' if r['speedup_vs_inprocess_backprop_all'] >= 1 else ' (async LOSES)'}  max rss {r['peak_rss_mb']:.0f} MB")

@@ -26,7 +26,9 @@ TRAIN_FLAGS = {
     "--optimizer": ("train.optimizer", dict(type=str, help="sgd, momentum or adam (default adam)")),
     "--lr": ("train.lr", dict(type=str, help="learning rate of the layers (default 5e-4; addition preset 1e-3)")),
     "--loss": ("train.loss", dict(type=str, help="auto, softmax_ce, sigmoid_bce or mse")),
-    "--sg-model": ("train.sg_model", dict(type=str, help="synthetic-gradient model: linear or mlp (default linear)")),
+    "--sg-model": ("train.sg_model", dict(type=str, help="synthetic-gradient model: linear, mlp or lowrank (default linear)")),
+    "--sg-rank": ("train.sg_rank", dict(type=str, metavar="R", help="rank of the lowrank SG model (default 64)")),
+    "--sg-every": ("train.sg_every", dict(type=str, metavar="N", help="regress the SG models on every N-th step only (default 1)")),
     "--sg-hidden": ("train.sg_hidden", dict(type=str, metavar="N", help="hidden width of the mlp SG model (default: the layer's width)")),
     "--sg-layers": ("train.sg_layers", dict(type=str, metavar="N", help="hidden layers of the mlp SG model (default 1)")),
     "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 1e-3)")),
@@ -260,7 +262,10 @@ def cmd_bench(args) -> int:
         for s in schedules:
             if s not in bench.BENCH_CHOICES:
                 raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(bench.BENCH_CHOICES)}")
-        return cfg, bench.bench(cfg, schedules, log=log), None
+        # no --eval-every: the bench evaluates periodically anyway (bench.default_eval_every)
+        # unless the config file set an interval; --eval-every 0 evaluates at the end only
+        every = cfg.train.eval_every if "train.eval_every" in ov else None
+        return cfg, bench.bench(cfg, schedules, log=log, eval_every=every), None
 
     out, code = guarded(measure)
     if code is not None:

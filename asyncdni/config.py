@@ -80,7 +80,9 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 5e-4
     loss: str = "auto"                  # auto: softmax_ce for classification, sigmoid_bce for bits
-    sg_model: str = "linear"            # synthetic-gradient model: linear or mlp
+    sg_model: str = "linear"            # synthetic-gradient model: linear, mlp or lowrank
+    sg_rank: int = 64                   # rank of the lowrank SG model
+    sg_every: int = 1                   # update (regress) the SG model on every n-th step only
     sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
     sg_layers: int = 1                  # hidden layers of the mlp SG model
     sg_stale_decay: float = 1.0         # weight of an SG target per step of lag (async); 0 drops stale targets
@@ -156,7 +158,8 @@ class RunConfig:
 RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "max_inflight_cap", "microbatches", "eval_every",
                          "eval_batch", "target_accuracy", "stash_weights", "delay_remedy")
 # fields added after checkpoints existed, with the value that reproduces the older behaviour
-DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False}
+DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False,
+                          "train.sg_rank": 64, "train.sg_every": 1}
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -339,6 +342,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{name}: must be a positive finite number, got {v}")
     _positive("train.sg_hidden", t.sg_hidden, 0)
     _positive("train.sg_layers", t.sg_layers, 1)
+    _positive("train.sg_rank", t.sg_rank, 1)
+    _positive("train.sg_every", t.sg_every, 1)
     if not 0 <= t.sg_stale_decay <= 1:
         raise ConfigError(f"train.sg_stale_decay: must be between 0 and 1, got {t.sg_stale_decay}")
     _positive("train.max_inflight", t.max_inflight, 0)
@@ -429,7 +434,7 @@ def layer_param_counts(cfg: RunConfig, in_dim: int, n_out: int) -> list[int]:
     for i in range(len(widths) - 1):
         n = (widths[i] + 1) * widths[i + 1]
         if i < len(widths) - 2:
-            n += sg_param_count(t.sg_model, widths[i + 1], k, t.sg_hidden, t.sg_layers)
+            n += sg_param_count(t.sg_model, widths[i + 1], k, t.sg_hidden, t.sg_layers, t.sg_rank)
             if cfg.model.batch_norm:
                 n += 3 * widths[i + 1]       # gamma and beta instead of b, running mean and variance
         out.append(n)

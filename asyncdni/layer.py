@@ -54,6 +54,8 @@ class LayerSpec:
     sg_layers: int = 1      # hidden layers of the mlp SG model
     sg_stale_decay: float = 1.0   # weight of an SG target per step of lag (1: all equal; 0: stale ones dropped)
     batch_norm: bool = False  # hidden layers: h = act(BN(x @ W)) (the last layer never normalises)
+    sg_rank: int = 64       # rank of the lowrank SG model
+    sg_every: int = 1       # the SG model is regressed on steps that are a multiple of this only
 
     @property
     def gradient(self) -> str:
@@ -104,7 +106,8 @@ class LayerSpec:
             return n
         if self.has_aux:
             n += (self.aux_in + 1) * self.n_out
-        return n + sg_param_count(self.sg_model, self.fan_out, self.cond_dim, self.sg_hidden, self.sg_layers)
+        return n + sg_param_count(self.sg_model, self.fan_out, self.cond_dim, self.sg_hidden, self.sg_layers,
+                                  self.sg_rank)
 
 
 def condition_vector(task: str, n_out: int, y: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -176,7 +179,7 @@ class LayerNode:
         self.sg_opt = None
         if not spec.is_last and spec.sg_model != "none":
             self.sg = make_sg_model(spec.sg_model, spec.fan_out, spec.cond_dim, spec.sg_hidden, rng, dtype,
-                                     spec.sg_layers)
+                                     spec.sg_layers, spec.sg_rank)
             self.sg_opt = make_optimizer(spec.optimizer, self.sg.params, spec.sg_lr)
         self.aux = None
         self.aux_opt = None
@@ -199,6 +202,7 @@ class LayerNode:
         self.fwd_steps = 0
         self.updates = 0
         self.sg_updates = 0
+        self.sg_skipped = 0              # SG targets not regressed on (--sg-every)
         self.last_sg_loss = float("nan")
         self.last_fwd_step = -1          # newest step this layer has run forward (DNI)
         self.stale_dropped = 0           # SG targets discarded for their lag (sg_stale_decay 0)
@@ -285,7 +289,9 @@ class LayerNode:
             c = self._cond(y)
             pred, ctx = self.sg.predict_keep(h, c)
             gh = pred * (1.0 / B)
-            self.cache[step] = (ctx, pred)
+            # --sg-every n: only every n-th step's target trains the SG model; the others keep
+            # no state (None), and their gradient, when it comes back, is dropped unused
+            self.cache[step] = (ctx, pred) if step % self.spec.sg_every == 0 else None
             self.last_fwd_step = max(self.last_fwd_step, step)
         else:
             gh = None
@@ -297,11 +303,20 @@ class LayerNode:
         return (None if self.spec.is_last else h), gx, metrics
 
     def sg_update(self, step: int, g: np.ndarray) -> float:
-        """Regress the SG model onto the gradient that the next layer sent back for ``step``."""
+        """Regress the SG model onto the gradient that the next layer sent back for ``step``.
+
+        Under ``sg_every`` n > 1 a step that is not a multiple of n skips the regression:
+        no re-prediction, no regression gradient, no SG optimizer step (returns NaN, and
+        ``sg_updates`` does not count it). The layer above still computed and sent the
+        gradient: the message order of every schedule stays the same."""
         try:
-            ctx, pred = self.cache.pop(step)
+            entry = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
+        if entry is None:
+            self.sg_skipped += 1
+            return float("nan")
+        ctx, pred = entry
         decay = self.spec.sg_stale_decay
         weight = 1.0
         if decay != 1.0:
@@ -452,25 +467,35 @@ class LayerNode:
         return self._acc_count == 0
 
     # ------------------------------------------------------------ accounting
-    def flops_per_batch(self, batch: int, schedule: str | None = None) -> int:
-        """Floating-point operations this layer performs for one training batch under
-        ``schedule`` (default: its own), from the kind of gradient that schedule applies."""
+    def flops_parts(self, batch: int, schedule: str | None = None) -> dict[str, float]:
+        """Floating-point operations (a multiply-add counts 2) of this layer for one training
+        batch under ``schedule`` (default: its own), by part: ``forward``; ``backward`` (the
+        weight gradient, and the input gradient unless this is the first layer or the
+        schedule sends none); ``sg_predict`` (the synthetic gradient, every step);
+        ``sg_repredict`` and ``sg_update`` (the SG regression, averaged over steps: only
+        every ``sg_every``-th step has one, and no re-prediction under ``sg_reuse``);
+        ``aux`` (local losses' auxiliary head)."""
         s = self.spec
         gradient = S.get(schedule or s.schedule).gradient
         W = self.dense.W
         mm = 2 * batch * W.shape[0] * W.shape[1]
-        f = mm                                   # forward
-        f += mm                                  # weight gradient
+        out = {"forward": float(mm), "backward": float(mm), "sg_predict": 0.0, "sg_repredict": 0.0,
+               "sg_update": 0.0, "aux": 0.0}
         if not s.is_first and gradient != S.LOCAL:
-            f += mm                              # input gradient (local losses send none)
+            out["backward"] += mm                 # input gradient (local losses send none)
         if gradient == S.SYNTHETIC and self.sg is not None:
             p, u = self.sg.flops(batch)
-            f += p + u + (0 if s.sg_reuse else p)
+            out["sg_predict"] = float(p)
+            out["sg_repredict"] = 0.0 if s.sg_reuse else p / s.sg_every
+            out["sg_update"] = u / s.sg_every
         if gradient == S.LOCAL and not s.is_last and s.aux_features:
             q = -(-s.fan_out // max(1, -(-s.fan_out // s.aux_features)))
-            f += 3 * 2 * batch * q * s.n_out     # auxiliary head: logits, its weight gradient, dL/dh
-        return f
+            out["aux"] = float(3 * 2 * batch * q * s.n_out)   # auxiliary head: logits, its weight gradient, dL/dh
+        return out
 
+    def flops_per_batch(self, batch: int, schedule: str | None = None) -> float:
+        """The sum of :meth:`flops_parts`."""
+        return sum(self.flops_parts(batch, schedule).values())
 
 def _recent(buf: list, v: float, n: int = 50) -> None:
     buf.append(float(v))

@@ -88,10 +88,14 @@ def preset_values(cfg) -> dict:
 def in_force(cfg) -> dict:
     """The learning settings a reader needs to reproduce the run's accuracy."""
     m, t = cfg.model, cfg.train
-    return {"model.width": m.width if not m.widths else list(m.widths), "model.activation": m.activation,
-            "train.optimizer": t.optimizer, "train.lr": t.lr, "train.sg_model": t.sg_model,
-            "train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.max_inflight": t.max_inflight,
-            "model.batch_norm": m.batch_norm}
+    out = {"model.width": m.width if not m.widths else list(m.widths), "model.activation": m.activation,
+           "train.optimizer": t.optimizer, "train.lr": t.lr, "train.sg_model": t.sg_model}
+    if t.sg_model == "lowrank":
+        out["train.sg_rank"] = t.sg_rank
+    if t.sg_every != 1:
+        out["train.sg_every"] = t.sg_every
+    return out | {"train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.max_inflight": t.max_inflight,
+                  "model.batch_norm": m.batch_norm}
 
 
 def format_settings(summary: dict) -> str:

@@ -151,7 +151,10 @@ TABLE: dict[str, Schedule] = {s.name: s for s in (
 NAMES = tuple(TABLE)
 # what ``asyncdni bench`` runs by default, in its order: every schedule through the workers
 # but delayed_fixed (the deterministic test form of delayed), then the in-process DNI run
-BENCH_ORDER = ("sequential", "async", "delayed", "local", "backprop", "pipeline", "inprocess")
+# inprocess: the DNI math in one process; inprocess-backprop(-all): plain backprop in one
+# process on 1 BLAS thread (-all: on every core), the baseline a user would pick instead
+BENCH_ORDER = ("sequential", "async", "delayed", "local", "backprop", "pipeline", "inprocess",
+               "inprocess-backprop", "inprocess-backprop-all")
 BENCH_CHOICES = BENCH_ORDER + tuple(n for n in NAMES if n not in BENCH_ORDER)
 
 

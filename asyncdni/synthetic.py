@@ -25,7 +25,7 @@ import numpy as np
 
 from .nn import init_weights
 
-SG_MODELS = ("linear", "mlp")
+SG_MODELS = ("linear", "mlp", "lowrank")
 
 
 class SGModel:
@@ -189,19 +189,88 @@ class MLPSG(SGModel):
         return skip + mlp, upd
 
 
-def param_count(kind: str, dim: int, cond_dim: int, hidden: int, layers: int = 1) -> int:
+class LowRankSG(SGModel):
+    """g = (h @ V) @ U + c @ C + a: a rank-``r`` linear model plus the label term (cDNI).
+
+    Cost per sample: the prediction ``4 d r`` (plus ``2 k d`` for the label term) against
+    the linear model's ``2 d^2``, and the same ratio for the update, so at ``r << d`` the
+    synthetic gradient costs a small fraction of the layer's own ``6 d^2``.
+
+    Initialisation, so that the untrained model predicts zero (as the linear one does) and
+    still learns from the first step: ``U``, ``C`` and ``a`` start at zero; ``V`` starts
+    as a random ``d x r`` matrix with orthonormal columns (QR of a Gaussian). Then
+    ``z = h @ V`` is the projection of ``h`` onto a random ``r``-dimensional subspace,
+    its components at the scale of ``h``'s own, and the regression gradient of ``U``,
+    ``z.T @ dg``, is non-zero from the first step: ``U`` learns a linear regression on
+    random features of ``h``. ``V``'s gradient, ``h.T @ (dg @ U.T)``, is zero while ``U``
+    is, so ``V`` starts moving once ``U`` has (and then turns the subspace towards the
+    directions that predict the gradient). The opposite choice (``V`` zero, ``U`` random)
+    would give ``V`` a gradient at once but leave the prediction confined to a fixed
+    random subspace of the output until ``U`` moves; zero in ``U`` keeps both ends free.
+
+    ``params`` order: U, V, a, [C].
+    """
+    kind = "lowrank"
+
+    def __init__(self, dim: int, cond_dim: int, rank: int, rng: np.random.Generator, dtype=np.float32):
+        if rank < 1:
+            raise ValueError(f"a lowrank SG model needs rank >= 1, got {rank}")
+        r = min(rank, dim)
+        q, _ = np.linalg.qr(rng.standard_normal((dim, r)))
+        self.V = np.ascontiguousarray(q, dtype=dtype)
+        self.U = np.zeros((r, dim), dtype)
+        self.a = np.zeros(dim, dtype)
+        self.C = np.zeros((cond_dim, dim), dtype) if cond_dim else None
+        self.params = [self.U, self.V, self.a] + ([self.C] if cond_dim else [])
+
+    def _out(self, z, c):
+        g = z @ self.U
+        g += self.a
+        if self.C is not None:
+            g += c @ self.C
+        return g
+
+    def predict(self, h, c):
+        return self._out(h @ self.V, c)
+
+    def predict_keep(self, h, c):
+        z = h @ self.V
+        return self._out(z, c), (h, c, z)
+
+    def grads_from(self, ctx, pred, target):
+        h, c, z = ctx
+        loss, gd = _mse(pred, target)
+        gz = gd @ self.U.T
+        grads = [z.T @ gd, h.T @ gz, gd.sum(axis=0)]
+        if self.C is not None:
+            grads.append(c.T @ gd)
+        return loss, grads
+
+    def flops(self, batch):
+        r, d = self.U.shape
+        k = 0 if self.C is None else self.C.shape[0]
+        pred = 2 * batch * d * r * 2 + 2 * batch * k * d           # z = hV, zU, cC
+        upd = 2 * batch * r * d * 3 + 2 * batch * k * d            # dU, dz, dV, dC
+        return pred, upd
+
+
+def param_count(kind: str, dim: int, cond_dim: int, hidden: int, layers: int = 1, rank: int = 64) -> int:
     """Scalars in an SG model of this shape (without building it)."""
     d, k = dim, cond_dim
     if kind == "linear":
         return (d + 1 + k) * d
+    if kind == "lowrank":
+        return 2 * min(rank, d) * d + (1 + k) * d
     h = hidden or d
     return (d + 1 + k) * d + (d + k) * h + h + (layers - 1) * (h * h + h) + h * d
 
 
 def make_sg_model(kind: str, dim: int, cond_dim: int, hidden: int, rng, dtype=np.float32,
-                  layers: int = 1) -> SGModel:
+                  layers: int = 1, rank: int = 64) -> SGModel:
     if kind == "linear":
         return LinearSG(dim, cond_dim, rng, dtype)
     if kind == "mlp":
         return MLPSG(dim, cond_dim, hidden or dim, rng, dtype, layers)
+    if kind == "lowrank":
+        return LowRankSG(dim, cond_dim, rank, rng, dtype)
     raise ValueError(f"unknown SG model {kind!r}; allowed: {', '.join(SG_MODELS)}")

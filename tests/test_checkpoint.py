@@ -216,6 +216,8 @@ def _assert_differ(a, b):
 @pytest.mark.parametrize("changes", [
     {},                                                    # adam + linear SG (conditioned)
     {"sg_model": "mlp", "sg_hidden": 7},                   # mlp SG
+    {"sg_model": "lowrank", "sg_rank": 3},                 # low-rank SG (its random V is state too)
+    {"sg_model": "lowrank", "sg_rank": 2, "sg_every": 2},  # ... regressed every other step
     {"optimizer": "momentum"},                             # momentum
     {"optimizer": "sgd", "sg_model": "mlp", "cond": False},
     {"index": 2},                                          # last layer: no SG

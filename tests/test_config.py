@@ -168,6 +168,14 @@ def test_new_sg_layers_field_leaves_older_digests_alone():
     _raises(build, None, {"train.sg_layers": 0}, match_all=("train.sg_layers",))
 
 
+def test_sg_rank_and_sg_every_leave_older_digests_alone_and_are_checked():
+    assert build(None, {"train.sg_rank": 64, "train.sg_every": 1}).digest() == build().digest()
+    assert build(None, {"train.sg_every": 2}).digest() != build().digest()
+    assert build(None, {"train.sg_model": "lowrank", "train.sg_rank": 16}).train.sg_rank == 16
+    for name in ("train.sg_rank", "train.sg_every"):
+        _raises(build, None, {name: 0}, match_all=(name,))
+
+
 # --------------------------------------------------------------------------- TOML loading
 
 

@@ -51,6 +51,24 @@ def test_multiprocess_matches_in_process_reference(schedule, ref_schedule, bn):
     assert np.allclose(ref.losses, result.series["loss"], rtol=1e-5)
 
 
+def test_lowrank_sg_every_over_sockets_matches_reference_and_counts_sg_updates():
+    """The low-rank SG regressed every 3rd step: sequential over sockets is the in-process
+    math exactly; under async every layer still updates every step, the SG models on steps
+    0, 3, .., 39 only (14 of 40), and no skipped step's state is left behind."""
+    ov = {"train.sg_model": "lowrank", "train.sg_rank": 4, "train.sg_every": 3, "train.seed": 1}
+    cfg = small(**ov, **{"train.schedule": "sequential"})
+    result = coordinator.run(cfg)
+    train, _ = load_datasets(cfg)
+    ref = reference.train_reference(make_plan(cfg, train), "dni", train, cfg.train.seed)
+    for i, node in enumerate(ref.nodes):
+        for name, want in node.params().items():
+            assert np.allclose(result.params[i][name], want, rtol=1e-5, atol=1e-6), (i, name)
+    assert [n.sg_updates for n in ref.nodes] == [14, 14, 14, 0]
+    r = coordinator.run(small(**ov, **{"train.schedule": "async"}))
+    for i, s in enumerate(r.layers):
+        assert (s["updates"], s["sg_updates"], s["cached_steps"]) == (40, 14 if i < 3 else 0, 0)
+
+
 def test_pipeline_equals_backprop_up_to_rounding():
     r_bp = coordinator.run(small(**{"train.schedule": "backprop"}))
     r_pp = coordinator.run(small(**{"train.schedule": "pipeline", "train.microbatches": 4}))

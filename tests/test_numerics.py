@@ -22,7 +22,7 @@ from asyncdni.layer import LayerNode, LayerSpec, StepError, condition_vector
 from asyncdni.model import microbatch_bounds
 from asyncdni.nn import ACTIVATIONS, Dense, activate, activation_backward, init_weights
 from asyncdni.optim import SGD, Adam, Momentum, make_optimizer
-from asyncdni.synthetic import LinearSG, MLPSG, make_sg_model
+from asyncdni.synthetic import LinearSG, LowRankSG, MLPSG, make_sg_model
 from asyncdni.synthetic import param_count as sg_param_count
 
 F64 = np.float64
@@ -235,6 +235,47 @@ def test_linear_sg_grads_match_finite_differences(cond_dim):
         assert_grad(grads[i], num, f"LinearSG {names[i]}")
 
 
+@pytest.mark.parametrize("cond_dim", [0, 3])
+@pytest.mark.parametrize("rank", [2, 6])
+def test_lowrank_sg_grads_match_finite_differences(cond_dim, rank):
+    rng = np.random.default_rng(7)
+    d = 5
+    sg = LowRankSG(d, cond_dim, rank, rng, F64)
+    r = min(rank, d)                                           # a rank above d is capped at d
+    assert [p.shape for p in sg.params] == [(r, d), (d, r), (d,)] + ([(cond_dim, d)] if cond_dim else [])
+    assert all(p.dtype == F64 for p in sg.params)
+    # V starts with orthonormal columns, U at zero: an untrained model predicts exactly zero
+    np.testing.assert_allclose(sg.V.T @ sg.V, np.eye(r), atol=1e-12)
+    h = rng.normal(0, 1, (6, d))
+    c = condition_vector("classification", cond_dim, rng.integers(0, cond_dim, 6), F64) if cond_dim else None
+    target = rng.normal(0, 1, (6, d))
+    np.testing.assert_array_equal(sg.predict(h, c), np.zeros((6, d)))
+    # ... and from zero, U (not V) gets a gradient: the model learns from the first step
+    _, g0 = sg.loss_and_grads(h, c, target)
+    assert np.abs(g0[0]).max() > 1e-3 and not g0[1].any()
+    _randomise(sg.params, rng)
+    pred = sg.predict(h, c)
+    np.testing.assert_allclose(pred, h @ sg.V @ sg.U + sg.a + (c @ sg.C if cond_dim else 0), rtol=1e-12)
+    loss, grads = sg.loss_and_grads(h, c, target)
+    assert loss == pytest.approx(((pred - target) ** 2).sum() / 6, rel=1e-12)
+    assert len(grads) == len(sg.params)
+    for name, p, g in zip(["U", "V", "a", "C"], sg.params, grads):
+        num = numgrad(lambda: sg.loss_and_grads(h, c, target)[0], p)
+        assert_grad(g, num, f"LowRankSG {name} (rank {rank}, cond {cond_dim})")
+
+
+def test_lowrank_sg_flops_and_params():
+    rng = np.random.default_rng(0)
+    d, k, r, B = 32, 3, 4, 8
+    sg = LowRankSG(d, k, r, rng)
+    assert sg_param_count("lowrank", d, k, 0, rank=r) == sum(p.size for p in sg.params) == 2 * r * d + (1 + k) * d
+    p, u = sg.flops(B)
+    assert p == 2 * B * (2 * d * r + k * d)                  # hV, zU, cC
+    assert u == 2 * B * (3 * r * d + k * d)                  # dU, dz, dV, dC
+    lin_p, _ = LinearSG(d, k, rng).flops(B)
+    assert p < lin_p / 3                                     # r << d: a fraction of the linear model
+
+
 def _mlp_preacts(sg, h, c):
     z = [h @ sg.W[0] + sg.b[0] + (c @ sg.C1 if sg.C1 is not None else 0)]
     for W, b in zip(sg.W[1:], sg.b[1:]):
@@ -395,7 +436,7 @@ def test_three_layer_backprop_gradients_match_finite_differences(case):
 
 # ------------------------------------------------------------- 3. DNI semantics
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-@pytest.mark.parametrize("sg_model", ["linear", "mlp"])
+@pytest.mark.parametrize("sg_model", ["linear", "mlp", "lowrank"])
 def test_dni_forward_with_untrained_sg_leaves_weights_unchanged(optimizer, sg_model):
     node = LayerNode(make_spec(1, 3, 5, 4, "tanh", optimizer=optimizer, lr=0.5,
                                sg_model=sg_model, sg_hidden=6, seed=3), dtype=F64)
@@ -438,7 +479,7 @@ def test_condition_vector():
     np.testing.assert_array_equal(cb, bits)
 
 
-@pytest.mark.parametrize("sg_model", ["linear", "mlp"])
+@pytest.mark.parametrize("sg_model", ["linear", "mlp", "lowrank"])
 def test_sg_update_moves_prediction_toward_target(sg_model):
     # lr=0 for the layer keeps W (and so h) fixed; the SG trains with its own sg_lr
     node = LayerNode(make_spec(1, 3, 5, 4, "tanh", optimizer="sgd", lr=0.0, sg_model=sg_model,
@@ -495,6 +536,47 @@ def test_stale_sg_targets_are_weighted_by_decay_per_step_of_lag(decay):
             assert np.isnan(loss) and not moves[d].any()
     assert np.abs(moves[1.0]).max() > 0
     np.testing.assert_allclose(moves[decay], decay ** 2 * moves[1.0], rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("sg_model", ["linear", "lowrank"])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_sg_every_regresses_on_every_nth_step_only(sg_model, reuse):
+    """--sg-every 3: steps 0, 3, 6, .. train the SG model exactly as with sg_every 1 fed only
+    those steps' targets; the others keep no state and their gradient is dropped unused
+    (counted in sg_skipped, not in sg_updates). The layer's own update from the prediction
+    happens on every step."""
+    import dataclasses
+    base = dataclasses.replace(make_spec(1, 3, 5, 4, "tanh", optimizer="adam", lr=1e-2, sg_model=sg_model,
+                                         sg_lr=0.05, seed=4, cond=True), sg_reuse=reuse, sg_rank=2)
+    rng = np.random.default_rng(3)
+    batches = [(rng.normal(0, 1, (6, 5)), rng.integers(0, 3, 6), rng.normal(0, 1, (6, 4)) / 6) for _ in range(8)]
+    every = LayerNode(dataclasses.replace(base, sg_every=3), dtype=F64)
+    for step, (x, y, g) in enumerate(batches):
+        every.dni_forward(step, x, y)
+        assert (every.cache[step] is None) == (step % 3 != 0)
+        loss = every.sg_update(step, g)
+        assert np.isnan(loss) == (step % 3 != 0)
+        assert step not in every.cache
+    assert (every.sg_updates, every.sg_skipped, every.updates) == (3, 5, 8)
+    # the same SG trajectory as a layer that only ever sees steps 0, 3, 6's targets; the
+    # layer itself updated from the prediction on every step in both
+    ref = LayerNode(base, dtype=F64)
+    for step, (x, y, g) in enumerate(batches):
+        ref.dni_forward(step, x, y)
+        if step % 3 == 0:
+            ref.sg_update(step, g)
+        else:
+            ref.drop_step(step)
+    for a, b in zip(every.sg.params, ref.sg.params):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(every.dense.W, ref.dense.W)
+    # the FLOP accounting: the regression (re-prediction unless reused, and the update) / 3
+    parts1 = ref.flops_parts(6, "async")
+    parts3 = every.flops_parts(6, "async")
+    assert parts3["sg_predict"] == parts1["sg_predict"] > 0
+    assert parts3["sg_update"] == pytest.approx(parts1["sg_update"] / 3)
+    assert parts3["sg_repredict"] == pytest.approx(parts1["sg_repredict"] / 3)
+    assert (parts1["sg_repredict"] == 0) == reuse
 
 
 def test_sg_trained_on_per_example_gradient_scale():
@@ -868,6 +950,7 @@ def test_metrics_bits_mse():
 
 @pytest.mark.parametrize("sg,hidden,cond,last", [("linear", 0, True, False), ("linear", 0, False, False),
                                                  ("mlp", 0, True, False), ("mlp", 7, False, False),
+                                                 ("lowrank", 0, True, False), ("lowrank", 0, False, False),
                                                  ("linear", 0, True, True)])
 def test_param_count_matches_the_arrays(sg, hidden, cond, last):
     spec = LayerSpec(index=2 if last else 1, n_layers=3, fan_in=6, fan_out=5, activation="relu", init="he",
