@@ -174,7 +174,7 @@ def guarded(fn):
     from .checkpoint import CheckpointError
     from .coordinator import Interrupted, RunError, WorkerFailed
     from .data import DataError
-    from launch.base import LaunchError
+    from asyncdni.launch.base import LaunchError
     from .transport import TransportError
     try:
         return fn(), None

@@ -1,17 +1,17 @@
 """The single-process run of the DNI math that `asyncdni bench` compares against:
-``python -m workers.inprocess CONFIG.json OUT.json``. It runs in a process of its own so
+``python -m asyncdni.workers.inprocess CONFIG.json OUT.json``. It runs in a process of its own so
 that it gets the same BLAS thread count as a layer worker (numpy fixes that at import),
 not whatever the coordinator's process has."""
 import json
 import sys
 
-from workers._entry import pin_blas
+from asyncdni.workers._entry import pin_blas
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m workers.inprocess CONFIG.json OUT.json", file=sys.stderr)
+        print("usage: python -m asyncdni.workers.inprocess CONFIG.json OUT.json", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         cfg_dict = json.load(f)
