@@ -183,7 +183,7 @@ class Coordinator:
         try:
             self.launcher.prepare(dict(self.placements), self.rt.start_timeout)
             ctrl_host = self.launcher.control_host(self.rt.host)
-            for j, w in enumerate(self.workers):
+            for w in self.workers:
                 w.bind = self.launcher.bind_host(w.ident, w.host or self.rt.host)
             self.nodes = [{"role": w.role, "host": w.bind, "fwd_port": self.ports[2 * j],
                            "bwd_port": self.ports[2 * j + 1]} for j, w in enumerate(self.workers)]
@@ -206,7 +206,7 @@ class Coordinator:
                 "curve": {"keys": [k.public.decode() for k in self.keys.values()]} if self.curve else None,
             }
             from asyncdni.launch.base import WorkerLaunch
-            for j, w in enumerate(self.workers):
+            for w in self.workers:
                 key = self.keys.get(w.ident)
                 self.launcher.start(WorkerLaunch(
                     w.ident, w.role, w.index, ctrl_ep, self.rt.blas_threads, self.rt.start_timeout,

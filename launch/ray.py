@@ -261,7 +261,6 @@ class RayLauncher(Launcher):
         return self._remote
 
     def start(self, w: WorkerLaunch) -> None:
-        ray = self.ray
         old = self.actors.get(w.name)
         if old is not None and old.state == "running" and not self._reap(old):
             raise LaunchError(f"cannot start {w.name}: it is already running")

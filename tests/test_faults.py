@@ -28,7 +28,7 @@ def cfg_of(**ov):
     return config.build(overrides={**BASE, **ov})
 
 
-def kill_when(c, step, sig, index=1, once=[]):
+def kill_when(c, step, sig, index=1):
     """From a thread: send ``sig`` to layer ``index`` once the feeder reports ``step``."""
     done = {"t": None, "pid": None}
 

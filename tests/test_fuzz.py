@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from asyncdni import config, protocol as P
 from asyncdni.model import load_datasets, make_plan, microbatch_bounds

@@ -417,7 +417,7 @@ def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_le
     assert [row["link"] for row in res["links"]] == ["100mbit/3ms"]
     for row in res["links"]:
         assert set(row["runs"]) == {"async", "backprop"}
-        for s, r in row["runs"].items():
+        for r in row["runs"].values():
             assert r["samples_per_s"] > 0 and len(r["per_layer"]) == 2
             assert all(L_["bytes_sent"] > 0 for L_ in r["per_layer"])
     for r in res["links"][0]["runs"].values():                      # 3 ms: relays, measured

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import msgpack
 import numpy as np
 import psutil
 import pytest

@@ -361,7 +361,7 @@ def ray_on_namespaces(tmp_path_factory):
         def start_node(argv, name, ns):
             """One node at a time (their helper agents start slowly on a loaded machine), and
             once more if Ray gives up on it: `ray start --block` exits then."""
-            for attempt in range(2):
+            for _attempt in range(2):
                 start(argv, name, ns)
                 deadline = time.monotonic() + 150
                 while time.monotonic() < deadline and procs[-1].poll() is None:
