@@ -207,8 +207,10 @@ def cmd_train(args) -> int:
         def log(line):
             progress.interject(f"asyncdni: {line}")
 
-        result = run(cfg, on_progress=progress, log=log)
-        progress.close()
+        try:
+            result = run(cfg, on_progress=progress, log=log)
+        finally:
+            progress.close()                # before the summary, or the one-line error
         return cfg, result
 
     out, code = guarded(train)
