@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# unit tests only: no worker processes, no sockets, no subprocesses, no fuzzing or learning runs
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not slow"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -20,6 +20,8 @@ from asyncdni import config, protocol as P
 from asyncdni.model import load_datasets, make_plan, microbatch_bounds
 from asyncdni.worker import FeederWorker, LayerWorker, StepLost
 
+pytestmark = pytest.mark.slow       # hypothesis: minutes of CPU on a loaded machine
+
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 
 # --------------------------------------------------------------------------- decode

@@ -219,6 +219,7 @@ def test_relay_adds_nothing_for_its_local_host(tmp_path, no_leftover_processes):
     assert st["local_connections"] == 1 and st["connections"] == 0
 
 
+@pytest.mark.slow                   # a subprocess
 def test_relay_refuses_bad_arguments_in_one_line():
     r = subprocess.run([PY, "-m", "asyncdni.relay", "--listen", "nowhere", "--target", "127.0.0.1:1",
                         "--delay-ms", "5"], capture_output=True, text=True, timeout=20, env=env_with_repo())
