@@ -78,7 +78,7 @@ class Agent:
             except security.KeyError_:
                 self.keys = security.load_secret(cfg.keys, "agent")
             self.server_key = security.load_public(cfg.keys, security.COORDINATOR)
-        from launch.local import LocalLauncher
+        from asyncdni.launch.local import LocalLauncher
         self._tmp = None if cfg.log_dir else tempfile.mkdtemp(prefix=f"asyncdni-agent-{cfg.name}-")
         log_dir = Path(cfg.log_dir or self._tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ class Agent:
         return False
 
     def _launch(self, sock, f: dict) -> None:
-        from launch.base import LaunchError, WorkerLaunch
+        from asyncdni.launch.base import LaunchError, WorkerLaunch
         name = f["name"]
         ok_name = name == "feeder" or (name.startswith("layer") and name[5:].isdigit())
         if not ok_name or f["role"] not in ("feeder", "layer") or not 1 <= f["blas_threads"] <= 1024:

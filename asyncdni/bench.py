@@ -95,14 +95,14 @@ def run_inprocess(cfg: C.RunConfig, name: str = "inprocess") -> dict:
     import sys
     import tempfile
     from pathlib import Path
-    from launch.local import worker_env
+    from asyncdni.launch.local import worker_env
     with tempfile.TemporaryDirectory(prefix="asyncdni-inproc-") as d:
         cfg_path, out_path = Path(d) / "config.json", Path(d) / "out.json"
         threads = _threads(cfg, name)
         cfg = C.replace(cfg, **{"runtime.blas_threads": threads})
         cfg_path.write_text(json.dumps(cfg.to_dict()))
         env = worker_env(threads)
-        proc = subprocess.run([sys.executable, "-m", "workers.inprocess", str(cfg_path), str(out_path), name],
+        proc = subprocess.run([sys.executable, "-m", "asyncdni.workers.inprocess", str(cfg_path), str(out_path), name],
                               env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-5:])

@@ -183,7 +183,7 @@ def guarded(fn):
     from .checkpoint import CheckpointError
     from .coordinator import Interrupted, RunError, WorkerFailed
     from .data import DataError
-    from launch.base import LaunchError
+    from asyncdni.launch.base import LaunchError
     from .transport import TransportError
     try:
         return fn(), None
@@ -216,8 +216,10 @@ def cmd_train(args) -> int:
         def log(line):
             progress.interject(f"asyncdni: {line}")
 
-        result = run(cfg, on_progress=progress, log=log)
-        progress.close()
+        try:
+            result = run(cfg, on_progress=progress, log=log)
+        finally:
+            progress.close()                # before the summary, or the one-line error
         return cfg, result
 
     out, code = guarded(train)

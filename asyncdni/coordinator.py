@@ -125,7 +125,7 @@ class Coordinator:
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="asyncdni-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if launcher is None:
-            from launch.base import make_launcher
+            from asyncdni.launch.base import make_launcher
             launcher = make_launcher(cfg, self.run_dir)
             self._own_launcher = True
         else:
@@ -183,7 +183,7 @@ class Coordinator:
         try:
             self.launcher.prepare(dict(self.placements), self.rt.start_timeout)
             ctrl_host = self.launcher.control_host(self.rt.host)
-            for j, w in enumerate(self.workers):
+            for w in self.workers:
                 w.bind = self.launcher.bind_host(w.ident, w.host or self.rt.host)
             self.nodes = [{"role": w.role, "host": w.bind, "fwd_port": self.ports[2 * j],
                            "bwd_port": self.ports[2 * j + 1]} for j, w in enumerate(self.workers)]
@@ -205,7 +205,7 @@ class Coordinator:
                 "resume": {"dir": str(self.resume.directory), "step": self.resume.step} if self.resume else None,
                 "curve": {"keys": [k.public.decode() for k in self.keys.values()]} if self.curve else None,
             }
-            from launch.base import WorkerLaunch
+            from asyncdni.launch.base import WorkerLaunch
             for w in self.workers:
                 key = self.keys.get(w.ident)
                 self.launcher.start(WorkerLaunch(
@@ -551,7 +551,7 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
     own = kw.get("launcher") is None              # one launcher for every attempt (agents stay joined)
     logs = None
     if own:
-        from launch.base import make_launcher
+        from asyncdni.launch.base import make_launcher
         logs = tempfile.mkdtemp(prefix="asyncdni-logs-")
         kw["launcher"] = make_launcher(cfg, logs)
     try:

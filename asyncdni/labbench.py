@@ -66,7 +66,7 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
              feeder_host: str = "shared", prefix: str = "adb-", subnet: str = "10.76.0.0/24",
              log=None) -> dict:
     """Every schedule over one link setting; returns {schedule: summary}."""
-    from launch.agents import AgentsLauncher
+    from asyncdni.launch.agents import AgentsLauncher
     log = log or (lambda line: None)
     K = cfg.model.layers if not cfg.model.widths else len(cfg.model.widths) + 1
     n_hosts = K + (1 if feeder_host == "own" else 0)

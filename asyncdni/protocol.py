@@ -720,7 +720,7 @@ def _decode_arrays(frames, kind, step, descs, fields, check_finite, expect) -> M
         bufs.append(b)
 
     arrays = []
-    for b, (name, dt, shape, count, nbytes, is_float) in zip(bufs, descs):
+    for b, (_name, dt, shape, count, _nbytes, _is_float) in zip(bufs, descs):
         arr = np.frombuffer(b, dtype=dt, count=count).reshape(shape)
         if arr.flags.writeable:
             arr.flags.writeable = False

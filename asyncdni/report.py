@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
-import time
 
 import numpy as np
+from tqdm import tqdm
 
 
 def metric_names(task: str) -> tuple[str, str]:
@@ -230,7 +231,8 @@ def write_json(path: str, payload: dict) -> None:
 
 
 class Progress:
-    """A progress line on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
+    """Training progress on stderr: a tqdm bar redrawn in place on a terminal, a plain line
+    per 10% of the steps otherwise (logs, CI). Called with the feeder's progress fields."""
 
     def __init__(self, label: str, stream=None, enabled: bool = True):
         self.label = label
@@ -238,21 +240,29 @@ class Progress:
         self.enabled = enabled
         self.tty = self.stream.isatty()
         self.last_decile = -1
-        self.t0 = time.perf_counter()
+        self.bar = None
 
     def __call__(self, f: dict) -> None:
         if not self.enabled:
             return
         done, total = f["done"], f["total"]
-        frac = done / total if total else 1.0
         loss = f.get("loss", float("nan"))
-        el = f.get("elapsed", 0.0)
-        rate = done / el if el > 0 else 0.0
         if self.tty:
-            bar = "#" * int(30 * frac)
-            self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{total} steps  loss {loss:.4f}  {rate:.0f} steps/s ")
-            self.stream.flush()
+            if self.bar is None:                    # first report: a resumed run starts past 0
+                try:
+                    cols = os.get_terminal_size(self.stream.fileno()).columns
+                except (OSError, ValueError, AttributeError):
+                    cols = 0
+                # a terminal that reports a 0 x 0 size (a bare pty) would get no bar at all
+                width = dict(dynamic_ncols=True) if cols else dict(ncols=100, nrows=20)
+                self.bar = tqdm(total=total, initial=done, desc=self.label, unit="step", file=self.stream,
+                                leave=True, **width)
+            self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            self.bar.update(done - self.bar.n)      # redraws at most every tqdm.mininterval
         else:
+            frac = done / total if total else 1.0
+            el = f.get("elapsed", 0.0)
+            rate = done / el if el > 0 else 0.0
             decile = int(frac * 10)
             if decile > self.last_decile:
                 self.last_decile = decile
@@ -261,13 +271,14 @@ class Progress:
 
     def interject(self, line: str) -> None:
         """A message on its own line, even while a progress bar is drawn."""
-        self.stream.write(("\n" if self.enabled and self.tty else "") + line + "\n")
+        tqdm.write(line, file=self.stream)
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        """End the bar (it stays on screen, at its last state); idempotent."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # timeline event codes, as workers record them (uint8) and as the Chrome trace names them

@@ -20,7 +20,6 @@ import time
 for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")     # one BLAS thread, like the workers (before numpy loads)
 
-from asyncdni import config  # noqa: E402
 from asyncdni.model import load_datasets, make_plan  # noqa: E402
 from asyncdni.reference import train_reference  # noqa: E402
 

@@ -4,7 +4,7 @@
 ROUTER on ADDR:PORT, waits (up to ``start_timeout``) for the agents that ``--hosts``
 names, and starts each worker through its agent. The agents stay joined across the
 restarts of one run (``--max-restarts``: the agents end and restart their workers); the
-loss of a whole agent ends the run with :class:`~launch.base.HostLost`, one line
+loss of a whole agent ends the run with :class:`~asyncdni.launch.base.HostLost`, one line
 naming the host. The coordinator's control socket binds the ``--listen`` address too.
 
 Under CURVE (``--keys DIR``; on by default when ADDR is not loopback) only agents whose

@@ -49,7 +49,7 @@ class WorkerLaunch:
 
     @property
     def module(self) -> str:
-        return f"workers.{self.role}"
+        return f"asyncdni.workers.{self.role}"
 
     def args(self) -> list[str]:
         """Command-line arguments of the worker entry point (no secrets on argv)."""

@@ -1,6 +1,6 @@
 """Local launcher: starts worker processes on this machine and guarantees they end.
 
-One :class:`~launch.base.Launcher` implementation, keyed by worker name. ``stop()`` asks
+One :class:`~asyncdni.launch.base.Launcher` implementation, keyed by worker name. ``stop()`` asks
 politely (SIGTERM), waits, then SIGKILLs; it is idempotent and safe to call from
 ``finally``. Each worker also dies with its parent (PR_SET_PDEATHSIG), so even a
 SIGKILLed coordinator (or agent, which uses this launcher on its host) leaves no process
@@ -23,10 +23,13 @@ __all__ = ["LocalLauncher", "LaunchError", "WorkerProcess", "worker_env"]
 
 def worker_env(blas_threads: int) -> dict:
     """The environment of a worker process: BLAS pinned, this checkout importable."""
+    import asyncdni
     env = dict(os.environ)
     for var in BLAS_VARS:
         env[var] = str(blas_threads)
-    root = str(Path(__file__).resolve().parents[1])
+    # the folder that holds the asyncdni package: the checkout (editable install) or
+    # site-packages (this file is asyncdni/launch/local.py only in an installed wheel)
+    root = str(Path(asyncdni.__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 

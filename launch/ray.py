@@ -18,7 +18,7 @@
   call with ``RayActorError`` at once; :meth:`exited` sees it with ``ray.wait(timeout=0)``
   and the coordinator raises its usual one-line ``WorkerFailed``. Ray does not know the
   signal that ended a process, so the line says the process died, not which signal. A
-  node that Ray declares dead ends the run with :class:`~launch.base.HostLost`.
+  node that Ray declares dead ends the run with :class:`~asyncdni.launch.base.HostLost`.
 * ``ADDR`` empty: a private local Ray is started (``ray.init(address="local")``) and shut
   down at :meth:`close`; ``auto``: Ray's own rule (``RAY_ADDRESS``, then the newest
   cluster started on this machine); ``HOST:PORT``: that cluster's GCS. If the caller had
@@ -261,7 +261,6 @@ class RayLauncher(Launcher):
         return self._remote
 
     def start(self, w: WorkerLaunch) -> None:
-        ray = self.ray
         old = self.actors.get(w.name)
         if old is not None and old.state == "running" and not self._reap(old):
             raise LaunchError(f"cannot start {w.name}: it is already running")

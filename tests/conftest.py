@@ -22,6 +22,14 @@ def _children():
         return []
 
 
+def pytest_collection_modifyitems(items):
+    """A test that checks for left-over processes starts processes: mark it integration,
+    so that `make test-fast` (-m "not integration and not slow") leaves it out."""
+    for item in items:
+        if "no_leftover_processes" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
 def no_leftover_processes():
     """Fails the test if any process it started is still alive afterwards."""

@@ -660,7 +660,7 @@ def test_microbatch_bounds(batch, m):
     b = microbatch_bounds(batch, m)
     assert len(b) == m
     assert b[0][0] == 0 and b[-1][1] == batch
-    for (s0, e0), (s1, _) in zip(b, b[1:]):
+    for (_, e0), (s1, _) in zip(b, b[1:]):
         assert e0 == s1
     sizes = [e - s for s, e in b]
     assert all(sz >= 1 for sz in sizes)

@@ -506,7 +506,7 @@ def test_eval_batches():
 def test_dataset_basics():
     ds = _indexed_dataset(n=7)
     assert len(ds) == 7
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):      # dataclasses.FrozenInstanceError
         ds.name = "other"  # frozen
     with pytest.raises(DataError):
         Dataset(x=np.zeros((3, 2), np.float32), y=np.zeros(4, np.int64), task="classification", n_out=2, name="bad")

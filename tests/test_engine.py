@@ -11,7 +11,7 @@ import pytest
 
 from asyncdni import config, coordinator, reference
 from asyncdni.model import load_datasets, make_plan
-from launch.local import LocalLauncher
+from asyncdni.launch.local import LocalLauncher
 from tests.conftest import env_with_repo, pids_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftover_processes")]
@@ -110,7 +110,7 @@ def test_worker_exception_ends_run_with_its_error(tmp_path):
         def argv(self, w):
             argv = super().argv(w)
             if w.name == "layer1":              # layer 2
-                argv[argv.index("workers.layer")] = "tests.helpers.faulty_layer"
+                argv[argv.index("asyncdni.workers.layer")] = "tests.helpers.faulty_layer"
                 argv += ["--fail-step", "7"]
             return argv
 

@@ -28,7 +28,7 @@ def cfg_of(**ov):
     return config.build(overrides={**BASE, **ov})
 
 
-def kill_when(c, step, sig, index=1, once=[]):
+def kill_when(c, step, sig, index=1):
     """From a thread: send ``sig`` to layer ``index`` once the feeder reports ``step``."""
     done = {"t": None, "pid": None}
 
@@ -341,7 +341,7 @@ def test_unreachable_address_is_one_line(tmp_path):
 
 
 def test_start_up_that_never_answers_times_out(tmp_path):
-    from launch.base import Launcher
+    from asyncdni.launch.base import Launcher
 
     class SilentLauncher(Launcher):
         """Starts nothing: the workers it was asked for never say hello."""
@@ -390,7 +390,7 @@ def test_resume_without_checkpoints_is_one_line(tmp_path):
 
 # ------------------------------------------------------------- review findings, pinned
 def test_a_worker_that_starts_late_does_not_break_the_run(tmp_path):
-    from launch.local import LocalLauncher
+    from asyncdni.launch.local import LocalLauncher
 
     class LateLauncher(LocalLauncher):
         """layer 2 says hello 3 s after the others (longer than heartbeat_interval * misses),
@@ -398,7 +398,7 @@ def test_a_worker_that_starts_late_does_not_break_the_run(tmp_path):
         def argv(self, w):
             argv = super().argv(w)
             if w.name == "layer1":              # layer 2
-                i = argv.index("workers.layer")
+                i = argv.index("asyncdni.workers.layer")
                 argv[i:i + 1] = ["tests.helpers.slow_layer", "3.0"]
             return argv
 
@@ -423,7 +423,7 @@ def test_sigkilled_layer_under_the_cli_is_always_one_line(tmp_path):
                 time.sleep(0.05)
             time.sleep(1.0)
             kids = psutil.Process(proc.pid).children()
-            layer2 = [k for k in kids if "workers.layer" in k.cmdline() and k.cmdline()[k.cmdline().index("workers.layer") + 1] == "1"][0]
+            layer2 = [k for k in kids if "asyncdni.workers.layer" in k.cmdline() and k.cmdline()[k.cmdline().index("asyncdni.workers.layer") + 1] == "1"][0]
             layer2.kill()
             _out, err = proc.communicate(timeout=30)
         finally:

@@ -14,11 +14,13 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from asyncdni import config, protocol as P
 from asyncdni.model import load_datasets, make_plan, microbatch_bounds
 from asyncdni.worker import FeederWorker, LayerWorker, StepLost
+
+pytestmark = pytest.mark.slow       # hypothesis: minutes of CPU on a loaded machine
 
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 

@@ -266,13 +266,13 @@ def test_a_step_whose_batch_is_rejected_ends_the_run_naming_it(tmp_path, schedul
     """Issue 12.4: layer 1 rejected a batch holding a NaN pixel and the feeder waited for
     that step forever (with or without --fail-on-nonfinite). Now the layer that refuses
     the message its next step needs ends the run in one line naming the step."""
-    from launch.local import LocalLauncher
+    from asyncdni.launch.local import LocalLauncher
 
     class NanLauncher(LocalLauncher):
         def argv(self, w):
             argv = super().argv(w)
             if w.name == "feeder":
-                i = argv.index("workers.feeder")
+                i = argv.index("asyncdni.workers.feeder")
                 argv[i:i + 1] = ["tests.helpers.nan_feeder", "--nan-step", "37"]
             return argv
 
@@ -345,13 +345,13 @@ def test_steps_lost_are_counted_when_the_feeder_dies(tmp_path):
     """Issue 12.10: with the feeder SIGKILLed after a checkpoint whose step was past its last
     progress report, the report said: failed at step 474, resumed from 500, 0 steps lost.
     The feeder here reports progress only at its first step, so that is always the case."""
-    from launch.local import LocalLauncher
+    from asyncdni.launch.local import LocalLauncher
 
     class QuietLauncher(LocalLauncher):
         def argv(self, w):
             argv = super().argv(w)
             if w.name == "feeder":
-                argv[argv.index("workers.feeder")] = "tests.helpers.quiet_feeder"
+                argv[argv.index("asyncdni.workers.feeder")] = "tests.helpers.quiet_feeder"
             return argv
 
     cfg = cfg_of(**{"train.steps": 600, "runtime.checkpoint_every": 100, "runtime.checkpoint_dir": str(tmp_path / "ck"),

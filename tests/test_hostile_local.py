@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -237,6 +236,7 @@ def test_layer_skips_and_counts_an_update_that_would_overflow():
 
 @pytest.mark.parametrize("optimizer,lr", [("sgd", "1000"), ("sgd", "1e30"), ("momentum", "100"),
                                           ("adam", "1e30")])
+@pytest.mark.slow                   # an in-process training run per case
 def test_diverging_run_saves_finite_weights(tmp_path, optimizer, lr):
     """The issue's runs, in process (the same LayerNode code as the workers): every layer's
     weights, SG model and optimizer state stay finite, and the skips are counted."""
@@ -404,6 +404,7 @@ def _find_latest_code(root):
 
 
 @pytest.mark.parametrize("damage", ["nested", "fifo", "dev_zero", "huge"])
+@pytest.mark.slow                   # a subprocess per case
 def test_damaged_manifest_skipped_with_one_line(tmp_path, damage):
     _layer_checkpoint(tmp_path, 10)
     bad = _layer_checkpoint(tmp_path, 20)
@@ -428,6 +429,7 @@ def test_damaged_manifest_skipped_with_one_line(tmp_path, damage):
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+@pytest.mark.slow                   # a subprocess per case
 def test_layer_file_that_is_a_fifo_or_device_is_refused(tmp_path, kind):
     d = _layer_checkpoint(tmp_path, 10)
     p = d / "layer-2.npz"

@@ -219,6 +219,7 @@ def test_relay_adds_nothing_for_its_local_host(tmp_path, no_leftover_processes):
     assert st["local_connections"] == 1 and st["connections"] == 0
 
 
+@pytest.mark.slow                   # a subprocess
 def test_relay_refuses_bad_arguments_in_one_line():
     r = subprocess.run([PY, "-m", "asyncdni.relay", "--listen", "nowhere", "--target", "127.0.0.1:1",
                         "--delay-ms", "5"], capture_output=True, text=True, timeout=20, env=env_with_repo())
@@ -417,7 +418,7 @@ def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_le
     assert [row["link"] for row in res["links"]] == ["100mbit/3ms"]
     for row in res["links"]:
         assert set(row["runs"]) == {"async", "backprop"}
-        for s, r in row["runs"].items():
+        for r in row["runs"].values():
             assert r["samples_per_s"] > 0 and len(r["per_layer"]) == 2
             assert all(L_["bytes_sent"] > 0 for L_ in r["per_layer"])
     for r in res["links"][0]["runs"].values():                      # 3 ms: relays, measured

@@ -15,6 +15,7 @@ from asyncdni.model import load_datasets, make_plan
 from asyncdni.reference import train_reference
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)         # ~10 s on an idle 2-core machine; much more on a loaded one
 def test_addition_preset_learns_binary_addition_in_700_steps():
     cfg = config.build(overrides={"train.seed": 1, "train.steps": 700})

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import msgpack
 import numpy as np
 import psutil
 import pytest
@@ -18,7 +17,7 @@ import zmq
 from asyncdni import config, coordinator, reference
 from asyncdni import protocol as P
 from asyncdni.model import load_datasets, make_plan
-from launch.base import HostLost
+from asyncdni.launch.base import HostLost
 from tests.conftest import env_with_repo, pids_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_processes")]
@@ -341,7 +340,7 @@ def test_agent_with_unknown_key_is_refused_and_counted(tmp_path):
     port = free_port()
     cfg = cfg_of(port, "a,a,a,a,a", **{"runtime.keys": keys, "runtime.security": "curve",
                                        "runtime.start_timeout": 3.0})
-    from launch.agents import AgentsLauncher
+    from asyncdni.launch.agents import AgentsLauncher
     launcher = AgentsLauncher.from_config(cfg)
     with Agents(["a"], port, keys=other):
         try:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from asyncdni import config, coordinator
-from launch.base import LaunchError, WorkerLaunch
+from asyncdni.launch.base import LaunchError, WorkerLaunch
 from tests.conftest import env_with_repo, pids_gone
 
 try:
@@ -155,7 +155,7 @@ def test_ray_hosts_pin_workers_and_curve_on_demand(cluster):
 def test_ray_actor_blas_is_pinned_and_an_orphan_worker_exits(cluster):
     """Straight through the launcher: the actor's BLAS runs 1 thread (threadpoolctl inside the
     actor) and a worker whose coordinator never answers ends by itself with a log tail."""
-    from launch.ray import RayLauncher
+    from asyncdni.launch.ray import RayLauncher
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))               # a port nobody listens on
     port = dead.getsockname()[1]
@@ -361,7 +361,7 @@ def ray_on_namespaces(tmp_path_factory):
         def start_node(argv, name, ns):
             """One node at a time (their helper agents start slowly on a loaded machine), and
             once more if Ray gives up on it: `ray start --block` exits then."""
-            for attempt in range(2):
+            for _attempt in range(2):
                 start(argv, name, ns)
                 deadline = time.monotonic() + 150
                 while time.monotonic() < deadline and procs[-1].poll() is None:
@@ -432,7 +432,7 @@ def test_ray_mnist_spans_five_namespace_hosts(ray_on_namespaces, mnist_dir):
 def test_ray_lost_namespace_node_ends_the_run_in_one_line(ray_on_namespaces):
     """SIGKILL a whole Ray node (its `ray start` process group in host 5) mid-run: the run
     ends with one line naming layer 4 and its node (or the node alone, if Ray says so first)."""
-    from launch.base import HostLost
+    from asyncdni.launch.base import HostLost
     address, hosts, procs = ray_on_namespaces
     cfg = config.build(overrides={
         "model.layers": 4, "model.width": 32, "train.steps": 100000, "runtime.progress": False,

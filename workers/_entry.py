@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from launch.base import BLAS_VARS
+from asyncdni.launch.base import BLAS_VARS
 
 
 def _die_with_parent(parent_pid: int | None) -> None:
@@ -38,7 +38,7 @@ def pin_blas(threads) -> None:
 
 
 def parse(role: str, argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=f"python -m workers.{role}")
+    ap = argparse.ArgumentParser(prog=f"python -m asyncdni.workers.{role}")
     if role == "layer":
         ap.add_argument("index", type=int, help="0-based layer index")
     ap.add_argument("--control", required=True, help="the coordinator's control endpoint (tcp://HOST:PORT)")

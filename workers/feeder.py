@@ -1,7 +1,7 @@
-"""The feeder worker: ``python -m workers.feeder --control tcp://HOST:PORT [...]``."""
+"""The feeder worker: ``python -m asyncdni.workers.feeder --control tcp://HOST:PORT [...]``."""
 import sys
 
-from workers._entry import main
+from asyncdni.workers._entry import main
 
 if __name__ == "__main__":
     sys.exit(main("feeder"))

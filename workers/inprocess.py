@@ -1,17 +1,17 @@
 """The single-process runs that `asyncdni bench` compares against, the DNI math or plain
-backprop (``bench.INPROCESS_ROWS``): ``python -m workers.inprocess CONFIG.json OUT.json [ROW]``.
+backprop (``bench.INPROCESS_ROWS``): ``python -m asyncdni.workers.inprocess CONFIG.json OUT.json [ROW]``.
 It runs in a process of its own so that it gets the BLAS thread count the row asks for
 (numpy fixes that at import), not whatever the coordinator's process has."""
 import json
 import sys
 
-from workers._entry import pin_blas
+from asyncdni.workers._entry import pin_blas
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (2, 3):
-        print("usage: python -m workers.inprocess CONFIG.json OUT.json [ROW]", file=sys.stderr)
+        print("usage: python -m asyncdni.workers.inprocess CONFIG.json OUT.json [ROW]", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         cfg_dict = json.load(f)

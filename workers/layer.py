@@ -1,7 +1,7 @@
-"""One layer worker: ``python -m workers.layer INDEX --control tcp://HOST:PORT [...]``."""
+"""One layer worker: ``python -m asyncdni.workers.layer INDEX --control tcp://HOST:PORT [...]``."""
 import sys
 
-from workers._entry import main
+from asyncdni.workers._entry import main
 
 if __name__ == "__main__":
     sys.exit(main("layer"))

@@ -17,7 +17,7 @@ def main():
         return original(self, step, x, y)
 
     layer.LayerNode.dni_forward = dni_forward
-    from workers._entry import main as entry
+    from asyncdni.workers._entry import main as entry
     return entry("layer")
 
 

@@ -19,7 +19,7 @@ def main():
         return x, y
 
     data.BatchStream.batch = batch
-    from workers._entry import main as entry
+    from asyncdni.workers._entry import main as entry
     return entry("feeder")
 
 

@@ -7,7 +7,7 @@ from asyncdni import worker
 
 def main():
     worker.PROGRESS_INTERVAL = 1e9
-    from workers._entry import main as entry
+    from asyncdni.workers._entry import main as entry
     return entry("feeder")
 
 

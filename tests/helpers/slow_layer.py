@@ -5,5 +5,5 @@ import time
 
 if __name__ == "__main__":
     time.sleep(float(sys.argv.pop(1)))
-    from workers._entry import main
+    from asyncdni.workers._entry import main
     sys.exit(main("layer"))
