@@ -30,7 +30,8 @@ from .lab import Lab, LabError, parse_delay, parse_rate, rate_bits
 DEFAULT_LINKS = "unshaped:0,unshaped:5,1gbit:0,100mbit:0"
 # every schedule of schedules.TABLE, in bench's order; the in-process run has no network to cross
 LAB_SCHEDULES = tuple(n for n in S.BENCH_ORDER if n in S.TABLE) + tuple(n for n in S.NAMES if n not in S.BENCH_ORDER)
-NOT_IN_LAB = {"inprocess": "one process, no network to cross"}
+# bench's in-process rows (one process, no sockets) have no network to cross
+NOT_IN_LAB = {n: "one process, no network to cross" for n in S.BENCH_CHOICES if n not in S.TABLE}
 AGENT_WAIT = 60.0
 
 
@@ -430,6 +431,7 @@ def write_plot(directory: str, res: dict) -> str | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return None
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -461,8 +463,10 @@ def write_plot(directory: str, res: dict) -> str | None:
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[li % len(markers)], capsize=3, label=lab)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            if key == "samples_per_s":
-                ax.set_yscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.yaxis,):
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "2357" else ""))
             ax.grid(alpha=0.3)
             if not group:
                 ax.text(0.5, 0.5, "no link setting on this axis", ha="center", transform=ax.transAxes)
