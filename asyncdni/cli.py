@@ -140,6 +140,10 @@ def make_parser() -> argparse.ArgumentParser:
                    "10gbit, 1gbit, 100mbit, ..) and one-way delay per link (default unshaped:0,unshaped:5,1gbit:0,100mbit:0)")
     b.add_argument("--feeder-host", default="shared", choices=("shared", "own"),
                    help="--lab: the feeder shares layer 1's host (default) or has its own")
+    b.add_argument("--repeats", default="1", metavar="N",
+                   help="--lab: run every cell N times (interleaved) and report medians and min-max (default 1)")
+    b.add_argument("--windows", default=None, metavar="W,..", help="--lab: run each schedule with an in-flight "
+                   "window (async, delayed, local) once per window, e.g. 2,4,8,16; prints the staleness table")
     b.add_argument("--lab-prefix", default="adb-", metavar="P", help="--lab: name prefix of its devices (default adb-)")
     b.add_argument("--lab-subnet", default="10.76.0.0/24", metavar="CIDR", help="--lab: its subnet (default 10.76.0.0/24)")
     a = sub.add_parser("agent", help="run this host's workers for a coordinator (multi-host runs)")
@@ -245,6 +249,8 @@ def cmd_bench(args) -> int:
 
     if args.lab:
         return _bench_lab(args, log)
+    if args.repeats != "1" or args.windows:
+        return fail("bench: --repeats and --windows go with --lab", 2)
     if args.transport:
         from . import transport_bench
         log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 41 short paired trials)")
@@ -318,14 +324,17 @@ def _bench_lab(args, log) -> int:
         ov.setdefault("runtime.progress", False)
         cfg = C.build(args.config, ov)
         links = labbench.parse_links(args.links or labbench.DEFAULT_LINKS)
-        names = args.schedules or ",".join(labbench.LAB_SCHEDULES)
-        schedules = [s.strip() for s in names.split(",") if s.strip() and s.strip() != "inprocess"]
-        for s in schedules:
-            if s not in labbench.LAB_SCHEDULES:
-                raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(labbench.LAB_SCHEDULES)} "
-                                    f"(inprocess has no network to cross)")
+        schedules, skipped = labbench.parse_schedules(args.schedules)
+        try:
+            repeats = int(args.repeats)
+        except ValueError:
+            repeats = 0
+        if not 1 <= repeats <= 100:
+            raise C.ConfigError(f"--repeats {args.repeats!r}: expected a whole number from 1 to 100")
+        windows = labbench.parse_windows(args.windows)
         return cfg, labbench.lab_bench(cfg, schedules, links, feeder_host=args.feeder_host, prefix=args.lab_prefix,
-                                       subnet=args.lab_subnet, log=log)
+                                       subnet=args.lab_subnet, repeats=repeats, windows=windows, skipped=skipped,
+                                       log=log)
 
     try:
         out, code = guarded(measure)
@@ -340,8 +349,10 @@ def _bench_lab(args, log) -> int:
             report.write_json(args.json, {"config": cfg.to_dict(), "lab": res})
         if args.csv:
             report.write_csv(args.csv, labbench.csv_rows(res))
-        if args.plots and labbench.write_plot(args.plots, res) is None:
-            print("plots skipped: matplotlib is not installed (pip install '.[plot]')", file=sys.stderr)
+        if args.plots:
+            path = labbench.write_plot(args.plots, res)
+            print(labbench.PLOT_HINT if path is None else f"plot written to {path}",
+                  file=sys.stderr if path is None else sys.stdout)
     except OSError as e:
         return fail(f"cannot write output: {e}", 1)
     return 0

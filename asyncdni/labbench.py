@@ -5,9 +5,12 @@ namespace host per layer (the feeder shares layer 1's host unless ``feeder_host=
 an ``asyncdni agent`` in each, the coordinator in the root namespace on the bridge
 address. The same model, data and seed then run under every schedule through the agents
 launcher, with ``Lab.route`` putting a delaying relay in front of every inbox a peer on
-another host sends to. Each run reports samples/s, time to the target accuracy, final
-accuracy, per layer busy / wait / communicate time and bytes, and the delay the relays
-actually added (median and p99 per chunk).
+another host sends to. Each run reports samples/s, time and steps to the target
+accuracy, final accuracy, per layer busy / wait / communicate time and bytes, the delay
+the relays actually added (median and p99 per chunk) and, for DNI, how stale the SG
+targets were (lag distribution). ``repeats`` runs every cell that many times, interleaved,
+and reports medians with their min-max spread; ``windows`` runs each schedule that has an
+in-flight window once per window (the staleness study).
 """
 from __future__ import annotations
 
@@ -20,12 +23,65 @@ from pathlib import Path
 
 from . import config as C
 from . import coordinator, report
+from . import schedules as S
 from .bench import _layer_rows
 from .lab import Lab, LabError, parse_delay, parse_rate, rate_bits
 
 DEFAULT_LINKS = "unshaped:0,unshaped:5,1gbit:0,100mbit:0"
-LAB_SCHEDULES = ("sequential", "async", "backprop", "pipeline")
+# every schedule of schedules.TABLE, in bench's order; the in-process run has no network to cross
+LAB_SCHEDULES = tuple(n for n in S.BENCH_ORDER if n in S.TABLE) + tuple(n for n in S.NAMES if n not in S.BENCH_ORDER)
+# bench's in-process rows (one process, no sockets) have no network to cross
+NOT_IN_LAB = {n: "one process, no network to cross" for n in S.BENCH_CHOICES if n not in S.TABLE}
 AGENT_WAIT = 60.0
+
+
+def parse_schedules(text: str | None) -> tuple[list[str], dict]:
+    """'a,b,...' (default: every schedule) -> (schedules the lab runs, {skipped: why});
+    ConfigError with one line for an unknown name."""
+    names = [s.strip() for s in (text or ",".join(LAB_SCHEDULES)).split(",") if s.strip()]
+    run, skipped = [], {}
+    for s in names:
+        if s in NOT_IN_LAB:
+            skipped[s] = NOT_IN_LAB[s]
+        elif s not in S.TABLE:
+            raise C.ConfigError(f"--schedules: {s!r} is not one of {', '.join(LAB_SCHEDULES)}")
+        elif s not in run:
+            run.append(s)
+    if not run:
+        raise C.ConfigError(f"--schedules: nothing the lab can run (choose from {', '.join(LAB_SCHEDULES)})")
+    return run, skipped
+
+
+def parse_windows(text: str | None) -> list[int]:
+    """'2,4,8,16' -> [2, 4, 8, 16] (in-flight windows); empty for None."""
+    if not text:
+        return []
+    out = []
+    for item in [s.strip() for s in str(text).split(",") if s.strip()]:
+        try:
+            w = int(item)
+        except ValueError:
+            w = 0
+        if not 1 <= w <= 1024:
+            raise C.ConfigError(f"--windows {item!r}: expected whole numbers of steps from 1 to 1024, e.g. 2,4,8,16")
+        if w not in out:
+            out.append(w)
+    if not out:
+        raise C.ConfigError("--windows: expected whole numbers of steps, e.g. 2,4,8,16")
+    return out
+
+
+def variants(schedules, windows) -> list[tuple[str, str, int | None]]:
+    """(label, schedule, window) per run of one link: with ``windows``, every schedule whose
+    window is the in-flight window (async, delayed, local) once per window ('async w4'),
+    the others once."""
+    out = []
+    for s in schedules:
+        if windows and S.TABLE[s].window == "max_inflight":
+            out += [(f"{s} w{w}", s, w) for w in windows]
+        else:
+            out.append((s, s, None))
+    return out
 
 
 def parse_links(text: str) -> list[tuple[str | None, float]]:
@@ -62,16 +118,101 @@ def _start_agents(lab: Lab, names: list[str], port: int, log_dir: Path) -> None:
         log.close()
 
 
+def _pct(sorted_vals, q):
+    return sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))]
+
+
+def lag_summary(counts) -> dict | None:
+    """Counts of SG targets by lag (bins 0..N-1, the last N+) -> shares, mean, median, p90, max
+    bin; None when no SG target was counted."""
+    if not counts or not sum(counts):
+        return None
+    n = sum(counts)
+    cum, p50, p90 = 0, None, None
+    for lag, c in enumerate(counts):
+        cum += c
+        if p50 is None and cum >= 0.5 * n:
+            p50 = lag
+        if p90 is None and cum >= 0.9 * n:
+            p90 = lag
+    top = max(i for i, c in enumerate(counts) if c)
+    return {"targets": n, "counts": list(counts), "share": [round(c / n, 4) for c in counts],
+            "mean": sum(i * c for i, c in enumerate(counts)) / n, "median": p50, "p90": p90, "max": top,
+            "max_is_open": top == len(counts) - 1}
+
+
+def _pool_lags(layer_stats) -> list[int] | None:
+    pooled = None
+    for st in layer_stats:
+        c = st.get("sg_lags")
+        if c:
+            pooled = list(c) if pooled is None else [a + b for a, b in zip(pooled, c)]
+    return pooled
+
+
+def _one_run(r, relay: dict) -> dict:
+    """The plain-data record of one run through the lab."""
+    from .bench import steps_to_target
+    summ = report.run_summary(r)
+    summ["per_layer"] = _layer_rows(summ["per_layer"])
+    summ["steps_to_target"] = steps_to_target(summ.get("evals"), summ.get("target_accuracy"))
+    summ["relay"] = {k: relay.get(k) for k in ("delay_ms", "chunks", "backlogged", "added_ms", "on_time_ms")}
+    summ["sg_lag_counts"] = _pool_lags(r.layers)
+    return summ
+
+
+def _median(vals):
+    """Median of numbers, None counted as never (+inf); None when the median is never."""
+    xs = sorted(float("inf") if v is None else float(v) for v in vals)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    med = xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+    return None if med == float("inf") else med
+
+
+def _spread(vals):
+    xs = [float(v) for v in vals if v is not None]
+    return [min(xs), max(xs)] if xs else None
+
+
+def aggregate(label: str, schedule: str, window: int | None, reps: list[dict]) -> dict:
+    """Medians (and min-max spread) over the repeats of one schedule on one link; per layer
+    figures and relay accounting from the repeat with the median samples/s."""
+    order = sorted(range(len(reps)), key=lambda i: reps[i]["samples_per_s"])
+    mid = reps[order[(len(order) - 1) // 2]]
+    out = {k: v for k, v in mid.items() if k not in ("evals",)}
+    out.update(label=label, schedule=schedule, window_asked=window, repeats=len(reps))
+    for key in ("samples_per_s", "train_time_s", "test_metric", "time_to_target_s", "steps_to_target"):
+        vals = [r.get(key) for r in reps]
+        out[key] = _median(vals)
+        out[key + "_range"] = _spread(vals)
+    out["reached_target"] = sum(r.get("time_to_target_s") is not None for r in reps)
+    out["windows_used"] = sorted({r.get("window") for r in reps if r.get("window") is not None})
+    counts = None
+    for r in reps:
+        c = r.get("sg_lag_counts")
+        if c:
+            counts = list(c) if counts is None else [a + b for a, b in zip(counts, c)]
+    out["sg_lag"] = lag_summary(counts)
+    out["runs"] = [{k: r.get(k) for k in ("samples_per_s", "train_time_s", "test_metric", "time_to_target_s",
+                                          "steps_to_target", "window")}
+                   | {"relay_added_ms": (r.get("relay") or {}).get("added_ms")} for r in reps]
+    return out
+
+
 def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, datasets, *,
              feeder_host: str = "shared", prefix: str = "adb-", subnet: str = "10.76.0.0/24",
-             log=None) -> dict:
-    """Every schedule over one link setting; returns {schedule: summary}."""
+             repeats: int = 1, windows=(), log=None) -> dict:
+    """Every schedule (and window variant) over one link setting, ``repeats`` times, the
+    repeats interleaved (so drifting load spreads over all of them); returns {label: aggregate}."""
     from asyncdni.launch.agents import AgentsLauncher
     log = log or (lambda line: None)
     K = cfg.model.layers if not cfg.model.widths else len(cfg.model.widths) + 1
     n_hosts = K + (1 if feeder_host == "own" else 0)
     names = [f"h{i}" for i in range(n_hosts)]
-    runs: dict = {}
+    todo = variants(schedules, windows)
+    reps: dict = {label: [] for label, _, _ in todo}
     with Lab(hosts=n_hosts, rate=rate, delay_ms=delay_ms, prefix=prefix, subnet=subnet) as lab, \
             tempfile.TemporaryDirectory(prefix="asyncdni-lab-") as tmp:
         port = _free_port(lab.bridge_ip)
@@ -82,78 +223,141 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
         _start_agents(lab, names, port, Path(tmp))
         launcher = AgentsLauncher.from_config(c0)
         try:
-            for s in schedules:
-                log(f"bench --lab: {link_label(rate, delay_ms)} running {s} ...")
-                c = C.replace(c0, **{"train.schedule": s})
-                try:
-                    r = coordinator.run(c, datasets=datasets, launcher=launcher, route=lab.route)
-                finally:
-                    relay = lab.stop_relays(refill=s != schedules[-1])
-                summ = report.run_summary(r)
-                summ["per_layer"] = _layer_rows(summ["per_layer"])
-                summ["relay"] = {k: relay.get(k) for k in ("delay_ms", "chunks", "backlogged", "added_ms",
-                                                           "on_time_ms")}
-                runs[s] = summ
+            n_runs, k = repeats * len(todo), 0
+            for rep in range(repeats):
+                for label, s, w in todo:
+                    k += 1
+                    rep_s = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
+                    log(f"bench --lab: {link_label(rate, delay_ms)} running {label}{rep_s} ...")
+                    ov = {"train.schedule": s}
+                    if w is not None:
+                        ov["train.max_inflight"] = w
+                    c = C.replace(c0, **ov)
+                    try:
+                        r = coordinator.run(c, datasets=datasets, launcher=launcher, route=lab.route)
+                    finally:
+                        relay = lab.stop_relays(refill=k < n_runs)
+                    reps[label].append(_one_run(r, relay))
         finally:
             launcher.close()
-    return runs
+    return {label: aggregate(label, s, w, reps[label]) for label, s, w in todo}
 
 
 def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_host: str = "shared",
-              prefix: str = "adb-", subnet: str = "10.76.0.0/24", log=None) -> dict:
+              prefix: str = "adb-", subnet: str = "10.76.0.0/24", repeats: int = 1, windows=(),
+              skipped=None, log=None) -> dict:
     """Every schedule under every link setting; a plain-data result."""
     from .model import load_datasets, make_plan
     if feeder_host not in ("shared", "own"):
         raise C.ConfigError(f"--feeder-host {feeder_host!r}: expected shared or own")
+    if not 1 <= int(repeats) <= 100:
+        raise C.ConfigError(f"--repeats {repeats}: expected 1 to 100")
     links = parse_links(DEFAULT_LINKS) if links is None else links
     cfg = C.replace(cfg, **{"runtime.checkpoint_every": 0, "runtime.checkpoint_dir": "", "runtime.resume": "",
                             "runtime.max_restarts": 0})
     datasets = load_datasets(cfg)
     plan = make_plan(cfg, datasets[0])
+    skipped = dict(skipped or {})
+    for s, why in skipped.items():
+        if log:
+            log(f"bench --lab: {s} skipped: {why}")
     rows = []
     t0 = time.monotonic()
     for rate, delay in links:
         runs = run_link(cfg, list(schedules), rate, delay, datasets, feeder_host=feeder_host, prefix=prefix,
-                        subnet=subnet, log=log)
+                        subnet=subnet, repeats=int(repeats), windows=list(windows), log=log)
         rows.append({"link": link_label(rate, delay), "rate": rate or "unshaped", "rate_bits": rate_bits(rate),
                      "delay_ms": delay, "runs": runs})
         if log:
-            log(format_link(rows[-1]))
+            log(format_link(rows[-1], int(repeats)))
     return {"layers": plan.n_layers, "widths": list(plan.widths), "batch_size": plan.batch_size,
             "steps": plan.steps, "samples": plan.steps * plan.batch_size, "feeder_host": feeder_host,
-            "target_accuracy": cfg.train.target_accuracy or None, "links": rows,
-            "wall_s": time.monotonic() - t0}
+            "target_accuracy": cfg.train.target_accuracy or None, "repeats": int(repeats),
+            "windows": list(windows), "max_inflight": cfg.train.max_inflight or "auto",
+            "schedules": list(schedules), "skipped": skipped, "links": rows, "wall_s": time.monotonic() - t0}
 
 
-def format_link(row: dict) -> str:
-    lines = [f"  link {row['link']}:"]
-    lines.append(f"    {'schedule':<11}{'samples/s':>10}{'train s':>9}{'test acc':>9}{'to target':>10}"
-                 f"{'relay added ms (median/p99)':>30}")
-    for s, r in row["runs"].items():
-        ttt = r.get("time_to_target_s")
+def _num(v, fmt: str, unit: str = "") -> str:
+    return "-" if v is None else f"{v:{fmt}}{unit}"
+
+
+def _rng(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    rg = r.get(key + "_range")
+    if not rg or r.get("repeats", 1) < 2:
+        return ""
+    return f" [{rg[0] * scale:{fmt}}-{rg[1] * scale:{fmt}}]"
+
+
+def format_link(row: dict, repeats: int = 1) -> str:
+    med = "median of %d [min-max]" % repeats if repeats > 1 else ""
+    lines = [f"  link {row['link']}:" + (f" ({med})" if med else "")]
+    w1 = 24 if repeats > 1 else 11
+    lines.append(f"    {'schedule':<16}{'window':>7}{'samples/s':>{w1}}{'test acc':>{w1}}{'steps to tgt':>{w1 + 2}}"
+                 f"{'time to tgt':>{w1 + 2}}  relay added ms (median/p99)")
+    for label, r in row["runs"].items():
         rel = r.get("relay") or {}
         add = rel.get("added_ms") or {}
         rel_s = "-" if not rel.get("chunks") else f"{add.get('median')}/{add.get('p99')}"
-        lines.append(f"    {s:<11}{r['samples_per_s']:>10.0f}{r['train_time_s']:>9.2f}"
-                     f"{100 * r['test_metric']:>8.2f}%{'-' if ttt is None else f'{ttt:.2f}s':>10}{rel_s:>30}")
+        win = ",".join(map(str, r.get("windows_used") or [])) or "-"
+        if r.get("window_auto"):
+            win += "a"
+        sps = _num(r["samples_per_s"], ".0f") + _rng(r, "samples_per_s", ".0f")
+        acc = _num(None if r["test_metric"] is None else 100 * r["test_metric"], ".2f", "%") \
+            + _rng(r, "test_metric", ".2f", 100)
+        stt = _num(r.get("steps_to_target"), ".0f") + _rng(r, "steps_to_target", ".0f")
+        ttt = _num(r.get("time_to_target_s"), ".2f", "s") + _rng(r, "time_to_target_s", ".2f")
+        if r.get("target_accuracy") and r.get("repeats", 1) > 1 and r.get("reached_target") != r["repeats"]:
+            ttt += f" ({r.get('reached_target')}/{r['repeats']} reached)"
+        lines.append(f"    {label:<16}{win:>7}{sps:>{w1}}{acc:>{w1}}{stt:>{w1 + 2}}{ttt:>{w1 + 2}}  {rel_s}")
+    return "\n".join(lines)
+
+
+def format_staleness(res: dict) -> str:
+    """The in-flight windows' cost: one row per link and window-variant label."""
+    if not res.get("windows"):
+        return ""
+    tgt = res.get("target_accuracy")
+    lines = [f"  staleness: SG-target lag = forward steps a layer ran between a step and its SG target's arrival "
+             f"(pooled over layers{' and repeats' if res.get('repeats', 1) > 1 else ''})"]
+    lines.append(f"    {'link':<16}{'run':<16}{'final acc':>10}{'steps to ' + (f'{100 * tgt:.0f}%' if tgt else 'tgt'):>13}"
+                 f"{'time':>9}{'samples/s':>11}  lag mean/p50/p90/max   share of lag 0,1,2,..")
+    for row in res["links"]:
+        for label, r in row["runs"].items():
+            if r.get("window_asked") is None:
+                continue
+            lag = r.get("sg_lag")
+            if lag:
+                mx = f"{lag['max']}{'+' if lag['max_is_open'] else ''}"
+                lag_s = f"{lag['mean']:.2f}/{lag['median']}/{lag['p90']}/{mx}"
+                top = lag["max"] + 1
+                share = " ".join(f"{100 * x:.0f}" for x in lag["share"][:min(top, 10)]) + (" .." if top > 10 else "")
+            else:
+                lag_s, share = "-", ""
+            lines.append(f"    {row['link']:<16}{label:<16}{_num(None if r['test_metric'] is None else 100 * r['test_metric'], '.2f', '%'):>10}"
+                         f"{_num(r.get('steps_to_target'), '.0f'):>13}{_num(r.get('time_to_target_s'), '.2f', 's'):>9}"
+                         f"{_num(r['samples_per_s'], '.0f'):>11}  {lag_s:<22}{share}")
     return "\n".join(lines)
 
 
 def format_lab_bench(res: dict) -> str:
     lines = [f"bench --lab: {res['layers']} layers {'-'.join(map(str, res['widths']))}, batch {res['batch_size']}, "
-             f"{res['steps']} steps, feeder host {res['feeder_host']}"]
+             f"{res['steps']} steps, feeder host {res['feeder_host']}, max-inflight {res.get('max_inflight')}"
+             + (f", {res['repeats']} repeats per cell" if res.get("repeats", 1) > 1 else "")]
+    for s, why in (res.get("skipped") or {}).items():
+        lines.append(f"  {s}: not run in the lab ({why})")
     for row in res["links"]:
-        lines.append(format_link(row))
-    scheds = list(res["links"][0]["runs"]) if res["links"] else []
-    if "async" in scheds and len(scheds) > 1:
+        lines.append(format_link(row, res.get("repeats", 1)))
+    labels = list(res["links"][0]["runs"]) if res["links"] else []
+    ref = next((x for x in labels if x == "async"), None)
+    if ref and len(labels) > 1:
         lines.append("")
         lines.append("  async against each other schedule: samples/s ratio (above 1: async faster), and time to "
                      "target ratio (below 1: async reaches it sooner):")
         for row in res["links"]:
-            a = row["runs"]["async"]
+            a = row["runs"][ref]
             parts = []
-            for s in scheds:
-                if s == "async":
+            for s in labels:
+                if s == ref:
                     continue
                 o = row["runs"][s]
                 t = ""
@@ -161,53 +365,120 @@ def format_lab_bench(res: dict) -> str:
                     t = f", time {a['time_to_target_s'] / o['time_to_target_s']:.2f}x"
                 parts.append(f"{s} {a['samples_per_s'] / o['samples_per_s']:.2f}x{t}")
             lines.append(f"    {row['link']:<18} " + "; ".join(parts))
+    if res.get("target_accuracy") and len(labels) > 1:
+        lines.append("")
+        lines.append(f"  first to {100 * res['target_accuracy']:.0f}% per link, and its lead over backprop:")
+        for row in res["links"]:
+            hit = sorted((r["time_to_target_s"], s) for s, r in row["runs"].items() if r.get("time_to_target_s"))
+            if not hit:
+                lines.append(f"    {row['link']:<18} none reached it")
+                continue
+            bp = (row["runs"].get("backprop") or {}).get("time_to_target_s")
+            lead = f" ({bp / hit[0][0]:.2f}x sooner than backprop)" if bp and hit[0][1] != "backprop" else ""
+            lines.append(f"    {row['link']:<18} {hit[0][1]} in {hit[0][0]:.2f}s{lead}")
+    st = format_staleness(res)
+    if st:
+        lines += ["", st]
     return "\n".join(lines)
 
 
+CSV_KEYS = ("samples_per_s", "train_time_s", "test_metric", "time_to_target_s", "steps_to_target")
+
+
 def csv_rows(res: dict) -> list[dict]:
+    """One row per link and schedule (medians, min and max over repeats), then one per layer."""
     rows = []
     for row in res["links"]:
-        for s, r in row["runs"].items():
+        for label, r in row["runs"].items():
             rel = r.get("relay") or {}
-            base = {"link": row["link"], "rate": row["rate"], "delay_ms": row["delay_ms"], "schedule": s,
-                    "samples_per_s": r["samples_per_s"], "train_time_s": r["train_time_s"],
-                    "test_metric": r["test_metric"], "time_to_target_s": r.get("time_to_target_s"),
-                    "relay_added_median_ms": (rel.get("added_ms") or {}).get("median"),
-                    "relay_added_p99_ms": (rel.get("added_ms") or {}).get("p99"), "layer": ""}
+            lag = r.get("sg_lag") or {}
+            base = {"link": row["link"], "rate": row["rate"], "delay_ms": row["delay_ms"], "schedule": label,
+                    "repeats": r.get("repeats", 1),
+                    "window": ",".join(map(str, r.get("windows_used") or []))}
+            for k in CSV_KEYS:
+                rg = r.get(k + "_range") or [None, None]
+                base.update({k: r.get(k), k + "_min": rg[0], k + "_max": rg[1]})
+            base.update({"sg_lag_mean": lag.get("mean"), "sg_lag_p90": lag.get("p90"),
+                         "relay_added_median_ms": (rel.get("added_ms") or {}).get("median"),
+                         "relay_added_p99_ms": (rel.get("added_ms") or {}).get("p99"), "layer": ""})
             rows.append(base)
             for L in r["per_layer"]:
                 rows.append({"link": row["link"], "rate": row["rate"], "delay_ms": row["delay_ms"],
-                             "schedule": s, **L})
+                             "schedule": label, **L})
     return rows
 
 
+PLOT_HINT = "plot skipped: matplotlib is not installed (pip install matplotlib, or pip install -e '.[plot]')"
+
+
+def _axes_groups(res: dict):
+    """The link settings as two series: against rate (links with the smallest delay) and
+    against delay (links with the highest rate); each sorted along its axis."""
+    links = res["links"]
+    if not links:
+        return [], []
+    d0 = min(r["delay_ms"] for r in links)
+    by_rate = sorted([r for r in links if r["delay_ms"] == d0], key=lambda r: r["rate_bits"] or float("inf"))
+    top = max((r["rate_bits"] or float("inf")) for r in links)
+    by_delay = sorted([r for r in links if (r["rate_bits"] or float("inf")) == top], key=lambda r: r["delay_ms"])
+    return by_rate, by_delay
+
+
 def write_plot(directory: str, res: dict) -> str | None:
-    """samples/s and time to target per link setting, one line per schedule; None without
-    matplotlib."""
+    """samples/s and time to target against link rate and against delay, one line per
+    schedule (error bars: min-max over repeats); None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return None
     Path(directory).mkdir(parents=True, exist_ok=True)
-    labels = [row["link"] for row in res["links"]]
-    scheds = list(res["links"][0]["runs"]) if res["links"] else []
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for s in scheds:
-        a1.plot(labels, [row["runs"][s]["samples_per_s"] for row in res["links"]], marker="o", label=s)
-        a2.plot(labels, [row["runs"][s].get("time_to_target_s") or float("nan") for row in res["links"]],
-                marker="o", label=s)
-    a1.set_ylabel("samples/s")
-    a1.set_yscale("log")
-    a2.set_ylabel(f"seconds to {100 * (res.get('target_accuracy') or 0):.0f}% test accuracy")
-    for a in (a1, a2):
-        a.set_xlabel("link (rate / one-way delay)")
-        a.grid(alpha=0.3)
-        a.legend()
-        a.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
+    by_rate, by_delay = _axes_groups(res)
+    labels = list(res["links"][0]["runs"]) if res["links"] else []
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
+    tgt = res.get("target_accuracy") or 0
+    metrics = (("samples_per_s", "samples/s"),
+               ("time_to_target_s", f"seconds to {100 * tgt:.0f}% test accuracy") if tgt else
+               ("train_time_s", "training time, s (no --target-accuracy)"))
+    cols = ((by_rate, "link rate (one-way delay %g ms)" % (by_rate[0]["delay_ms"] if by_rate else 0),
+             lambda r: r["rate"]),
+            (by_delay, "one-way delay per link, ms (rate %s)" % (by_delay[0]["rate"] if by_delay else "-"),
+             lambda r: r["delay_ms"]))
+    markers = "osD^v<>ph*"
+    for ci, (group, xlabel, xname) in enumerate(cols):
+        xs = [xname(r) for r in group]
+        for mi, (key, ylabel) in enumerate(metrics):
+            ax = axes[mi][ci]
+            for li, lab in enumerate(labels):
+                ys, lo, hi = [], [], []
+                for r in group:
+                    run = r["runs"].get(lab) or {}
+                    y = run.get(key)
+                    rg = run.get(key + "_range") if run.get("repeats", 1) > 1 else None
+                    ys.append(float("nan") if y is None else y)
+                    lo.append(0 if (y is None or not rg) else max(0.0, y - rg[0]))
+                    hi.append(0 if (y is None or not rg) else max(0.0, rg[1] - y))
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[li % len(markers)], capsize=3, label=lab)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_yscale("log")
+            for axis in (ax.yaxis,):
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "2357" else ""))
+            ax.grid(alpha=0.3)
+            if not group:
+                ax.text(0.5, 0.5, "no link setting on this axis", ha="center", transform=ax.transAxes)
+    rep = res.get("repeats", 1)
+    fig.suptitle(f"bench --lab: {res['layers']} layers {'-'.join(map(str, res['widths']))}, batch "
+                 f"{res['batch_size']}, {res['steps']} steps" + (f", median of {rep} (bars: min-max)" if rep > 1 else "")
+                 + ("; a missing point: target not reached" if tgt else ""), y=0.995, fontsize=11)
+    h, lab_ = axes[0][0].get_legend_handles_labels()
+    fig.legend(h, lab_, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=min(7, max(1, len(lab_))),
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path = str(Path(directory) / "lab.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -18,6 +18,8 @@ from .nn import Dense, init_weights
 from .optim import all_finite, make_optimizer  # noqa: F401 (all_finite: re-exported)
 from .synthetic import make_sg_model, param_count as sg_param_count
 
+SG_LAG_BINS = 16      # SG-target lags counted one by one up to this; larger ones share the last bin
+
 
 class StepError(RuntimeError):
     """A message refers to a step this layer has no state for."""
@@ -206,6 +208,7 @@ class LayerNode:
         self.last_sg_loss = float("nan")
         self.last_fwd_step = -1          # newest step this layer has run forward (DNI)
         self.stale_dropped = 0           # SG targets discarded for their lag (sg_stale_decay 0)
+        self.sg_lags = [0] * (SG_LAG_BINS + 1)   # SG targets by lag (forward steps run since): 0..BINS-1, BINS+
 
     # ----------------------------------------------------------------- helpers
     def _cond(self, y):
@@ -319,8 +322,9 @@ class LayerNode:
         ctx, pred = entry
         decay = self.spec.sg_stale_decay
         weight = 1.0
+        lag = max(0, self.last_fwd_step - step)          # forward steps run since this one
+        self.sg_lags[min(lag, SG_LAG_BINS)] += 1
         if decay != 1.0:
-            lag = max(0, self.last_fwd_step - step)      # forward steps run since this one
             if lag and decay == 0.0:
                 self.stale_dropped += 1
                 return float("nan")

@@ -638,6 +638,7 @@ class LayerWorker(Worker):
                  delay_mean=n.delay_sum / n.delay_n if n.delay_n else None,
                  delay_max=n.delay_max if n.delay_n else None,
                  stash_peak_bytes=n.stash_peak,
+                 sg_lags=list(n.sg_lags) if any(n.sg_lags) else None,
                  aux_train_metric=float(np.mean(n.aux_recent)) if n.aux_recent else None,
                  cached_steps=len(self.node.cache), nonfinite_skipped=self.node.nonfinite_skipped,
                  nonfinite_outputs=self.nonfinite_outputs,

@@ -390,25 +390,28 @@ def test_cli_up_status_down(lab_args, capsys):
     assert "no lab" in capsys.readouterr().out
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(180)
-def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_leftover_processes, capsys):
-    prefix = f"b{os.getpid() % 10000:04d}-"
-    subnet = None
+def _bench_prefix_subnet(tag: str, tmp_path, salt: int):
+    prefix = f"{tag}{os.getpid() % 10000:04d}-"
     for k in range(250):
-        cand = f"10.78.{(os.getpid() + 97 + k) % 250}.0/24"
+        cand = f"10.78.{(os.getpid() + salt + k) % 250}.0/24"
         try:
             L.Lab(hosts=2, prefix=prefix, subnet=cand, state_dir=tmp_path).check()
         except L.LabError:
             continue
-        subnet = cand
-        break
-    assert subnet
+        return prefix, cand
+    raise AssertionError("no free 10.78.x.0/24 subnet")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_leftover_processes, capsys):
+    from asyncdni import schedules as S
+    prefix, subnet = _bench_prefix_subnet("b", tmp_path, 97)
     out = tmp_path / "lab.json"
-    try:
-        code = cli.main(["bench", "--lab", "--links", "100mbit:3", "--schedules", "async,backprop",
-                         "--layers", "2", "--width", "16", "--steps", "30", "--lab-prefix", prefix,
-                         "--lab-subnet", subnet, "--json", str(out), "--csv", str(tmp_path / "lab.csv")])
+    try:                                   # no --schedules: every schedule of the table
+        code = cli.main(["bench", "--lab", "--links", "100mbit:3", "--layers", "2", "--width", "16", "--steps", "30",
+                         "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out),
+                         "--csv", str(tmp_path / "lab.csv")])
         printed = capsys.readouterr()
         assert code == 0, printed.err
     finally:
@@ -417,11 +420,220 @@ def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_le
     res = json.loads(out.read_text())["lab"]
     assert [row["link"] for row in res["links"]] == ["100mbit/3ms"]
     for row in res["links"]:
-        assert set(row["runs"]) == {"async", "backprop"}
-        for r in row["runs"].values():
-            assert r["samples_per_s"] > 0 and len(r["per_layer"]) == 2
-            assert all(L_["bytes_sent"] > 0 for L_ in r["per_layer"])
+        assert set(row["runs"]) == set(S.TABLE)
+        for s, r in row["runs"].items():
+            assert r["samples_per_s"] > 0 and len(r["per_layer"]) == 2 and r["repeats"] == 1
+            assert r["per_layer"][0]["bytes_sent"] > 0
+            # every layer of a schedule that sends gradients back sends bytes; under local the last does not
+            assert all(L_["bytes_sent"] > 0 for L_ in r["per_layer"]) or s == "local", (s, r["per_layer"])
+            assert (r["sg_lag"] is not None) == (S.TABLE[s].gradient == "synthetic"), (s, r["sg_lag"])
     for r in res["links"][0]["runs"].values():                      # 3 ms: relays, measured
         assert r["relay"]["chunks"] > 0 and abs(r["relay"]["on_time_ms"]["median"] - 3) < 1.5, r["relay"]
-    assert "100mbit/3ms" in printed.out and "relay added" in printed.out
+    assert "100mbit/3ms" in printed.out and "relay added" in printed.out and "delayed_fixed" in printed.out
     assert (tmp_path / "lab.csv").read_text().count("\n") > 4
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_bench_lab_repeats_and_windows(needs_lab, tmp_path, no_leftover_processes, capsys):
+    prefix, subnet = _bench_prefix_subnet("w", tmp_path, 151)
+    out = tmp_path / "lab.json"
+    try:
+        code = cli.main(["bench", "--lab", "--links", "unshaped:2", "--schedules", "async", "--windows", "1,6",
+                         "--repeats", "2", "--layers", "3", "--width", "16", "--steps", "40",
+                         "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out)])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+    finally:
+        L.down(prefix)
+    assert _names(prefix) == {"links": [], "netns": []}
+    runs = json.loads(out.read_text())["lab"]["links"][0]["runs"]
+    assert list(runs) == ["async w1", "async w6"]
+    for w, r in ((1, runs["async w1"]), (6, runs["async w6"])):
+        assert r["repeats"] == 2 and len(r["runs"]) == 2 and r["windows_used"] == [w]
+        lo, hi = r["samples_per_s_range"]
+        assert lo <= r["samples_per_s"] <= hi
+        assert r["sg_lag"]["targets"] == 2 * 2 * 40             # 2 repeats x 2 layers with an SG x 40 steps
+    # a wider window lets layers run further ahead of their SG targets
+    assert runs["async w6"]["sg_lag"]["mean"] > runs["async w1"]["sg_lag"]["mean"]
+    assert runs["async w6"]["sg_lag"]["max"] >= 1
+    assert "median of 2" in printed.out and "staleness" in printed.out
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_ctrl_c_mid_bench_leaves_nothing_behind(needs_lab, tmp_path, no_leftover_processes):
+    """SIGINT to the bench's process group (a terminal's Ctrl-C) in the middle of a run:
+    no namespace, veth, bridge, state file or process of the lab is left."""
+    prefix, subnet = _bench_prefix_subnet("c", tmp_path, 203)
+    p = subprocess.Popen([PY, "-m", "asyncdni.cli", "bench", "--lab", "--links", "unshaped:2", "--schedules",
+                          "async,backprop", "--layers", "2", "--width", "16", "--steps", "200000",
+                          "--lab-prefix", prefix, "--lab-subnet", subnet],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_repo(),
+                         start_new_session=True)
+    try:
+        line = L._read_line(p.stdout, time.monotonic() + 60)
+        assert line and "running async" in line, (line, p.poll())
+        state = L.state_path(prefix)
+        deadline = time.monotonic() + 30
+        pids: set = set()
+        while time.monotonic() < deadline:      # wait until the run's relays and workers are up
+            st = json.loads(state.read_text()) if state.exists() else {"hosts": [], "procs": [], "relays": []}
+            pids = {e["pid"] for e in st["procs"] + st["relays"]}
+            for ns in [h["ns"] for h in st["hosts"]]:
+                pids |= {int(x) for x in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                                        text=True, timeout=10).stdout.split()}
+            if st["relays"] and len(pids) >= 2 + 2 + 3:         # 2 agents, 2 relays, feeder + 2 layers
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err
+        assert err.strip().count("\n") == 0 and "interrupted" in err, err
+        assert not pids_gone(sorted(pids), 10)
+        assert _names(prefix) == {"links": [], "netns": []}
+        assert not state.exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        L.down(prefix)
+
+
+# ------------------------------------------------------------------ bench --lab: schedules, repeats, windows, plot
+def _fake_run(sps, acc, ttt, stt, window=3, lags=None):
+    return {"samples_per_s": sps, "train_time_s": 1.0, "test_metric": acc, "time_to_target_s": ttt,
+            "steps_to_target": stt, "window": window, "window_auto": False, "target_accuracy": 0.9,
+            "per_layer": [{"layer": 1, "bytes_sent": 10}], "relay": {"chunks": 0}, "sg_lag_counts": lags}
+
+
+def _fake_result(repeats=3, windows=()):
+    from asyncdni import labbench as LB
+    links = []
+    for rate, bits, delay in (("unshaped", None, 0.0), ("unshaped", None, 5.0), ("100mbit", 100e6, 0.0)):
+        runs = {}
+        for label, s, w in LB.variants(["async", "backprop"], list(windows)):
+            reps = [_fake_run(1000.0 * (k + 1), 0.9 + 0.01 * k, None if k == 0 else 2.0 * k, None if k == 0 else 100 * k,
+                              lags=[5, 3, 2] + [0] * 14 if s == "async" else None) for k in range(repeats)]
+            runs[label] = LB.aggregate(label, s, w, reps)
+        links.append({"link": LB.link_label(None if rate == "unshaped" else rate, delay), "rate": rate,
+                      "rate_bits": bits, "delay_ms": delay, "runs": runs})
+    return {"layers": 2, "widths": [4, 3], "batch_size": 8, "steps": 10, "samples": 80, "feeder_host": "shared",
+            "target_accuracy": 0.9, "repeats": repeats, "windows": list(windows), "max_inflight": "auto",
+            "schedules": ["async", "backprop"], "skipped": {"inprocess": "one process, no network to cross"},
+            "links": links, "wall_s": 1.0}
+
+
+def test_lab_runs_every_schedule_of_the_table_and_says_why_not_inprocess():
+    from asyncdni import labbench as LB, schedules as S
+    assert set(LB.LAB_SCHEDULES) == set(S.TABLE) and len(LB.LAB_SCHEDULES) == len(S.TABLE)
+    run, skipped = LB.parse_schedules(None)
+    assert run == list(LB.LAB_SCHEDULES) and skipped == {}
+    run, skipped = LB.parse_schedules("local, delayed_fixed,inprocess,local")
+    assert run == ["local", "delayed_fixed"] and "no network" in skipped["inprocess"]
+    raises_one_line(cli.C.ConfigError, LB.parse_schedules, "async,gpipe", match_all=("gpipe", "delayed_fixed"))
+    raises_one_line(cli.C.ConfigError, LB.parse_schedules, "inprocess", match_all=("nothing",))
+    assert LB.parse_windows("2, 4,8,16,4") == [2, 4, 8, 16] and LB.parse_windows(None) == []
+    for bad in ("0", "two", "2,-1", ","):
+        raises_one_line(cli.C.ConfigError, LB.parse_windows, bad, match_all=("--windows",))
+    v = LB.variants(["async", "backprop", "delayed_fixed", "local"], [2, 8])
+    assert v == [("async w2", "async", 2), ("async w8", "async", 8), ("backprop", "backprop", None),
+                 ("delayed_fixed", "delayed_fixed", None), ("local w2", "local", 2), ("local w8", "local", 8)]
+
+
+def test_repeats_give_medians_spread_and_never_counts_as_never():
+    from asyncdni import labbench as LB
+    reps = [_fake_run(300.0, 0.95, None, None), _fake_run(100.0, 0.93, 4.0, 400), _fake_run(200.0, 0.94, 3.0, 300)]
+    a = LB.aggregate("async w4", "async", 4, reps)
+    assert a["samples_per_s"] == 200.0 and a["samples_per_s_range"] == [100.0, 300.0]
+    assert a["test_metric"] == 0.94 and a["test_metric_range"] == [0.93, 0.95]
+    assert a["time_to_target_s"] == 4.0 and a["time_to_target_s_range"] == [3.0, 4.0]     # [3, 4, never]
+    assert a["steps_to_target"] == 400 and a["reached_target"] == 2 and a["repeats"] == 3
+    assert a["window_asked"] == 4 and len(a["runs"]) == 3
+    two_never = [_fake_run(1.0, 0.5, None, None), _fake_run(1.0, 0.5, None, None), _fake_run(1.0, 0.5, 1.0, 9)]
+    assert LB.aggregate("x", "async", None, two_never)["time_to_target_s"] is None
+    even = LB.aggregate("x", "async", None, [_fake_run(1.0, 0.5, 2.0, 10), _fake_run(3.0, 0.5, 4.0, 30)])
+    assert even["samples_per_s"] == 2.0 and even["time_to_target_s"] == 3.0
+
+
+def test_sg_lag_summary_and_the_layer_counts_lags():
+    from asyncdni import labbench as LB
+    from asyncdni.layer import SG_LAG_BINS, LayerNode, LayerSpec
+    s = LB.lag_summary([2, 6, 2] + [0] * (SG_LAG_BINS - 2))
+    assert s["targets"] == 10 and s["median"] == 1 and s["p90"] == 2 and s["max"] == 2 and s["mean"] == 1.0
+    assert s["share"][:3] == [0.2, 0.6, 0.2] and not s["max_is_open"]
+    assert LB.lag_summary(None) is None and LB.lag_summary([0, 0]) is None
+    import numpy as np
+    spec = LayerSpec(index=0, n_layers=2, fan_in=3, fan_out=4, activation="relu", init="he", loss="softmax_ce",
+                     task="classification", n_out=2, optimizer="sgd", lr=0.1, sg_model="linear", sg_hidden=0,
+                     sg_lr=0.1, cond=False, microbatches=1, seed=0)
+    node = LayerNode(spec)
+    x, y = np.ones((2, 3), np.float32), np.zeros(2, np.int64)
+    for t in range(4):                      # 4 forward steps, then the SG targets of steps 0 and 3
+        node.forward(t, x, y)
+    node.sg_update(0, np.ones((2, 4), np.float32))
+    node.sg_update(3, np.ones((2, 4), np.float32))
+    assert node.sg_lags[3] == 1 and node.sg_lags[0] == 1 and sum(node.sg_lags) == 2
+
+
+def test_lab_report_table_csv_and_plot(tmp_path):
+    from asyncdni import labbench as LB
+    res = _fake_result(repeats=3, windows=(2, 4))
+    text = LB.format_lab_bench(res)
+    assert "3 repeats per cell" in text and "median of 3 [min-max]" in text and "2000 [1000-3000]" in text
+    assert "inprocess: not run in the lab (one process, no network to cross)" in text
+    assert "async w2" in text and "async w4" in text and "staleness" in text and "(2/3 reached)" in text
+    stale = LB.format_staleness(res)
+    assert stale.count("async w") == 6 and "0.70/0/2/2" in stale and "50 30 20" in stale     # mean/p50/p90/max
+    rows = LB.csv_rows(res)
+    top = [r for r in rows if r["layer"] == "" and r["schedule"] == "async w4"]
+    assert len(top) == 3 and top[0]["samples_per_s"] == 2000 and top[0]["samples_per_s_min"] == 1000
+    assert top[0]["sg_lag_mean"] == pytest.approx(0.7)
+    by_rate, by_delay = LB._axes_groups(res)
+    assert [r["link"] for r in by_rate] == ["100mbit/0ms", "unshaped/0ms"]
+    assert [r["link"] for r in by_delay] == ["unshaped/0ms", "unshaped/5ms"]
+    pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra) is not installed; plot not drawn")
+    path = LB.write_plot(str(tmp_path / "p"), res)
+    assert path and Path(path).stat().st_size > 10_000
+
+
+def test_bench_lab_cli_writes_json_csv_and_says_how_to_get_the_plot(monkeypatch, tmp_path, capsys):
+    """Without matplotlib: one line saying how to install it; JSON and CSV are still written."""
+    import builtins
+
+    from asyncdni import labbench as LB
+    seen = {}
+
+    def fake_bench(cfg, schedules, links, **kw):
+        seen.update(kw, schedules=schedules, links=links)
+        return _fake_result(repeats=kw["repeats"], windows=kw["windows"])
+
+    monkeypatch.setattr(L, "require_root", lambda: None)
+    monkeypatch.setattr(LB, "lab_bench", fake_bench)
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **kw):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    j, c = tmp_path / "r.json", tmp_path / "r.csv"
+    code = cli.main(["bench", "--lab", "--schedules", "async,inprocess,local", "--repeats", "3", "--windows", "2,4",
+                     "--links", "unshaped:5", "--json", str(j), "--csv", str(c), "--plots", str(tmp_path / "p")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert seen["schedules"] == ["async", "local"] and seen["skipped"] == {"inprocess": LB.NOT_IN_LAB["inprocess"]}
+    assert seen["repeats"] == 3 and seen["windows"] == [2, 4] and seen["links"] == [(None, 5.0)]
+    assert err.strip() == LB.PLOT_HINT and err.count("\n") == 1 and "pip install matplotlib" in err
+    assert json.loads(j.read_text())["lab"]["repeats"] == 3 and c.read_text().count("\n") > 6
+    assert not (tmp_path / "p" / "lab.png").exists()
+    for argv, word in ((["--repeats", "0"], "--repeats"), (["--repeats", "x"], "--repeats"),
+                       (["--windows", "2,0"], "--windows"), (["--schedules", "nope"], "nope")):
+        assert cli.main(["bench", "--lab", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and word in err, err
+    monkeypatch.undo()
+    assert cli.main(["bench", "--repeats", "3"]) == 2
+    assert "--lab" in capsys.readouterr().err
