@@ -79,7 +79,7 @@ MAX_ARRAYS = 64                 # no kind may carry more arrays than this
 MAX_FIELD_DEPTH = 8             # nesting depth of lists/maps inside "f"
 MAX_CONTAINER_LEN = 1 << 16     # msgpack max_array_len / max_map_len
 MAX_STEP = (1 << 63) - 1        # steps fit an int64
-INLINE_MAX = 64 << 10           # arrays of up to this many bytes in all travel in one frame
+INLINE_MAX = 128 << 10          # arrays of up to this many bytes in all travel in one frame
 INLINE_ALIGN = 8                # offset of every inline array: a multiple of this (>= any itemsize)
 ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")  # little-endian
 
