@@ -1,15 +1,29 @@
 """Wire format of every asyncdni message (the single owner of it).
 
-A message is a multipart ZeroMQ message:
+A message has a header, a msgpack map::
 
-* frame 0: a msgpack map, the header::
+      {"v": PROTOCOL_VERSION, "k": kind, "a": [[dtype_name, [d0, d1, ...]], ...],
+       "f": {fields}, "s": step}
 
-      {"v": PROTOCOL_VERSION, "k": kind, "s": step,
-       "a": [[dtype_name, [d0, d1, ...]], ...],   # one entry per array frame
-       "f": {fields}}
+(one ``"a"`` entry per array; the encoder writes the step last, as a msgpack int64, so
+that the header of a data message differs from step to step in its last 8 bytes only),
+and the raw bytes of C-contiguous little-endian arrays, in the order of ``"a"``. It
+travels in one of two layouts:
 
-* frames 1..n: the raw bytes of C-contiguous little-endian arrays, in the
-  order of ``"a"``.  The transport sends them zero-copy.
+* **multipart** (arrays of more than :data:`INLINE_MAX` bytes in all, and every message
+  without arrays): frame 0 is the header, frames 1..n the arrays, which the transport
+  sends zero-copy.
+* **inline** (arrays of up to :data:`INLINE_MAX` bytes in all): ONE frame::
+
+      b"\xc1DNI" | header length (uint32 little-endian) | header | array 1 | array 2 ...
+
+  Each array starts at the next multiple of :data:`INLINE_ALIGN` bytes from the start
+  of the frame after the end of what precedes it; the padding is zero bytes, and the
+  frame ends exactly where the last array ends. The offsets follow from the header, so a
+  peer cannot point an array outside the frame or onto another one; the decoder checks
+  the padding and the exact length. 0xc1 is never the first byte of msgpack, so the two
+  layouts cannot be mistaken for each other. One frame costs less than two for small
+  messages (see the README, "Transport"); the copy it needs costs more for large ones.
 
 This module never imports zmq: :func:`encode` returns a list of frames that
 ``socket.send_multipart(frames, copy=False)`` accepts, and :func:`decode`
@@ -19,10 +33,15 @@ Nothing is ever pickled.
 
 Decoding validates everything that comes from the peer before touching array
 data: header size, msgpack limits (no ext types), header keys and types,
-version, kind, array count, frame count, dtypes, shapes, buffer sizes and the
-field schema of the kind.  The cost is O(header) plus one length comparison per
-array; arrays are read-only ``np.frombuffer`` views on the received buffers,
-never copies.  ``check_finite=True`` adds one pass over float arrays.
+version, kind, array count, frame count, dtypes, shapes, buffer sizes, the inline
+layout (preamble, padding, exact length) and the field schema of the kind. A header
+that validated before, byte for byte except its int64 step, is not parsed again: a
+small cache maps its bytes to the validated result, and the step is range-checked per
+message. The cost is O(header) plus one length comparison per array; arrays are
+read-only ``np.frombuffer`` views on the received buffers, never copies (except an
+array whose place in a caller's buffer is not aligned for its dtype: that one is
+copied, so that numerics always get aligned arrays). ``check_finite=True`` adds one
+pass over float arrays.
 
 Adding a message kind: add a string constant and one entry in :data:`KINDS`.
 """
@@ -44,7 +63,7 @@ __all__ = [
     "STOP", "BYE", "CKPT", "CKPT_DONE", "AGENT_HELLO", "AGENT_WELCOME", "LAUNCH", "STARTED",
     "LAUNCH_FAILED", "EXITED", "KILL", "KILLED", "RELEASE",
     "KindSpec", "KINDS", "ProtocolError", "Message", "BATCH", "ArraySpec", "Expect",
-    "step_rows", "layer_expect",
+    "step_rows", "layer_expect", "INLINE_MAX", "INLINE_ALIGN",
     "encode", "decode", "frame_nbytes",
 ]
 
@@ -52,7 +71,7 @@ __all__ = [
 # Limits
 # --------------------------------------------------------------------------
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2      # 2: messages of up to INLINE_MAX bytes of arrays travel as one frame
 MAX_HEADER_BYTES = 1 << 20      # size limit of the header frame
 MAX_NDIM = 4
 MAX_ARRAY_BYTES = 1 << 30       # per array
@@ -60,6 +79,8 @@ MAX_ARRAYS = 64                 # no kind may carry more arrays than this
 MAX_FIELD_DEPTH = 8             # nesting depth of lists/maps inside "f"
 MAX_CONTAINER_LEN = 1 << 16     # msgpack max_array_len / max_map_len
 MAX_STEP = (1 << 63) - 1        # steps fit an int64
+INLINE_MAX = 128 << 10          # arrays of up to this many bytes in all travel in one frame
+INLINE_ALIGN = 8                # offset of every inline array: a multiple of this (>= any itemsize)
 ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")  # little-endian
 
 # Stable short codes of ProtocolError.reason (used as counter names).
@@ -375,8 +396,9 @@ def _check_fields(kind: str, c: _Compiled, f: dict) -> None:
                 raise ProtocolError("range", f"{kind}: field {name!r} = {_one_line(repr(v), 40)} is outside {want}")
 
 
-def _parse_header(hbuf, nframes: int):
-    """Validate header bytes; return (kind, step, (descs, fields)).
+def _parse_header(hbuf, nframes: int | None):
+    """Validate header bytes; return (kind, step, (descs, fields)). ``nframes``: the
+    frames of a multipart message (None: the inline layout, checked by its caller).
 
     descs: list of (dtype_name, dtype, shape_tuple, count, nbytes, is_float).
     """
@@ -419,7 +441,7 @@ def _parse_header(hbuf, nframes: int):
         raise
 
 
-def _parse_body(kind: str, step: int, c: _Compiled, h: dict, nframes: int):
+def _parse_body(kind: str, step: int, c: _Compiled, h: dict, nframes: int | None):
     a = h["a"]
     if type(a) is not list:
         raise ProtocolError("header", f"{kind}: header 'a' must be a list, got {type(a).__name__}")
@@ -430,7 +452,7 @@ def _parse_body(kind: str, step: int, c: _Compiled, h: dict, nframes: int):
     if na < c.lo or na > c.hi:
         want = str(c.lo) if c.lo == c.hi else f"{c.lo}..{c.hi}"
         raise ProtocolError("frames", f"{kind}: carries {want} arrays, header lists {na}")
-    if nframes != 1 + na:
+    if nframes is not None and nframes != 1 + na:
         raise ProtocolError("frames", f"{kind}: message has {nframes} frames, header lists {na} arrays (expected {1 + na} frames)")
 
     descs = []
@@ -520,14 +542,45 @@ def _packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_pack_default, use_bin_type=True)
 
 
-def encode(kind: str, step: int = -1, arrays: Sequence[np.ndarray] = (),
-           fields: dict | None = None) -> list:
-    """Build the frames of a message: ``[header_bytes, buf1, buf2, ...]``.
+_INLINE_MAGIC = b"\xc1DNI"              # 0xc1: never the first byte of a msgpack object
+_PREAMBLE = len(_INLINE_MAGIC) + 4       # magic + uint32 little-endian header length
+_STEP_KEY = b"\xa1s\xd3"                # the header's last entry: "s", a msgpack int64
+_ZEROS = bytes(INLINE_ALIGN)
+_CACHE_LIMIT = 1024                      # entries per cache below; a full cache starts afresh
+# (kind, ((dtype_name, shape), ...)) -> header bytes before the step's 8 (messages without fields)
+_PREFIXES: dict[tuple, bytes] = {}
+# header bytes before the step's 8 -> (kind, compiled schema, descs): headers that validated
+_VALIDATED: dict[bytes, tuple] = {}
 
-    Each ``buf`` is a flat byte memoryview of the (C-contiguous, possibly
-    made so by a copy) array: zero-copy, suitable for
-    ``send_multipart(frames, copy=False)``.  The caller must not modify the
-    arrays until the transport has sent them.
+
+def _header_prefix(kind: str, descr: Sequence[tuple], fields: Any) -> bytes:
+    """The header up to the step's 8 bytes: a map of five entries, the step last."""
+    return b"".join((b"\x85", _packb("v"), _packb(PROTOCOL_VERSION), _packb("k"), _packb(kind),
+                     _packb("a"), _packb([[name, list(shape)] for name, shape in descr]),
+                     _packb("f"), _packb(fields), _STEP_KEY))
+
+
+def _cached_prefix(kind: str, descr: tuple) -> bytes:
+    key = (kind, descr)
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        prefix = _header_prefix(kind, descr, {})
+        if len(_PREFIXES) >= _CACHE_LIMIT:
+            _PREFIXES.clear()
+        _PREFIXES[key] = prefix
+    return prefix
+
+
+def encode(kind: str, step: int = -1, arrays: Sequence[np.ndarray] = (),
+           fields: dict | None = None, *, inline_max: int | None = None) -> list:
+    """Build the frames of a message.
+
+    Arrays of more than ``inline_max`` bytes in all (default :data:`INLINE_MAX`), and
+    messages without arrays: ``[header_bytes, buf1, buf2, ...]``, each ``buf`` a flat
+    byte memoryview of the (C-contiguous, possibly made so by a copy) array: zero-copy,
+    suitable for ``send_multipart(frames, copy=False)``; the caller must not modify the
+    arrays until the transport has sent them. Smaller arrays: ``[frame]``, one bytes
+    object in the inline layout (a copy: the arrays are free at once).
 
     The result is validated against the schema exactly as :func:`decode`
     would validate it; a violation raises :class:`ProtocolError` (a
@@ -537,42 +590,60 @@ def encode(kind: str, step: int = -1, arrays: Sequence[np.ndarray] = (),
         raise ProtocolError("kind", f"unknown message kind {_one_line(repr(kind), 60)}")
     if isinstance(step, np.integer):
         step = int(step)
-    if type(step) is not int or step < -1:
-        raise ProtocolError("step", f"{kind}: step must be an int >= -1, got {type(step).__name__} {_one_line(repr(step), 40)}")
+    if type(step) is not int or step < -1 or step > MAX_STEP:
+        raise ProtocolError("step", f"{kind}: step must be an int in -1..2**63-1, got {type(step).__name__} {_one_line(repr(step), 40)}")
     c = _COMPILED.get(kind) or _compiled(kind)
     if not c.lo <= len(arrays) <= c.hi:
         want = str(c.lo) if c.lo == c.hi else f"{c.lo}..{c.hi}"
         raise ProtocolError("frames", f"{kind}: carries {want} arrays, got {len(arrays)}")
     descr = []
-    bufs = []
+    arrs = []
+    total = 0
     for i, arr in enumerate(arrays, 1):
-        if not isinstance(arr, np.ndarray):
+        if type(arr) is not np.ndarray:
             if isinstance(arr, np.generic):          # numpy scalar -> 0-d array
                 arr = np.asarray(arr)
-            else:
+            elif not isinstance(arr, np.ndarray):
                 raise ProtocolError("dtype", f"{kind} frame {i}: expected a numpy array, got {type(arr).__name__}")
         name = _ENC_DTYPES.get(arr.dtype)
         if name is None:
             raise ProtocolError("dtype", f"{kind} frame {i}: dtype {arr.dtype.str!r} not allowed (allowed: little-endian {', '.join(ALLOWED_DTYPES)})")
         if arr.ndim > MAX_NDIM:
             raise ProtocolError("shape", f"{kind} frame {i}: {arr.ndim} dims, limit is {MAX_NDIM}")
-        if arr.nbytes > MAX_ARRAY_BYTES:
-            raise ProtocolError("size", f"{kind} frame {i}: {_fmt(name, arr.shape)} = {arr.nbytes} bytes exceeds the per-array limit {MAX_ARRAY_BYTES}")
+        nbytes = arr.nbytes
+        if nbytes > MAX_ARRAY_BYTES:
+            raise ProtocolError("size", f"{kind} frame {i}: {_fmt(name, arr.shape)} = {nbytes} bytes exceeds the per-array limit {MAX_ARRAY_BYTES}")
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        descr.append([name, list(arr.shape)])
-        bufs.append(memoryview(arr.reshape(-1).view(np.uint8)))
-    try:
-        header = _packb({"v": PROTOCOL_VERSION, "k": kind, "s": step, "a": descr,
-                         "f": {} if fields is None else fields})
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ProtocolError("fields", f"{kind}: fields cannot be encoded ({_one_line(e, 120)})") from None
+        descr.append((name, arr.shape))
+        arrs.append(arr)
+        total += nbytes
+    if fields:
+        try:
+            prefix = _header_prefix(kind, descr, fields)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ProtocolError("fields", f"{kind}: fields cannot be encoded ({_one_line(e, 120)})") from None
+    else:
+        prefix = _cached_prefix(kind, tuple(descr))
+    header = prefix + step.to_bytes(8, "big", signed=True)
     if fields or c.required:
         # self-check of the fields against the kind's schema: the peer must accept what we
         # send. Without fields, everything in the header was checked above (kind, step,
-        # array count, dtypes, shapes, sizes), so the hot path skips the second unpack.
-        _parse_header(header, 1 + len(bufs))
-    return [header, *bufs]
+        # array count, dtypes, shapes, sizes), so the hot path skips the unpack.
+        _parse_header(header, None)
+    if not arrs or total > (INLINE_MAX if inline_max is None else inline_max):
+        return [header, *[memoryview(a.reshape(-1).view(np.uint8)) for a in arrs]]
+    hlen = len(header)
+    parts = [_INLINE_MAGIC, hlen.to_bytes(4, "little"), header]
+    off = _PREAMBLE + hlen
+    for a in arrs:
+        pad = -off % INLINE_ALIGN
+        if pad:
+            parts.append(_ZEROS[:pad])
+            off += pad
+        parts.append(a)               # bytes.join reads a C-contiguous array's buffer
+        off += a.nbytes
+    return [b"".join(parts)]
 
 
 BATCH = "B"   # in a shape spec: the message's batch dimension (equal in every array, >= 1)
@@ -677,7 +748,7 @@ def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int
 
 def decode(frames: Sequence, *, check_finite: bool = False,
            expect: dict | None = None) -> Message:
-    """Validate and decode a received multipart message.
+    """Validate and decode a received message, in either layout.
 
     ``frames``: bytes / memoryview / buffer objects / zmq.Frame.
     ``check_finite``: reject NaN/Inf in float arrays (reason "nonfinite").
@@ -696,36 +767,99 @@ def decode(frames: Sequence, *, check_finite: bool = False,
         raise ProtocolError("frames", f"frames must be a sequence, got {type(frames).__name__}") from None
     if n == 0:
         raise ProtocolError("frames", "empty message (zero frames)")
-    kind, step, (descs, fields) = _parse_header(_view(frames[0], 0), n)
+    f0 = _view(frames[0], 0)
+    flen = len(f0) if type(f0) is bytes else f0.nbytes
+    if flen and f0[0] == 0xC1:
+        return _decode_inline(f0, flen, n, check_finite, expect)
+    kind, step, descs, fields = _header(f0, flen, n)
     try:
-        return _decode_arrays(frames, kind, step, descs, fields, check_finite, expect)
+        spec = expect.get(kind) if expect else None
+        ranges = () if spec is None else _check_expect(kind, step, spec, descs)
+        bufs = []
+        for i, d in enumerate(descs, 1):
+            b = _view(frames[i], i)
+            blen = len(b) if type(b) is bytes else b.nbytes
+            if blen != d[4]:
+                raise ProtocolError("size", f"{kind} frame {i}: buffer has {blen} bytes, header says {_fmt(d[0], d[2])} = {d[4]} bytes")
+            bufs.append(b)
+        arrays = [_array(b, d, 0) for b, d in zip(bufs, descs)]
+        return _finish(kind, step, arrays, descs, fields, check_finite, ranges)
     except ProtocolError as e:
         e.kind, e.step = kind, step
         raise
 
 
-def _decode_arrays(frames, kind, step, descs, fields, check_finite, expect) -> Message:
-    ranges = ()
-    if expect:
-        e = expect.get(kind)
-        if e is not None:
-            ranges = _check_expect(kind, step, e, descs)
+def _header(hb, hlen: int, nframes: int | None):
+    """:func:`_parse_header`, with the cache of headers that validated before: one equal
+    to such a header but for its int64 step gets the same result, with its own step."""
+    if hlen > 8:
+        key = bytes(hb[:-8])
+        hit = _VALIDATED.get(key)
+        if hit is not None:
+            kind, c, descs = hit
+            step = int.from_bytes(hb[-8:], "big", signed=True)
+            if step >= -1 and (nframes is None or nframes == 1 + len(descs)) and _COMPILED.get(kind) is c:
+                return kind, step, descs, {}
+            # else: the full parse below raises the error
+    kind, step, (descs, fields) = _parse_header(hb, nframes)
+    if not fields and hlen > 8 and len(descs) <= MAX_ARRAYS:
+        # only a header in the encoder's own form, whose last 8 bytes are the step alone
+        if key == _cached_prefix(kind, tuple((d[0], d[2]) for d in descs)):
+            if len(_VALIDATED) >= _CACHE_LIMIT:
+                _VALIDATED.clear()
+            _VALIDATED[key] = (kind, _COMPILED.get(kind), descs)
+    return kind, step, descs, fields
 
-    bufs = []
-    for i, d in enumerate(descs, 1):
-        b = _view(frames[i], i)
-        blen = len(b) if type(b) is bytes else b.nbytes
-        if blen != d[4]:
-            raise ProtocolError("size", f"{kind} frame {i}: buffer has {blen} bytes, header says {_fmt(d[0], d[2])} = {d[4]} bytes")
-        bufs.append(b)
 
-    arrays = []
-    for b, (_name, dt, shape, count, _nbytes, _is_float) in zip(bufs, descs):
-        arr = np.frombuffer(b, dtype=dt, count=count).reshape(shape)
-        if arr.flags.writeable:
-            arr.flags.writeable = False
-        arrays.append(arr)
+def _decode_inline(f0, flen: int, n: int, check_finite: bool, expect) -> Message:
+    if flen < _PREAMBLE or f0[:4] != _INLINE_MAGIC:
+        raise ProtocolError("header", f"frame 0 starts with 0xc1 but is no inline message "
+                            f"(expected {_INLINE_MAGIC!r} and a 4-byte header length)")
+    if n != 1:
+        raise ProtocolError("frames", f"an inline message is one frame, got {n}")
+    hlen = int.from_bytes(f0[4:_PREAMBLE], "little")
+    if hlen > MAX_HEADER_BYTES:
+        raise ProtocolError("header", f"inline header of {hlen} bytes, limit is {MAX_HEADER_BYTES}")
+    end = _PREAMBLE + hlen
+    if end > flen:
+        raise ProtocolError("size", f"inline frame of {flen} bytes is shorter than its {hlen}-byte header")
+    kind, step, descs, fields = _header(f0[_PREAMBLE:end], hlen, None)
+    try:
+        spec = expect.get(kind) if expect else None
+        ranges = () if spec is None else _check_expect(kind, step, spec, descs)
+        offsets = []
+        for d in descs:
+            end += -end % INLINE_ALIGN
+            offsets.append(end)
+            end += d[4]
+        if end != flen:
+            what = "ends before" if end > flen else "has bytes after"
+            raise ProtocolError("size", f"{kind}: inline frame of {flen} bytes {what} its arrays "
+                                f"({', '.join(_fmt(d[0], d[2]) for d in descs) or 'none'}; {end} bytes)")
+        pad_from = _PREAMBLE + hlen
+        for off, d in zip(offsets, descs):
+            if off > pad_from and f0[pad_from:off] != _ZEROS[:off - pad_from]:
+                raise ProtocolError("frames", f"{kind}: inline padding at bytes {pad_from}..{off - 1} is not zero")
+            pad_from = off + d[4]
+        arrays = [_array(f0, d, off) for off, d in zip(offsets, descs)]
+        return _finish(kind, step, arrays, descs, fields, check_finite, ranges)
+    except ProtocolError as e:
+        e.kind, e.step = kind, step
+        raise
 
+
+def _array(buf, d, offset: int) -> np.ndarray:
+    """A read-only view of one array (a copy where the buffer leaves it unaligned)."""
+    arr = np.frombuffer(buf, dtype=d[1], count=d[3], offset=offset).reshape(d[2])
+    if not arr.flags.aligned:
+        arr = arr.copy()
+        arr.flags.writeable = False
+    elif arr.flags.writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+def _finish(kind, step, arrays, descs, fields, check_finite, ranges) -> Message:
     if check_finite:
         for i, (arr, d) in enumerate(zip(arrays, descs), 1):
             if d[5] and arr.size and not (math.isfinite(arr.min()) and math.isfinite(arr.max())):

@@ -4,8 +4,9 @@ Both modes use the same pair of sockets (PUSH out, PULL back, loopback TCP) to a
 process, in many short trials interleaved pair by pair so that machine noise hits both alike:
 
 * raw: ``send_multipart([array], copy=False)``; the peer rebuilds ``np.frombuffer``.
-* protocol: ``transport.send`` (msgpack header + zero-copy frame); the peer runs the
-  full ``protocol.decode`` validation.
+* protocol: ``transport.send`` (up to ``protocol.INLINE_MAX`` bytes of arrays: one frame,
+  header and arrays; above: msgpack header frame + zero-copy array frame); the peer runs
+  the full ``protocol.decode`` validation.
 * curve: the protocol over a second pair of sockets with CURVE encryption and a ZAP
   allowlist, exactly as workers use them when traffic leaves the machine.
 """

@@ -324,7 +324,7 @@ def test_feeder_handlers_apply_or_count_every_message(schedule):
                     "eid": st.integers(-1, 4), "metric2": st.floats(0, 1)}))
                 f = {k: v for k, v in f.items()
                      if k in (P.KINDS[kind].required or {}) or k in (P.KINDS[kind].optional or {})}
-                hdr = msgpack.packb({"v": 1, "k": kind, "s": step, "f": f,
+                hdr = msgpack.packb({"v": P.PROTOCOL_VERSION, "k": kind, "s": step, "f": f,
                                      "a": [] if kind != P.FWD else [["float32", [1, 1]], ["int64", [1]]]})
                 frames = [hdr] + ([b"\0" * 4, b"\0" * 8] if kind == P.FWD else [])
             before = _rejections(w)

@@ -39,6 +39,11 @@ def raw_frames(header, arrays=(H, Y)):
     return [msgpack.packb(header, use_bin_type=True)] + [a.tobytes() for a in arrays]
 
 
+def mp(*args, **kw):
+    """encode in the multipart layout whatever the size (the layout these tests take apart)."""
+    return encode(*args, inline_max=0, **kw)
+
+
 def as_bytes(frames):
     return [bytes(f) for f in frames]
 
@@ -106,10 +111,25 @@ def test_round_trip_table_covers_every_kind():
 
 @pytest.mark.parametrize("kind", sorted(ROUND_TRIPS))
 @pytest.mark.parametrize("transport", ["bytes", "memoryview", "direct"])
-def test_round_trip_every_kind(kind, transport):
+@pytest.mark.parametrize("layout", ["multipart", "inline"])
+def test_round_trip_every_kind(kind, transport, layout):
     arrays, fields = ROUND_TRIPS[kind]
-    frames = encode(kind, 12, arrays, fields)
+    frames = encode(kind, 12, arrays, fields, inline_max=0 if layout == "multipart" else 1 << 30)
     assert isinstance(frames[0], bytes)
+    if layout == "inline" and arrays:
+        assert len(frames) == 1 and frames[0][:4] == b"\xc1DNI"
+        wire = {"bytes": as_bytes(frames), "memoryview": [memoryview(bytearray(frames[0]))],
+                "direct": frames}[transport]
+        msg = decode(wire)
+        assert msg.kind == kind and msg.step == 12 and msg.fields == fields
+        assert len(msg.arrays) == len(arrays)
+        for got, want in zip(msg.arrays, arrays):
+            assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+            assert not got.flags.writeable and got.flags.aligned
+            if got.size:      # a view of the one frame, at an aligned offset
+                assert np.shares_memory(got, np.frombuffer(wire[0], np.uint8))
+                assert (got.ctypes.data - np.frombuffer(wire[0], np.uint8).ctypes.data) % P.INLINE_ALIGN == 0
+        return
     assert len(frames) == 1 + len(arrays)
     # array frames are zero-copy views of the input arrays
     for a, f in zip(arrays, frames[1:]):
@@ -138,7 +158,7 @@ def test_round_trip_every_kind(kind, transport):
 
 
 def test_decode_arrays_are_readonly_views_of_bytes_buffer():
-    wire = as_bytes(encode(P.FWD, 0, [H, Y]))
+    wire = as_bytes(mp(P.FWD, 0, [H, Y]))
     msg = decode(wire)
     assert msg.arrays[0].base is not None
     assert np.shares_memory(msg.arrays[0], np.frombuffer(wire[1], np.uint8))
@@ -151,7 +171,7 @@ def test_encode_makes_noncontiguous_contiguous_and_keeps_contiguous_zero_copy():
     view = base[:, ::2]
     frames = encode(P.BWD, 1, [view])
     assert decode(as_bytes(frames)).arrays[0].tolist() == view.tolist()
-    frames = encode(P.BWD, 1, [base])
+    frames = mp(P.BWD, 1, [base])
     assert np.shares_memory(np.frombuffer(frames[1], np.uint8), base)
     # Fortran order is not C-contiguous: copied into C order
     f = np.asfortranarray(base)
@@ -177,7 +197,7 @@ def test_int_accepted_where_float_required_and_nonfinite_float_fields_kept():
 
 
 def test_frame_nbytes():
-    frames = encode(P.FWD, 0, [H, Y])
+    frames = mp(P.FWD, 0, [H, Y])
     expected = len(frames[0]) + H.nbytes + Y.nbytes
     assert frame_nbytes(frames) == expected
     assert frame_nbytes(as_bytes(frames)) == expected
@@ -344,7 +364,7 @@ def test_step_minus_one_and_large_accepted():
 
 
 def test_reject_frame_count_mismatch():
-    frames = as_bytes(encode(P.FWD, 0, [H, Y]))
+    frames = as_bytes(mp(P.FWD, 0, [H, Y]))
     msg = reject(frames[:2], "frames")                  # truncated
     assert "2 frames" in msg
     reject(frames + [b"extra"], "frames")
@@ -353,7 +373,7 @@ def test_reject_frame_count_mismatch():
 
 
 def test_reject_non_buffer_frame():
-    frames = as_bytes(encode(P.FWD, 0, [H, Y]))
+    frames = as_bytes(mp(P.FWD, 0, [H, Y]))
     reject([frames[0], "not a buffer", frames[2]], "frames")
     reject([frames[0], frames[1], 12345], "frames")
     reject(["header"], "frames")
@@ -532,7 +552,7 @@ def _valid_samples():
     out = []
     for kind, (arrays, fields) in ROUND_TRIPS.items():
         small = [a[tuple(slice(0, 3) for _ in a.shape)] if a.ndim else a for a in arrays]
-        out.append(as_bytes(encode(kind, 5, small, fields)))
+        out.append(as_bytes(mp(kind, 5, small, fields)))
     return out
 
 
