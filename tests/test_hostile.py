@@ -27,7 +27,7 @@ def cfg_of(**ov):
     return config.build(overrides={**BASE, **ov})
 
 
-def raw(kind, step=-1, arrays=(), fields=None, v=1):
+def raw(kind, step=-1, arrays=(), fields=None, v=P.PROTOCOL_VERSION):
     """A header built by hand (no encode-side checks), with the given array descriptors."""
     return msgpack.packb({"v": v, "k": kind, "s": step, "a": [list(a) for a in arrays], "f": fields or {}},
                          use_bin_type=True)
