@@ -280,6 +280,11 @@ def _load_npz(path: Path, data: bytes) -> dict:
 
 
 # --------------------------------------------------------------- node state
+def _tracks_targets(node) -> bool:
+    """``sg_clip`` on: the layer's running norm of SG targets is part of its state."""
+    return getattr(node.spec, "sg_clip", 0.0) > 0
+
+
 def _expected_layout(node) -> dict:
     """name -> (shape, dtype) of every entry :func:`node_state` writes for this node."""
     out = {k: (v.shape, v.dtype) for k, v in _dense_arrays(node).items()}
@@ -292,6 +297,8 @@ def _expected_layout(node) -> dict:
         for k, v in node.sg_opt.state().items():
             v = np.asarray(v)
             out[f"sgopt.{k}"] = (v.shape, v.dtype)
+        if _tracks_targets(node):
+            out["sgclip"] = ((1,), np.dtype(np.float64))
     if getattr(node, "aux", None) is not None:
         for i, p in enumerate(node.aux.params):
             out[f"aux.{i}"] = (p.shape, p.dtype)
@@ -323,6 +330,8 @@ def node_state(node) -> dict:
     if node.sg is not None:
         out.update({f"sg.{i}": p.copy() for i, p in enumerate(node.sg.params)})
         out.update({f"sgopt.{k}": np.array(v, copy=True) for k, v in node.sg_opt.state().items()})
+        if _tracks_targets(node):
+            out["sgclip"] = np.array([node.target_norm], dtype=np.float64)
     if getattr(node, "aux", None) is not None:
         out.update({f"aux.{i}": p.copy() for i, p in enumerate(node.aux.params)})
         out.update({f"auxopt.{k}": np.array(v, copy=True) for k, v in node.aux_opt.state().items()})
@@ -362,6 +371,8 @@ def restore_node(node, state: dict) -> None:
         for i, p in enumerate(node.sg.params):
             p[...] = state[f"sg.{i}"]
         node.sg_opt.load_state({k[len("sgopt."):]: np.asarray(v) for k, v in state.items() if k.startswith("sgopt.")})
+        if _tracks_targets(node):
+            node.target_norm = float(np.asarray(state["sgclip"])[0])
     if getattr(node, "aux", None) is not None:
         for i, p in enumerate(node.aux.params):
             p[...] = state[f"aux.{i}"]
@@ -402,6 +413,8 @@ def check_layer_state(where, state: dict) -> None:
         c = np.asarray(state["counters"])
         if c.shape != (3,) or c.dtype.kind not in "iu" or (c < 0).any():
             raise CheckpointError(f"{where}: 'counters' must be 3 non-negative integers, got {c.tolist()!r:.60}")
+    if "sgclip" in state and (np.asarray(state["sgclip"]) < 0).any():
+        raise CheckpointError(f"{where}: impossible state: 'sgclip' (a running norm) is negative")
     for key, v in state.items():          # Adam's second moment is a running mean of squares
         if key.startswith(("opt.v", "sgopt.v", "auxopt.v")) and f"{key.split('.')[0]}.m0" in state and (np.asarray(v) < 0).any():
             raise CheckpointError(f"{where}: impossible optimizer state: Adam's {key!r} has negative entries")

@@ -58,6 +58,7 @@ class LayerSpec:
     batch_norm: bool = False  # hidden layers: h = act(BN(x @ W)) (the last layer never normalises)
     sg_rank: int = 64       # rank of the lowrank SG model
     sg_every: int = 1       # the SG model is regressed on steps that are a multiple of this only
+    sg_clip: float = 0.0          # >0: layer step x min(1, sg_clip x running |SG target| / |SG prediction|)
 
     @property
     def gradient(self) -> str:
@@ -209,6 +210,8 @@ class LayerNode:
         self.last_fwd_step = -1          # newest step this layer has run forward (DNI)
         self.stale_dropped = 0           # SG targets discarded for their lag (sg_stale_decay 0)
         self.sg_lags = [0] * (SG_LAG_BINS + 1)   # SG targets by lag (forward steps run since): 0..BINS-1, BINS+
+        self.target_norm = 0.0           # sg_clip: running norm of the SG targets received (0: none yet)
+        self.sg_clipped = 0              # sg_clip: predictions scaled down
 
     # ----------------------------------------------------------------- helpers
     def _cond(self, y):
@@ -286,12 +289,14 @@ class LayerNode:
         h, bctx = self.dense.forward_train(x)
         B = x.shape[0]
         metrics = None
+        lr_scale = 1.0
         if self.spec.is_last:
             gh, metrics = self._loss(h, y)
         elif self.sg is not None:
             c = self._cond(y)
             pred, ctx = self.sg.predict_keep(h, c)
             gh = pred * (1.0 / B)
+            lr_scale = self.clip_scale(pred)
             # --sg-every n: only every n-th step's target trains the SG model; the others keep
             # no state (None), and their gradient, when it comes back, is dropped unused
             self.cache[step] = (ctx, pred) if step % self.spec.sg_every == 0 else None
@@ -302,8 +307,31 @@ class LayerNode:
         if gh is None:      # no SG model: the layer is frozen, only passes activations on
             return h, None, None
         grads, gx = self.dense.grads(x, h, gh, bctx, need_input_grad=not self.spec.is_first)
-        self._apply(*grads)
+        self._apply(*grads, lr_scale=lr_scale)
         return (None if self.spec.is_last else h), gx, metrics
+
+    def clip_scale(self, pred: np.ndarray) -> float:
+        """``sg_clip``: the factor (<= 1) by which the layer's step from this SG prediction is
+        scaled: ``sg_clip`` x the running norm of the targets received (``target_norm``) over
+        the prediction's norm (per-example scale, as the SG predicts it), at most 1; 1 when off
+        or before the first target. It scales the learning rate, not the gradient, which
+        Adam's normalisation would undo."""
+        k = self.spec.sg_clip
+        if k <= 0 or self.target_norm <= 0:
+            return 1.0
+        n = float(np.sqrt(np.vdot(pred, pred)))
+        cap = k * self.target_norm
+        if not n > cap:                  # also a NaN prediction: left to the finiteness checks
+            return 1.0
+        self.sg_clipped += 1
+        return cap / n
+
+    def _track_target(self, g: np.ndarray) -> None:
+        """Running (EMA, 0.99) norm of the SG targets in the SG's per-example scale (B x dL/dh)."""
+        n = float(np.sqrt(np.vdot(g, g))) * g.shape[0]
+        if not np.isfinite(n):
+            return
+        self.target_norm = n if self.target_norm <= 0 else TARGET_NORM_DECAY * self.target_norm + (1 - TARGET_NORM_DECAY) * n
 
     def sg_update(self, step: int, g: np.ndarray) -> float:
         """Regress the SG model onto the gradient that the next layer sent back for ``step``.
@@ -316,6 +344,8 @@ class LayerNode:
             entry = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
+        if self.spec.sg_clip > 0:
+            self._track_target(g)
         if entry is None:
             self.sg_skipped += 1
             return float("nan")
@@ -500,6 +530,9 @@ class LayerNode:
     def flops_per_batch(self, batch: int, schedule: str | None = None) -> float:
         """The sum of :meth:`flops_parts`."""
         return sum(self.flops_parts(batch, schedule).values())
+
+TARGET_NORM_DECAY = 0.99        # sg_clip: EMA factor of the running SG-target norm (about 100 targets)
+
 
 def _recent(buf: list, v: float, n: int = 50) -> None:
     buf.append(float(v))
