@@ -480,7 +480,9 @@ def check_resources(cfg: RunConfig, in_dim: int, n_out: int, steps: int) -> None
 PRESETS: dict[str, dict[str, object]] = {
     # binary addition: wide tanh layers and a higher learning rate learn every bit of the sum
     # (relu at width 128 / lr 5e-4 stalls at ~94% bits and collapses under async staleness)
-    "addition": {"model.width": 256, "model.activation": "tanh", "train.lr": 1e-3},
+    # 6 epochs (1,536 steps of 64): every seed 0-4 reached >= 99.8% bits and >= 98.9% exact sums
+    # in 8.8-10.1 s of training on the idle 2-core machine (8 epochs: 99.9% / 99.4%+ in 13.6 s)
+    "addition": {"model.width": 256, "model.activation": "tanh", "train.lr": 1e-3, "train.epochs": 6.0},
     # MNIST-format files: the global defaults (relu; tanh costs ~2 points of test accuracy)
     "idx": {},
 }

@@ -151,7 +151,7 @@ def test_preset_provenance_survives_dict_round_trip_and_is_not_in_the_digest():
     cfg = build()
     again = C.from_dict(cfg.to_dict())
     assert again == cfg and again.preset == cfg.preset
-    explicit = build(None, {"model.width": 256, "model.activation": "tanh", "train.lr": 1e-3})
+    explicit = build(None, {"model.width": 256, "model.activation": "tanh", "train.lr": 1e-3, "train.epochs": 6.0})
     assert explicit.preset == () and explicit.digest() == cfg.digest()
     _raises(C.from_dict, {"preset": "model.width"}, match_all=("preset",))
 
@@ -495,7 +495,7 @@ def test_replace_returns_validated_copy():
     assert new.train.schedule == "backprop" and new.model.width == 16
     assert orig.train.schedule == "async" and orig.model.width == 256
     assert orig == build()
-    assert new.preset == ("model.activation", "train.lr")   # width is no longer the preset's
+    assert new.preset == ("model.activation", "train.lr", "train.epochs")   # width is no longer the preset's
     assert new.data == orig.data and new.runtime == orig.runtime
     assert new.digest() != orig.digest()
     # tuples survive the dict round trip

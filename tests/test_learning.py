@@ -2,7 +2,7 @@
 
 The addition preset (width 256, tanh, lr 1e-3) learns binary addition quickly: after 700
 steps of sequential DNI, seed 1 is at 96.4% of bits and 72.4% of exact sums (1,000 steps:
-99.8% / 98.1%; `make run` does 2,048). The previous defaults (relu, width 128, lr 5e-4) are
+99.8% / 98.1%; `make run` does 1,536). The previous defaults (relu, width 128, lr 5e-4) are
 at ~62% of bits after 300 steps and ~79% after 1,000, so the thresholds below fail a preset
 that does not learn, with a margin either way (the run is deterministic).
 """
