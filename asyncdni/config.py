@@ -492,7 +492,8 @@ def apply_preset(d: dict) -> tuple[dict, tuple[str, ...]]:
     """The dataset's preset under a nested config dict (TOML + overrides): returns the merged
     dict and the dotted names the preset filled in. The dataset is the one ``d`` names, else
     the default. Fields given in ``d`` are never touched; nor is ``model.width`` when
-    ``model.widths`` is given (the explicit list overrides it)."""
+    ``model.widths`` is given (the explicit list overrides it), nor ``train.epochs`` when
+    ``train.steps`` is given."""
     data = d.get("data") if isinstance(d.get("data"), dict) else {}
     dataset = data.get("dataset", DataConfig.dataset)
     preset = PRESETS.get(dataset, {}) if isinstance(dataset, str) else {}
@@ -502,6 +503,8 @@ def apply_preset(d: dict) -> tuple[dict, tuple[str, ...]]:
         given = d.get(section) if isinstance(d.get(section), dict) else {}
         if key in given or (dotted == "model.width" and given.get("widths")):
             continue
+        if dotted == "train.epochs" and given.get("steps"):
+            continue                      # an explicit step count makes the epochs moot
         applied.append(dotted)
     return merge(d, {k: preset[k] for k in applied}), tuple(applied)
 

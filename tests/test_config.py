@@ -134,6 +134,12 @@ def _coerce_like(field, v):
     return type(getattr(getattr(RunConfig(), section), key))(v)
 
 
+def test_explicit_steps_keep_preset_epochs_out():
+    cfg = build(None, {"train.steps": 100})
+    assert cfg.train.steps == 100 and "train.epochs" not in cfg.preset and "train.lr" in cfg.preset
+    assert build().train.epochs == C.PRESETS["addition"]["train.epochs"]
+
+
 def test_explicit_widths_keep_preset_width_out():
     cfg = build(None, {"model.layers": 3, "model.widths": "32,16"})
     assert cfg.model.hidden_widths() == (32, 16) and "model.width" not in cfg.preset
