@@ -18,19 +18,12 @@ import argparse
 import json
 import sys
 
-import numpy as np
 
 from asyncdni import config, coordinator, report
 
-from .staleness import parse_seeds
+from .staleness import max_drop_pts, parse_seeds
 
 TARGET_DROP_PTS = 2.0
-
-
-def max_drop_pts(accs) -> float:
-    """Largest fall below the running maximum, in points (accuracies as fractions)."""
-    a = np.asarray(accs, float)
-    return float(100 * (np.maximum.accumulate(a) - a).max()) if a.size else 0.0
 
 
 def steps_to(evals, target):

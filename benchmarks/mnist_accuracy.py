@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import statistics
 from pathlib import Path
 
 from asyncdni import config, coordinator, report
@@ -101,8 +102,7 @@ BN_METHODS = {"backprop": ("backprop", True), "async cDNI": ("async", True), "as
 
 
 def _median(values):
-    v = sorted(values)
-    return None if not v else (v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)
+    return statistics.median(values) if values else None
 
 
 def bn_configs(data, epochs, seeds):

@@ -35,6 +35,12 @@ from asyncdni.reference import evaluate
 MEASURED_LAGS = (0.27, 0.58, 0.15)
 
 
+def max_drop_pts(accs) -> float:
+    """Largest fall below the running maximum, in points (accuracies as fractions)."""
+    a = np.asarray(accs, float)
+    return float(100 * (np.maximum.accumulate(a) - a).max()) if a.size else 0.0
+
+
 def parse_seeds(text: str) -> list[int]:
     out = []
     for part in text.split(","):
@@ -95,8 +101,7 @@ def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, dataset
             diags.append(diagnose(nodes, plan.loss, *stream.batch(0)))
     train_time = time.perf_counter() - t0
     acc = np.array([e[1] for e in evals])
-    best = np.maximum.accumulate(acc)
-    return {"final": evals[-1][1], "final2": evals[-1][2], "max_drop_pts": float(100 * (best - acc).max()),
+    return {"final": evals[-1][1], "final2": evals[-1][2], "max_drop_pts": max_drop_pts(acc),
             "min_after_90pct": float(acc[len(acc) // 10:].min()), "evals": evals, "diag": diags, "time_s": train_time}
 
 
