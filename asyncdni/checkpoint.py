@@ -281,8 +281,14 @@ def _load_npz(path: Path, data: bytes) -> dict:
 
 # --------------------------------------------------------------- node state
 def _tracks_targets(node) -> bool:
-    """``sg_clip`` on: the layer's running norm of SG targets is part of its state."""
-    return getattr(node.spec, "sg_clip", 0.0) > 0
+    """``sg_clip`` or ``sg_damp`` on: the layer's running norm of SG targets is part of its state
+    (entry ``sgclip``, the name from when only ``sg_clip`` used it)."""
+    return getattr(node.spec, "sg_clip", 0.0) > 0 or _tracks_predictions(node)
+
+
+def _tracks_predictions(node) -> bool:
+    """``sg_damp`` on: the running norm of the SG's predictions too (entry ``sgdamp``)."""
+    return getattr(node.spec, "sg_damp", 0.0) > 0
 
 
 def _expected_layout(node) -> dict:
@@ -299,6 +305,8 @@ def _expected_layout(node) -> dict:
             out[f"sgopt.{k}"] = (v.shape, v.dtype)
         if _tracks_targets(node):
             out["sgclip"] = ((1,), np.dtype(np.float64))
+        if _tracks_predictions(node):
+            out["sgdamp"] = ((1,), np.dtype(np.float64))
     if getattr(node, "aux", None) is not None:
         for i, p in enumerate(node.aux.params):
             out[f"aux.{i}"] = (p.shape, p.dtype)
@@ -332,6 +340,8 @@ def node_state(node) -> dict:
         out.update({f"sgopt.{k}": np.array(v, copy=True) for k, v in node.sg_opt.state().items()})
         if _tracks_targets(node):
             out["sgclip"] = np.array([node.target_norm], dtype=np.float64)
+        if _tracks_predictions(node):
+            out["sgdamp"] = np.array([node.pred_norm], dtype=np.float64)
     if getattr(node, "aux", None) is not None:
         out.update({f"aux.{i}": p.copy() for i, p in enumerate(node.aux.params)})
         out.update({f"auxopt.{k}": np.array(v, copy=True) for k, v in node.aux_opt.state().items()})
@@ -373,6 +383,8 @@ def restore_node(node, state: dict) -> None:
         node.sg_opt.load_state({k[len("sgopt."):]: np.asarray(v) for k, v in state.items() if k.startswith("sgopt.")})
         if _tracks_targets(node):
             node.target_norm = float(np.asarray(state["sgclip"])[0])
+        if _tracks_predictions(node):
+            node.pred_norm = float(np.asarray(state["sgdamp"])[0])
     if getattr(node, "aux", None) is not None:
         for i, p in enumerate(node.aux.params):
             p[...] = state[f"aux.{i}"]
@@ -413,8 +425,9 @@ def check_layer_state(where, state: dict) -> None:
         c = np.asarray(state["counters"])
         if c.shape != (3,) or c.dtype.kind not in "iu" or (c < 0).any():
             raise CheckpointError(f"{where}: 'counters' must be 3 non-negative integers, got {c.tolist()!r:.60}")
-    if "sgclip" in state and (np.asarray(state["sgclip"]) < 0).any():
-        raise CheckpointError(f"{where}: impossible state: 'sgclip' (a running norm) is negative")
+    for key in ("sgclip", "sgdamp"):
+        if key in state and (np.asarray(state[key]) < 0).any():
+            raise CheckpointError(f"{where}: impossible state: {key!r} (a running norm) is negative")
     for key, v in state.items():          # Adam's second moment is a running mean of squares
         if key.startswith(("opt.v", "sgopt.v", "auxopt.v")) and f"{key.split('.')[0]}.m0" in state and (np.asarray(v) < 0).any():
             raise CheckpointError(f"{where}: impossible optimizer state: Adam's {key!r} has negative entries")

@@ -87,6 +87,7 @@ class TrainConfig:
     sg_layers: int = 1                  # hidden layers of the mlp SG model
     sg_stale_decay: float = 1.0         # weight of an SG target per step of lag (async); 0 drops stale targets
     sg_clip: float = 0.0                # >0: a layer's SG step is scaled by min(1, sg_clip x running |target| / |prediction|)
+    sg_damp: float = 0.0                # >0: the SG model's step is scaled by min(1, sg_damp x running |target| / running |prediction|)^2
     sg_lr: float = 1e-3
     sg_reuse_prediction: bool = False   # SG regression reuses the forward prediction (faster, less accurate under async)
     cond: bool = True                   # label-conditioned SG (cDNI)
@@ -160,7 +161,8 @@ RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "max_inf
                          "eval_batch", "target_accuracy", "stash_weights", "delay_remedy")
 # fields added after checkpoints existed, with the value that reproduces the older behaviour
 DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False,
-                          "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0}
+                          "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0,
+                          "train.sg_damp": 0.0}
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -349,6 +351,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.sg_stale_decay: must be between 0 and 1, got {t.sg_stale_decay}")
     if not (t.sg_clip >= 0 and math.isfinite(t.sg_clip)):
         raise ConfigError(f"train.sg_clip: must be 0 (off) or a positive finite number, got {t.sg_clip}")
+    if not (t.sg_damp >= 0 and math.isfinite(t.sg_damp)):
+        raise ConfigError(f"train.sg_damp: must be 0 (off) or a positive finite number, got {t.sg_damp}")
     _positive("train.max_inflight", t.max_inflight, 0)
     _positive("train.max_inflight_cap", t.max_inflight_cap, 1)
     _positive("train.microbatches", t.microbatches, 1)

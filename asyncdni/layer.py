@@ -59,6 +59,7 @@ class LayerSpec:
     sg_rank: int = 64       # rank of the lowrank SG model
     sg_every: int = 1       # the SG model is regressed on steps that are a multiple of this only
     sg_clip: float = 0.0          # >0: layer step x min(1, sg_clip x running |SG target| / |SG prediction|)
+    sg_damp: float = 0.0          # >0: SG step x min(1, sg_damp x running |SG target| / running |SG prediction|)^2
 
     @property
     def gradient(self) -> str:
@@ -212,6 +213,8 @@ class LayerNode:
         self.sg_lags = [0] * (SG_LAG_BINS + 1)   # SG targets by lag (forward steps run since): 0..BINS-1, BINS+
         self.target_norm = 0.0           # sg_clip: running norm of the SG targets received (0: none yet)
         self.sg_clipped = 0              # sg_clip: predictions scaled down
+        self.pred_norm = 0.0             # sg_damp: running norm of the SG's forward predictions (0: none yet)
+        self.sg_damped = 0               # sg_damp: SG updates taken with a reduced learning rate
 
     # ----------------------------------------------------------------- helpers
     def _cond(self, y):
@@ -297,6 +300,8 @@ class LayerNode:
             pred, ctx = self.sg.predict_keep(h, c)
             gh = pred * (1.0 / B)
             lr_scale = self.clip_scale(pred)
+            if self.spec.sg_damp > 0:
+                self._track_prediction(pred)
             # --sg-every n: only every n-th step's target trains the SG model; the others keep
             # no state (None), and their gradient, when it comes back, is dropped unused
             self.cache[step] = (ctx, pred) if step % self.spec.sg_every == 0 else None
@@ -326,6 +331,34 @@ class LayerNode:
         self.sg_clipped += 1
         return cap / n
 
+    def damp_scale(self) -> float:
+        """``sg_damp``: the factor (<= 1) on the SG model's learning rate for its next update:
+        (``sg_damp`` x running target norm / running prediction norm) squared when the SG's
+        predictions have outgrown ``sg_damp`` times its targets, else 1 (and 1 when off or
+        before both norms exist).
+
+        Why: Adam moves every SG weight by about the SG learning rate per step whatever the
+        size of the regression error, so once the true gradients have shrunk (the loss is
+        small) the SG's own steps keep its predictions at a floor far above its targets:
+        predictions that are mostly error, which under async staleness drive the layers off
+        (README, "Stability under staleness"). Scaling the SG's step by how far its
+        predictions exceed its targets brings that floor down with the targets."""
+        k = self.spec.sg_damp
+        if k <= 0 or self.target_norm <= 0 or self.pred_norm <= 0:
+            return 1.0
+        r = k * self.target_norm / self.pred_norm
+        if not r < 1.0:
+            return 1.0
+        self.sg_damped += 1
+        return r * r
+
+    def _track_prediction(self, pred: np.ndarray) -> None:
+        """Running (EMA, 0.99) norm of the SG's forward predictions (per-example scale)."""
+        n = float(np.sqrt(np.vdot(pred, pred)))
+        if not np.isfinite(n):
+            return
+        self.pred_norm = n if self.pred_norm <= 0 else TARGET_NORM_DECAY * self.pred_norm + (1 - TARGET_NORM_DECAY) * n
+
     def _track_target(self, g: np.ndarray) -> None:
         """Running (EMA, 0.99) norm of the SG targets in the SG's per-example scale (B x dL/dh)."""
         n = float(np.sqrt(np.vdot(g, g))) * g.shape[0]
@@ -344,7 +377,7 @@ class LayerNode:
             entry = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
-        if self.spec.sg_clip > 0:
+        if self.spec.sg_clip > 0 or self.spec.sg_damp > 0:
             self._track_target(g)
         if entry is None:
             self.sg_skipped += 1
@@ -369,7 +402,14 @@ class LayerNode:
             return loss
         if weight != 1.0:
             grads = [g_ * weight for g_ in grads]
-        if not self.sg_opt.step(grads):
+        damp = self.damp_scale()
+        lr = self.sg_opt.lr
+        self.sg_opt.lr = lr * damp
+        try:
+            ok = self.sg_opt.step(grads)
+        finally:
+            self.sg_opt.lr = lr
+        if not ok:
             self._nonfinite("synthetic-gradient update (the new SG weights would not be finite)")
             return loss
         self.sg_updates += 1

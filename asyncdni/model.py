@@ -67,7 +67,7 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
             sg_reuse=t.sg_reuse_prediction, schedule=sched.name, stash=t.stash_weights,
             delay_remedy=t.delay_remedy, aux_features=t.aux_features,
             sg_layers=t.sg_layers, sg_stale_decay=t.sg_stale_decay, sg_rank=t.sg_rank, sg_every=t.sg_every,
-            batch_norm=cfg.model.batch_norm, sg_clip=t.sg_clip,
+            batch_norm=cfg.model.batch_norm, sg_clip=t.sg_clip, sg_damp=t.sg_damp,
         ))
     steps_per_epoch = len(train) // t.batch_size
     steps = t.steps if t.steps > 0 else max(1, round(t.epochs * steps_per_epoch))

@@ -1,5 +1,7 @@
-"""``train.sg_clip``: the cap on a synthetic gradient's norm that keeps async DNI stable
-(README "Stability under staleness"). Pure numpy, in one process, no sockets."""
+"""``train.sg_clip`` (the layer's step capped by its SG prediction's norm) and ``train.sg_damp``
+(the SG model's own step damped while its predictions outgrow its targets): the two measures
+against the async DNI collapse (README "Stability under staleness"). Pure numpy, in one
+process, no sockets."""
 from __future__ import annotations
 
 import dataclasses
@@ -109,3 +111,86 @@ def test_config_validates_sg_clip_and_keeps_old_digests():
     off = config.build(overrides={"train.sg_clip": 0.0})
     assert on.train.sg_clip == 1.0 and dataclasses.replace(on.train, sg_clip=0.0) == off.train
     assert config.DIGEST_OMIT_AT_DEFAULT["train.sg_clip"] == 0.0   # checkpoints from before it still load
+
+
+# ----------------------------------------------------------------------------- sg_damp
+def test_damp_scale_is_the_squared_ratio_of_running_norms_below_one():
+    node = LayerNode(spec(sg_damp=0.8), dtype=F64)
+    assert node.damp_scale() == 1.0                        # no norms yet
+    node.target_norm, node.pred_norm = 1.0, 4.0
+    assert node.damp_scale() == pytest.approx((0.8 * 1.0 / 4.0) ** 2, rel=1e-15)
+    node.target_norm, node.pred_norm = 1.0, 0.8            # predictions within sg_damp x targets
+    assert node.damp_scale() == 1.0
+    assert node.sg_damped == 1
+    off = LayerNode(spec(), dtype=F64)
+    off.target_norm, off.pred_norm = 1.0, 100.0
+    assert off.damp_scale() == 1.0
+
+
+def test_prediction_norm_is_a_running_mean_of_forward_prediction_norms():
+    node = LayerNode(spec(sg_damp=1.0), dtype=F64)
+    randomise_sg(node)
+    x, y, g = batch()
+    node.dni_forward(0, x, y)
+    p0 = np.linalg.norm(node.cache[0][1])
+    assert node.pred_norm == pytest.approx(p0, rel=1e-12)          # the first prediction sets it
+    node.dni_forward(1, 2 * x, y)
+    p1 = np.linalg.norm(node.cache[1][1])
+    assert p1 != pytest.approx(p0)
+    assert node.pred_norm == pytest.approx(TARGET_NORM_DECAY * p0 + (1 - TARGET_NORM_DECAY) * p1, rel=1e-12)
+    node.sg_update(0, g)                                           # targets are tracked under sg_damp too
+    assert node.target_norm == pytest.approx(np.linalg.norm(g) * x.shape[0], rel=1e-12)
+    assert LayerNode(spec(), dtype=F64).pred_norm == 0.0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_damp_scales_the_sg_step_only(optimizer):
+    """Predictions 4x their targets with sg_damp 0.8: the SG model's step is (0.8/4)^2 of the
+    undamped one, under Adam too (the learning rate is scaled, not the gradient); the layer's
+    own step, the gradient it sends down and the SG learning rate afterwards are unchanged."""
+    x, y, g = batch()
+    nodes = {d: LayerNode(spec(sg_damp=d, optimizer=optimizer), dtype=F64) for d in (0.0, 0.8)}
+    moves, sg_moves, sent = {}, {}, {}
+    for d, node in nodes.items():
+        randomise_sg(node)
+        W0 = node.dense.W.copy()
+        _, sent[d], _ = node.dni_forward(0, x, y)
+        moves[d] = node.dense.W - W0
+        node.target_norm, node.pred_norm = 1.0, 4.0        # as if after many steps (both runs alike)
+        A0 = node.sg.A.copy()
+        node.sg_update(0, g)
+        sg_moves[d] = node.sg.A - A0
+    # sg_update tracks the new target before it scales the step
+    t_after = TARGET_NORM_DECAY * 1.0 + (1 - TARGET_NORM_DECAY) * np.linalg.norm(g) * x.shape[0]
+    scale = (0.8 * t_after / 4.0) ** 2
+    assert scale < 0.1
+    np.testing.assert_allclose(sg_moves[0.8], scale * sg_moves[0.0], rtol=1e-9, atol=1e-14)
+    np.testing.assert_array_equal(moves[0.8], moves[0.0])
+    np.testing.assert_array_equal(sent[0.8], sent[0.0])
+    assert nodes[0.8].sg_damped == 1 and nodes[0.0].sg_damped == 0
+    assert nodes[0.8].sg_opt.lr == nodes[0.0].sg_opt.lr == 0.05
+
+
+def test_checkpoint_keeps_both_running_norms_under_sg_damp():
+    node = LayerNode(spec(sg_damp=0.8), dtype=F64)
+    node.target_norm, node.pred_norm = 0.75, 2.5
+    state = node_state(node)
+    assert set(state) >= {"sgclip", "sgdamp"}
+    other = LayerNode(spec(sg_damp=0.8), dtype=F64)
+    restore_node(other, state)
+    assert (other.target_norm, other.pred_norm) == (0.75, 2.5)
+    with pytest.raises(CheckpointError, match="sgdamp"):
+        restore_node(other, dict(state, sgdamp=np.array([-1.0])))
+    with pytest.raises(CheckpointError, match="checkpoint state has no"):   # saved with it off: refused
+        restore_node(other, node_state(LayerNode(spec(), dtype=F64)))
+    assert "sgdamp" not in node_state(LayerNode(spec(sg_clip=1.0), dtype=F64))
+
+
+def test_config_validates_sg_damp_and_keeps_old_digests():
+    for bad in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(config.ConfigError, match="sg_damp"):
+            config.build(overrides={"train.sg_damp": bad})
+    on = config.build(overrides={"train.sg_damp": 0.8})
+    off = config.build(overrides={"train.sg_damp": 0.0})
+    assert on.train.sg_damp == 0.8 and on.digest() != off.digest()
+    assert config.DIGEST_OMIT_AT_DEFAULT["train.sg_damp"] == 0.0   # checkpoints from before it: the 0 digest
