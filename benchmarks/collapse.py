@@ -56,10 +56,12 @@ def main(argv=None) -> int:
             cfg = mnist_config(data, "async", 10.0, **{"train.eval_every": 25, "train.seed": seed, **extra})
         else:
             cfg = addition_config(seed, args.steps, args.eval_every, extra)
-        s = report.run_summary(coordinator.run(cfg))
+        r = coordinator.run(cfg)
+        s = report.run_summary(r)
         ev = [{"step": e["step"], "metric": e["metric"], "metric2": e.get("metric2")} for e in s["evals"]]
         row = {"seed": seed, "final": s["test_metric"], "drop_pts": max_drop_pts([e["metric"] for e in ev]),
-               "steps_to_94": steps_to(ev, 0.94), "train_time_s": s["train_time_s"], "evals": ev}
+               "steps_to_94": steps_to(ev, 0.94), "train_time_s": s["train_time_s"], "evals": ev,
+               "sg_lags": [st.get("sg_lags") for st in r.layers]}     # per layer: SG targets by lag 0, 1, ...
         rows.append(row)
         extra_txt = f"steps to 94%: {row['steps_to_94']}" if args.mnist else f"max drop {row['drop_pts']:.2f} pts"
         print(f"seed {seed}: final {100 * row['final']:.2f}%  {extra_txt}  (train {row['train_time_s']:.0f} s)",

@@ -8,7 +8,7 @@ is missed, 0 otherwise (and skips with a message when the files are absent).
     python -m benchmarks.mnist_accuracy [--data DIR] [--epochs 10] [--json OUT]
     python -m benchmarks.mnist_accuracy --sg-models linear,mlp,mlp:2x1024   # SG models, async
     python -m benchmarks.mnist_accuracy --batch-norm [--seeds 0,1,2]          # BN study
-    python -m benchmarks.mnist_accuracy --sg-models linear,mlp --batch-norm   # both tables, one run
+    python -m benchmarks.mnist_accuracy --sg-models linear,mlp --batch-norm --seeds 0-2   # both tables, one run
 
 With ``--sg-models`` it compares synthetic-gradient models instead (``linear`` or
 ``mlp[:LAYERSxHIDDEN]``), each under ``async`` through the workers with test accuracy every
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures as JSON")
     ap.add_argument("--sg-models", default="", help="compare these SG models under async instead")
     ap.add_argument("--batch-norm", action="store_true", help="measure batch normalisation instead")
-    ap.add_argument("--seeds", default="0", help="--batch-norm: seeds (e.g. 0,1,2 or 0-2)")
+    ap.add_argument("--seeds", default="0", help="--sg-models, --batch-norm: seeds (e.g. 0,1,2 or 0-2)")
     args = ap.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"mnist_accuracy: skipped, no MNIST directory at {args.data}")
@@ -82,19 +82,46 @@ def main(argv=None) -> int:
 
 
 def sg_models(args) -> list[dict]:
+    """Each SG model under ``async`` through the workers, for every seed of ``--seeds``; then
+    per model the median final accuracy and steps to 94% over the seeds."""
     from .sg_models import model_overrides, steps_to
+    from .staleness import parse_seeds
     rows = []
-    for spec in args.sg_models.split(","):
-        cfg = mnist_config(args.data, "async", args.epochs, **model_overrides(spec), **{"train.eval_every": 25})
-        s = report.run_summary(coordinator.run(cfg))
-        row = {"sg_model": spec, "test_accuracy": s["test_metric"], "steps_to_94": steps_to(s["evals"], 0.94),
-               "best": max(e["metric"] for e in s["evals"]), "train_time_s": s["train_time_s"],
-               "samples_per_s": s["samples_per_s"]}
-        rows.append(row)
-        print(f"mnist async sg_model {spec:12s} final {100 * row['test_accuracy']:.2f}%  best {100 * row['best']:.2f}%  "
-              f"steps to 94%: {row['steps_to_94']}  train {row['train_time_s']:.1f} s  {row['samples_per_s']:.0f} samples/s",
-              flush=True)
+    seeds = parse_seeds(args.seeds)
+    specs = args.sg_models.split(",")
+    for spec in specs:
+        for seed in seeds:
+            cfg = mnist_config(args.data, "async", args.epochs, **model_overrides(spec),
+                               **{"train.eval_every": 25, "train.seed": seed})
+            s = report.run_summary(coordinator.run(cfg))
+            row = {"sg_model": spec, "seed": seed, "test_accuracy": s["test_metric"],
+                   "steps_to_94": steps_to(s["evals"], 0.94), "best": max(e["metric"] for e in s["evals"]),
+                   "train_time_s": s["train_time_s"], "samples_per_s": s["samples_per_s"]}
+            rows.append(row)
+            print(f"mnist async sg_model {spec:12s} seed {seed}: final {100 * row['test_accuracy']:.2f}%  "
+                  f"best {100 * row['best']:.2f}%  steps to 94%: {row['steps_to_94']}  "
+                  f"train {row['train_time_s']:.1f} s  {row['samples_per_s']:.0f} samples/s", flush=True)
+    print(f"\nSG models under async, seeds {args.seeds} ({args.epochs:g} epochs, test accuracy every 25 steps):")
+    print("\n".join(sg_table(rows, specs)), flush=True)
     return rows
+
+
+def sg_table(rows, specs) -> list[str]:
+    """Markdown table: per SG model the median (range) final accuracy and median steps to 94%
+    (only where every seed reached it), and the median samples/s."""
+    lines = ["| SG model | final test accuracy, median (range) | steps to 94%, median (range) | samples/s, median |",
+             "|---|---|---|---|"]
+    for spec in specs:
+        rs = [r for r in rows if r["sg_model"] == spec]
+        if not rs:
+            continue
+        acc = [r["test_accuracy"] for r in rs]
+        reached = [r["steps_to_94"] for r in rs if r["steps_to_94"] is not None]
+        steps = (f"{_median(reached):g} ({min(reached)}-{max(reached)})" if len(reached) == len(rs)
+                 else f"not reached in {len(rs) - len(reached)} of {len(rs)} runs")
+        lines.append(f"| {spec} | {100 * _median(acc):.2f}% ({100 * min(acc):.2f}-{100 * max(acc):.2f}) | {steps} | "
+                     f"{_median([r['samples_per_s'] for r in rs]):.0f} |")
+    return lines
 
 
 # method -> (schedule, label-conditioned SG)

@@ -182,6 +182,19 @@ def test_mnist_batch_norm_study_configs_and_table(tmp_path):
     assert "BN off: 4.95 points" in text and "BN on: 1.10 points" in text
 
 
+def test_mnist_sg_model_table_medians_over_seeds():
+    from benchmarks import mnist_accuracy as M
+
+    def row(spec, acc, steps, sps):
+        return {"sg_model": spec, "test_accuracy": acc, "steps_to_94": steps, "samples_per_s": sps}
+    rows = [row("linear", 0.955, 700, 2000), row("linear", 0.957, 800, 2200), row("linear", 0.950, 750, 1800),
+            row("mlp", 0.960, 500, 1000), row("mlp", 0.962, None, 1100), row("mlp", 0.961, 550, 1200)]
+    text = "\n".join(M.sg_table(rows, ["linear", "mlp", "mlp:2x1024"]))
+    assert "| linear | 95.50% (95.00-95.70) | 750 (700-800) | 2000 |" in text
+    assert "| mlp | 96.10% (96.00-96.20) | not reached in 1 of 3 runs | 1100 |" in text
+    assert "mlp:2x1024" not in text                     # no rows: no line
+
+
 def test_lowrank_benchmark_flops_and_verdict():
     """benchmarks.lowrank: the analytic part at width 1024, and the targets judged per setting."""
     from benchmarks import lowrank
