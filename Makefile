@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # unit tests only: no worker processes, no sockets, no subprocesses, no fuzzing or learning runs
 test-fast: $(STAMP)
