@@ -194,3 +194,16 @@ def test_config_validates_sg_damp_and_keeps_old_digests():
     off = config.build(overrides={"train.sg_damp": 0.0})
     assert on.train.sg_damp == 0.8 and on.digest() != off.digest()
     assert config.DIGEST_OMIT_AT_DEFAULT["train.sg_damp"] == 0.0   # checkpoints from before it: the 0 digest
+
+
+def test_sg_damp_flag_reaches_the_config_and_a_bad_value_is_one_line(capsys):
+    import argparse
+    from asyncdni import cli
+    p = argparse.ArgumentParser()
+    cli._add_train_flags(p)
+    ov = cli.overrides_from_args(p.parse_args(["--sg-damp", "0.8"]))
+    assert ov["train.sg_damp"] == "0.8"
+    assert config.build(overrides=ov).train.sg_damp == 0.8
+    assert cli.main(["train", "--sg-damp", "-1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.sg_damp" in err, err
