@@ -19,6 +19,7 @@ from .optim import all_finite, make_optimizer  # noqa: F401 (all_finite: re-expo
 from .synthetic import make_sg_model, param_count as sg_param_count
 
 SG_LAG_BINS = 16      # SG-target lags counted one by one up to this; larger ones share the last bin
+TARGET_NORM_DECAY = 0.99   # sg_clip, sg_damp: EMA factor of the running SG target / prediction norms (~100 steps)
 
 
 class StepError(RuntimeError):
@@ -239,13 +240,7 @@ class LayerNode:
         if not all_finite(*grads):
             self._nonfinite("weight gradient")
             return
-        lr = self.opt.lr
-        self.opt.lr = lr * lr_scale
-        try:
-            ok = self.opt.step(list(grads))
-        finally:
-            self.opt.lr = lr
-        if not ok:                          # the update itself overflowed: nothing was changed
+        if not _scaled_step(self.opt, list(grads), lr_scale):   # the update overflowed: nothing was changed
             self._nonfinite("weight update (the new weights would not be finite)")
             return
         self.updates += 1
@@ -299,9 +294,11 @@ class LayerNode:
             c = self._cond(y)
             pred, ctx = self.sg.predict_keep(h, c)
             gh = pred * (1.0 / B)
-            lr_scale = self.clip_scale(pred)
-            if self.spec.sg_damp > 0:
-                self._track_prediction(pred)
+            if self.spec.sg_clip > 0 or self.spec.sg_damp > 0:
+                n = float(np.sqrt(np.vdot(pred, pred)))      # per-example scale, as the SG predicts it
+                lr_scale = self.clip_scale(n)
+                if self.spec.sg_damp > 0:
+                    self.pred_norm = _running_norm(self.pred_norm, n)
             # --sg-every n: only every n-th step's target trains the SG model; the others keep
             # no state (None), and their gradient, when it comes back, is dropped unused
             self.cache[step] = (ctx, pred) if step % self.spec.sg_every == 0 else None
@@ -315,16 +312,15 @@ class LayerNode:
         self._apply(*grads, lr_scale=lr_scale)
         return (None if self.spec.is_last else h), gx, metrics
 
-    def clip_scale(self, pred: np.ndarray) -> float:
-        """``sg_clip``: the factor (<= 1) by which the layer's step from this SG prediction is
-        scaled: ``sg_clip`` x the running norm of the targets received (``target_norm``) over
-        the prediction's norm (per-example scale, as the SG predicts it), at most 1; 1 when off
-        or before the first target. It scales the learning rate, not the gradient, which
-        Adam's normalisation would undo."""
+    def clip_scale(self, n: float) -> float:
+        """``sg_clip``: the factor (<= 1) by which the layer's step from an SG prediction of
+        norm ``n`` is scaled: ``sg_clip`` x the running norm of the targets received
+        (``target_norm``) over ``n`` (per-example scale, as the SG predicts it), at most 1; 1
+        when off or before the first target. It scales the learning rate, not the gradient,
+        which Adam's normalisation would undo."""
         k = self.spec.sg_clip
         if k <= 0 or self.target_norm <= 0:
             return 1.0
-        n = float(np.sqrt(np.vdot(pred, pred)))
         cap = k * self.target_norm
         if not n > cap:                  # also a NaN prediction: left to the finiteness checks
             return 1.0
@@ -352,20 +348,6 @@ class LayerNode:
         self.sg_damped += 1
         return r * r
 
-    def _track_prediction(self, pred: np.ndarray) -> None:
-        """Running (EMA, 0.99) norm of the SG's forward predictions (per-example scale)."""
-        n = float(np.sqrt(np.vdot(pred, pred)))
-        if not np.isfinite(n):
-            return
-        self.pred_norm = n if self.pred_norm <= 0 else TARGET_NORM_DECAY * self.pred_norm + (1 - TARGET_NORM_DECAY) * n
-
-    def _track_target(self, g: np.ndarray) -> None:
-        """Running (EMA, 0.99) norm of the SG targets in the SG's per-example scale (B x dL/dh)."""
-        n = float(np.sqrt(np.vdot(g, g))) * g.shape[0]
-        if not np.isfinite(n):
-            return
-        self.target_norm = n if self.target_norm <= 0 else TARGET_NORM_DECAY * self.target_norm + (1 - TARGET_NORM_DECAY) * n
-
     def sg_update(self, step: int, g: np.ndarray) -> float:
         """Regress the SG model onto the gradient that the next layer sent back for ``step``.
 
@@ -377,8 +359,8 @@ class LayerNode:
             entry = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
-        if self.spec.sg_clip > 0 or self.spec.sg_damp > 0:
-            self._track_target(g)
+        if self.spec.sg_clip > 0 or self.spec.sg_damp > 0:     # in the SG's per-example scale (B x dL/dh)
+            self.target_norm = _running_norm(self.target_norm, float(np.sqrt(np.vdot(g, g))) * g.shape[0])
         if entry is None:
             self.sg_skipped += 1
             return float("nan")
@@ -402,14 +384,7 @@ class LayerNode:
             return loss
         if weight != 1.0:
             grads = [g_ * weight for g_ in grads]
-        damp = self.damp_scale()
-        lr = self.sg_opt.lr
-        self.sg_opt.lr = lr * damp
-        try:
-            ok = self.sg_opt.step(grads)
-        finally:
-            self.sg_opt.lr = lr
-        if not ok:
+        if not _scaled_step(self.sg_opt, grads, self.damp_scale()):
             self._nonfinite("synthetic-gradient update (the new SG weights would not be finite)")
             return loss
         self.sg_updates += 1
@@ -571,7 +546,25 @@ class LayerNode:
         """The sum of :meth:`flops_parts`."""
         return sum(self.flops_parts(batch, schedule).values())
 
-TARGET_NORM_DECAY = 0.99        # sg_clip: EMA factor of the running SG-target norm (about 100 targets)
+
+def _scaled_step(opt, grads: list, lr_scale: float) -> bool:
+    """``opt.step(grads)`` with the learning rate times ``lr_scale`` for this one step (the
+    rate is restored afterwards, also on an error). Scaling the rate, not the gradients:
+    Adam's normalisation would undo the latter."""
+    lr = opt.lr
+    opt.lr = lr * lr_scale
+    try:
+        return opt.step(grads)
+    finally:
+        opt.lr = lr
+
+
+def _running_norm(old: float, n: float) -> float:
+    """One EMA step (``TARGET_NORM_DECAY``) of a running norm; the first value sets it (``old``
+    0: none yet); a non-finite ``n`` leaves it unchanged."""
+    if not np.isfinite(n):
+        return old
+    return n if old <= 0 else TARGET_NORM_DECAY * old + (1 - TARGET_NORM_DECAY) * n
 
 
 def _recent(buf: list, v: float, n: int = 50) -> None:
