@@ -15,7 +15,6 @@ step; the drop statistics are what is compared. Not part of ``make test``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -71,8 +70,7 @@ def main(argv=None) -> int:
     print(f"{len(rows)} runs: final {100 * min(finals):.2f}-{100 * max(finals):.2f}%; max drop {max(drops):.2f} pts; "
           f"runs with a drop > {TARGET_DROP_PTS:g} pts: {sum(d > TARGET_DROP_PTS for d in drops)}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": rows}, f)
+        report.write_json(args.json, {"args": vars(args), "runs": rows})
     return 0
 
 

@@ -16,7 +16,6 @@ current accuracy, in points, over evaluations every ``--eval-every`` steps).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from asyncdni import config
+from asyncdni import config, report
 from asyncdni.layer import LayerNode
 from asyncdni.model import load_datasets, make_plan
 from asyncdni.data import BatchStream
@@ -130,8 +129,7 @@ def main(argv=None) -> int:
           f"{sum(d > 2 for d in drops)}; final {100 * min(r['final'] for r in rows):.2f}-"
           f"{100 * max(r['final'] for r in rows):.2f}%")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": rows}, f)
+        report.write_json(args.json, {"args": vars(args), "runs": rows})
     return 0
 
 
