@@ -141,10 +141,10 @@ def lag_summary(counts) -> dict | None:
             "max_is_open": top == len(counts) - 1}
 
 
-def _pool_lags(layer_stats) -> list[int] | None:
+def _pool_counts(count_lists) -> list[int] | None:
+    """Element-wise sum of the lag-count lists given (None and empty ones skipped); None if none."""
     pooled = None
-    for st in layer_stats:
-        c = st.get("sg_lags")
+    for c in count_lists:
         if c:
             pooled = list(c) if pooled is None else [a + b for a, b in zip(pooled, c)]
     return pooled
@@ -157,8 +157,12 @@ def _one_run(r, relay: dict) -> dict:
     summ["per_layer"] = _layer_rows(summ["per_layer"])
     summ["steps_to_target"] = steps_to_target(summ.get("evals"), summ.get("target_accuracy"))
     summ["relay"] = {k: relay.get(k) for k in ("delay_ms", "chunks", "backlogged", "added_ms", "on_time_ms")}
-    summ["sg_lag_counts"] = _pool_lags(r.layers)
+    summ["sg_lag_counts"] = _pool_counts(st.get("sg_lags") for st in r.layers)
     return summ
+
+
+# per-run figures that a cell of repeats reports as median and min-max (and the CSV with them)
+MEDIAN_KEYS = ("samples_per_s", "train_time_s", "test_metric", "time_to_target_s", "steps_to_target")
 
 
 def _median(vals):
@@ -183,20 +187,14 @@ def aggregate(label: str, schedule: str, window: int | None, reps: list[dict]) -
     mid = reps[order[(len(order) - 1) // 2]]
     out = {k: v for k, v in mid.items() if k not in ("evals",)}
     out.update(label=label, schedule=schedule, window_asked=window, repeats=len(reps))
-    for key in ("samples_per_s", "train_time_s", "test_metric", "time_to_target_s", "steps_to_target"):
+    for key in MEDIAN_KEYS:
         vals = [r.get(key) for r in reps]
         out[key] = _median(vals)
         out[key + "_range"] = _spread(vals)
     out["reached_target"] = sum(r.get("time_to_target_s") is not None for r in reps)
     out["windows_used"] = sorted({r.get("window") for r in reps if r.get("window") is not None})
-    counts = None
-    for r in reps:
-        c = r.get("sg_lag_counts")
-        if c:
-            counts = list(c) if counts is None else [a + b for a, b in zip(counts, c)]
-    out["sg_lag"] = lag_summary(counts)
-    out["runs"] = [{k: r.get(k) for k in ("samples_per_s", "train_time_s", "test_metric", "time_to_target_s",
-                                          "steps_to_target", "window")}
+    out["sg_lag"] = lag_summary(_pool_counts(r.get("sg_lag_counts") for r in reps))
+    out["runs"] = [{k: r.get(k) for k in (*MEDIAN_KEYS, "window")}
                    | {"relay_added_ms": (r.get("relay") or {}).get("added_ms")} for r in reps]
     return out
 
@@ -382,9 +380,6 @@ def format_lab_bench(res: dict) -> str:
     return "\n".join(lines)
 
 
-CSV_KEYS = ("samples_per_s", "train_time_s", "test_metric", "time_to_target_s", "steps_to_target")
-
-
 def csv_rows(res: dict) -> list[dict]:
     """One row per link and schedule (medians, min and max over repeats), then one per layer."""
     rows = []
@@ -395,7 +390,7 @@ def csv_rows(res: dict) -> list[dict]:
             base = {"link": row["link"], "rate": row["rate"], "delay_ms": row["delay_ms"], "schedule": label,
                     "repeats": r.get("repeats", 1),
                     "window": ",".join(map(str, r.get("windows_used") or []))}
-            for k in CSV_KEYS:
+            for k in MEDIAN_KEYS:
                 rg = r.get(k + "_range") or [None, None]
                 base.update({k: r.get(k), k + "_min": rg[0], k + "_max": rg[1]})
             base.update({"sg_lag_mean": lag.get("mean"), "sg_lag_p90": lag.get("p90"),
@@ -464,9 +459,8 @@ def write_plot(directory: str, res: dict) -> str | None:
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.set_yscale("log")
-            for axis in (ax.yaxis,):
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "2357" else ""))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2357" else ""))
             ax.grid(alpha=0.3)
             if not group:
                 ax.text(0.5, 0.5, "no link setting on this axis", ha="center", transform=ax.transAxes)
