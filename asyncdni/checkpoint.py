@@ -280,15 +280,12 @@ def _load_npz(path: Path, data: bytes) -> dict:
 
 
 # --------------------------------------------------------------- node state
-def _tracks_targets(node) -> bool:
-    """``sg_clip`` or ``sg_damp`` on: the layer's running norm of SG targets is part of its state
-    (entry ``sgclip``, the name from when only ``sg_clip`` used it)."""
-    return getattr(node.spec, "sg_clip", 0.0) > 0 or _tracks_predictions(node)
-
-
-def _tracks_predictions(node) -> bool:
-    """``sg_damp`` on: the running norm of the SG's predictions too (entry ``sgdamp``)."""
-    return getattr(node.spec, "sg_damp", 0.0) > 0
+def _running_norms(node) -> dict[str, str]:
+    """Entry name -> ``LayerNode`` attribute of the running norms in this layer's state: the SG
+    targets' under ``sg_clip`` or ``sg_damp`` (entry ``sgclip``, the name from when only
+    ``sg_clip`` used it), and the SG predictions' under ``sg_damp``. Each is one float64."""
+    clip, damp = getattr(node.spec, "sg_clip", 0.0) > 0, getattr(node.spec, "sg_damp", 0.0) > 0
+    return {**({"sgclip": "target_norm"} if clip or damp else {}), **({"sgdamp": "pred_norm"} if damp else {})}
 
 
 def _expected_layout(node) -> dict:
@@ -303,10 +300,8 @@ def _expected_layout(node) -> dict:
         for k, v in node.sg_opt.state().items():
             v = np.asarray(v)
             out[f"sgopt.{k}"] = (v.shape, v.dtype)
-        if _tracks_targets(node):
-            out["sgclip"] = ((1,), np.dtype(np.float64))
-        if _tracks_predictions(node):
-            out["sgdamp"] = ((1,), np.dtype(np.float64))
+        for key in _running_norms(node):
+            out[key] = ((1,), np.dtype(np.float64))
     if getattr(node, "aux", None) is not None:
         for i, p in enumerate(node.aux.params):
             out[f"aux.{i}"] = (p.shape, p.dtype)
@@ -338,10 +333,8 @@ def node_state(node) -> dict:
     if node.sg is not None:
         out.update({f"sg.{i}": p.copy() for i, p in enumerate(node.sg.params)})
         out.update({f"sgopt.{k}": np.array(v, copy=True) for k, v in node.sg_opt.state().items()})
-        if _tracks_targets(node):
-            out["sgclip"] = np.array([node.target_norm], dtype=np.float64)
-        if _tracks_predictions(node):
-            out["sgdamp"] = np.array([node.pred_norm], dtype=np.float64)
+        for key, attr in _running_norms(node).items():
+            out[key] = np.array([getattr(node, attr)], dtype=np.float64)
     if getattr(node, "aux", None) is not None:
         out.update({f"aux.{i}": p.copy() for i, p in enumerate(node.aux.params)})
         out.update({f"auxopt.{k}": np.array(v, copy=True) for k, v in node.aux_opt.state().items()})
@@ -381,10 +374,8 @@ def restore_node(node, state: dict) -> None:
         for i, p in enumerate(node.sg.params):
             p[...] = state[f"sg.{i}"]
         node.sg_opt.load_state({k[len("sgopt."):]: np.asarray(v) for k, v in state.items() if k.startswith("sgopt.")})
-        if _tracks_targets(node):
-            node.target_norm = float(np.asarray(state["sgclip"])[0])
-        if _tracks_predictions(node):
-            node.pred_norm = float(np.asarray(state["sgdamp"])[0])
+        for key, attr in _running_norms(node).items():
+            setattr(node, attr, float(np.asarray(state[key])[0]))
     if getattr(node, "aux", None) is not None:
         for i, p in enumerate(node.aux.params):
             p[...] = state[f"aux.{i}"]
