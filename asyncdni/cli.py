@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import config as C
-from . import schedules as S
+from asyncdni import config as C
+from asyncdni import schedules as S
 
 # flag -> (dotted config field, argparse kwargs)
 TRAIN_FLAGS = {
@@ -185,11 +185,11 @@ def fail(message: str, code: int) -> int:
 def guarded(fn):
     """Run fn(); map the errors a user can cause or meet to one line and an exit code.
     Returns (value, None) or (None, exit_code)."""
-    from .checkpoint import CheckpointError
-    from .coordinator import Interrupted, RunError, WorkerFailed
-    from .data import DataError
+    from asyncdni.engine.checkpoint import CheckpointError
+    from asyncdni.engine.coordinator import Interrupted, RunError, WorkerFailed
+    from asyncdni.numerics.data import DataError
     from asyncdni.launch.base import LaunchError
-    from .transport import TransportError
+    from asyncdni.wire.transport import TransportError
     try:
         return fn(), None
     except KeyboardInterrupt:          # Ctrl-C outside a run (loading data, between restarts)
@@ -211,8 +211,8 @@ def guarded(fn):
 
 
 def cmd_train(args) -> int:
-    from . import report
-    from .coordinator import run
+    from asyncdni import report
+    from asyncdni.engine.coordinator import run
 
     def train():
         cfg = C.build(args.config, overrides_from_args(args))
@@ -243,7 +243,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench, report
+    from asyncdni.bench import compare as bench
+    from asyncdni import report
 
     def log(line):
         print(line, flush=True)
@@ -253,7 +254,7 @@ def cmd_bench(args) -> int:
     if args.repeats != "1" or args.windows:
         return fail("bench: --repeats and --windows go with --lab", 2)
     if args.transport:
-        from . import transport_bench
+        from asyncdni.bench import transport as transport_bench
         log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 41 short paired trials)")
         rows = transport_bench.run(log=log)
         if args.json:
@@ -311,8 +312,9 @@ def cmd_bench(args) -> int:
 
 
 def _bench_lab(args, log) -> int:
-    from . import lab as L
-    from . import labbench, report
+    from asyncdni.lab import namespaces as L
+    from asyncdni.bench import lab as labbench
+    from asyncdni import report
     try:
         L.require_root()
         L.parse_prefix(args.lab_prefix)
@@ -362,8 +364,8 @@ def _bench_lab(args, log) -> int:
 def cmd_agent(args) -> int:
     import signal
 
-    from .agent import Agent, AgentConfig, AgentError
-    from .security import KeyError_
+    from asyncdni.launch.agent import Agent, AgentConfig, AgentError
+    from asyncdni.wire.security import KeyError_
 
     def log(line):
         print(f"asyncdni agent: {line}", file=sys.stderr, flush=True)
@@ -389,7 +391,7 @@ def cmd_agent(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from .security import KeyError_, make_keys
+    from asyncdni.wire.security import KeyError_, make_keys
     try:
         made = make_keys(args.dir, args.names or ["agent"])
     except KeyError_ as e:
@@ -403,7 +405,7 @@ def cmd_keys(args) -> int:
 
 def cmd_lab(args) -> int:
     import json
-    from . import lab as L
+    from asyncdni.lab import namespaces as L
     if args.lab_command is None:
         return fail("lab: expected up, down or status (see asyncdni lab --help)", 2)
     try:                                 # refusals and bad flags: exit code 2

@@ -17,16 +17,17 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from . import files
-from . import schedules as _schedules
-from .nn import ACTIVATIONS, INITS
-from .optim import OPTIMIZERS
-from .synthetic import SG_MODELS
-from .synthetic import param_count as sg_param_count
+from asyncdni import files
+from asyncdni.launch import registry as launcher_registry
+from asyncdni import schedules as _schedules
+from asyncdni.numerics.nn import ACTIVATIONS, INITS
+from asyncdni.numerics.optim import OPTIMIZERS
+from asyncdni.numerics.synthetic import SG_MODELS
+from asyncdni.numerics.synthetic import param_count as sg_param_count
 
 SCHEDULES = _schedules.NAMES            # one entry each in schedules.TABLE
 DELAY_REMEDIES = ("none", "lr_scale")
-LAUNCHERS = ("local", "agents", "ray")
+LAUNCHERS = launcher_registry.names()   # built-in launchers plus any installed entry points
 SECURITY = ("auto", "curve", "insecure")
 DATASETS = ("addition", "idx")
 LOSS_CHOICES = ("auto", "softmax_ce", "sigmoid_bce", "mse")

@@ -18,9 +18,11 @@ import argparse
 import sys
 
 
-from asyncdni import config, coordinator, report
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni import report
 
-from .staleness import max_drop_pts, parse_seeds
+from benchmarks.staleness import max_drop_pts, parse_seeds
 
 TARGET_DROP_PTS = 2.0
 
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
     rows = []
     for seed in parse_seeds(args.seeds):
         if args.mnist:
-            from .mnist_accuracy import DEFAULT_DIR, mnist_config
+            from benchmarks.mnist_accuracy import DEFAULT_DIR, mnist_config
             data = args.data or str(DEFAULT_DIR)
             cfg = mnist_config(data, "async", 10.0, **{"train.eval_every": 25, "train.seed": seed, **extra})
         else:

@@ -16,8 +16,9 @@ import argparse
 import sys
 import time
 
-from asyncdni import reference, report
-from asyncdni.model import load_datasets, make_plan
+from asyncdni.engine import reference
+from asyncdni import report
+from asyncdni.engine.plan import load_datasets, make_plan
 from benchmarks.mnist_accuracy import DEFAULT_DIR, mnist_config
 
 VARIANTS = {

@@ -18,13 +18,13 @@ import subprocess
 import sys
 import time
 
-from asyncdni.lab import Lab, LabError, _read_line, rate_bits
+from asyncdni.lab.namespaces import Lab, LabError, _read_line, rate_bits
 
 PREFIX, SUBNET = "adb-", "10.76.0.0/24"
 
 
 def _server(lab: Lab, host: int, kind: str) -> tuple[subprocess.Popen, str]:
-    p = lab.run_in(host, [sys.executable, "-m", "asyncdni.netprobe", kind, "--bind", f"{lab.addresses[host]}:0",
+    p = lab.run_in(host, [sys.executable, "-m", "asyncdni.lab.netprobe", kind, "--bind", f"{lab.addresses[host]}:0",
                           "--count", "1"], stdout=subprocess.PIPE)
     line = _read_line(p.stdout, time.monotonic() + 15)
     try:
@@ -34,7 +34,7 @@ def _server(lab: Lab, host: int, kind: str) -> tuple[subprocess.Popen, str]:
 
 
 def _client(lab: Lab, host: int, args: list[str], timeout: float = 120) -> dict:
-    p = lab.run_in(host, [sys.executable, "-m", "asyncdni.netprobe", *args], stdout=subprocess.PIPE,
+    p = lab.run_in(host, [sys.executable, "-m", "asyncdni.lab.netprobe", *args], stdout=subprocess.PIPE,
                    stderr=subprocess.PIPE, text=True)
     out, err = p.communicate(timeout=timeout)
     if p.returncode != 0:

@@ -22,9 +22,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from asyncdni import bench, config, coordinator, report
+from asyncdni.bench import compare as bench
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni import report
 
-from .mnist_accuracy import DEFAULT_DIR, mnist_config
+from benchmarks.mnist_accuracy import DEFAULT_DIR, mnist_config
 
 WIDE = {"model.width": 1024, "train.batch_size": 128, "train.steps": 200, "runtime.progress": False}
 FLOPS_FACTOR, ACC_POINTS = 1.2, 0.5
@@ -39,7 +42,7 @@ def settings(ranks, every) -> list[tuple[str, dict]]:
 
 
 def flops_rows(sets) -> tuple[float, dict]:
-    from asyncdni.model import load_datasets, make_plan
+    from asyncdni.engine.plan import load_datasets, make_plan
     base = config.build(overrides=WIDE)
     train = load_datasets(base)[0]
     bp = bench.flops_per_sample(make_plan(base, train), "backprop")

@@ -27,7 +27,9 @@ import sys
 import statistics
 from pathlib import Path
 
-from asyncdni import config, coordinator, report
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni import report
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 TARGETS = {"async": 0.94, "backprop": 0.95}
@@ -84,8 +86,8 @@ def main(argv=None) -> int:
 def sg_models(args) -> list[dict]:
     """Each SG model under ``async`` through the workers, for every seed of ``--seeds``; then
     per model the median final accuracy and steps to 94% over the seeds."""
-    from .sg_models import model_overrides, steps_to
-    from .staleness import parse_seeds
+    from benchmarks.sg_models import model_overrides, steps_to
+    from benchmarks.staleness import parse_seeds
     rows = []
     seeds = parse_seeds(args.seeds)
     specs = args.sg_models.split(",")
@@ -172,8 +174,8 @@ def bn_table(rows) -> list[str]:
 
 
 def batch_norm_study(args) -> list[dict]:
-    from .sg_models import steps_to
-    from .staleness import parse_seeds
+    from benchmarks.sg_models import steps_to
+    from benchmarks.staleness import parse_seeds
     rows = []
     for method, bn, seed, cfg in bn_configs(args.data, args.epochs, parse_seeds(args.seeds)):
         s = report.run_summary(coordinator.run(cfg))

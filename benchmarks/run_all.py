@@ -21,7 +21,9 @@ import sys
 
 from pathlib import Path
 
-from asyncdni import bench, config, transport_bench
+from asyncdni.bench import compare as bench
+from asyncdni import config
+from asyncdni.bench import transport as transport_bench
 from benchmarks import lowrank, mnist_accuracy
 
 

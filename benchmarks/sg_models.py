@@ -20,11 +20,11 @@ import time
 for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")     # one BLAS thread, like the workers (before numpy loads)
 
-from asyncdni.model import load_datasets, make_plan  # noqa: E402
-from asyncdni.reference import train_reference  # noqa: E402
+from asyncdni.engine.plan import load_datasets, make_plan  # noqa: E402
+from asyncdni.engine.reference import train_reference  # noqa: E402
 
-from .mnist_accuracy import DEFAULT_DIR, mnist_config  # noqa: E402
-from .staleness import parse_seeds  # noqa: E402
+from benchmarks.mnist_accuracy import DEFAULT_DIR, mnist_config  # noqa: E402
+from benchmarks.staleness import parse_seeds  # noqa: E402
 
 
 def model_overrides(spec: str) -> dict:

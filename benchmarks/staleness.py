@@ -25,11 +25,12 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from asyncdni import config, report
-from asyncdni.layer import LayerNode
-from asyncdni.model import load_datasets, make_plan
-from asyncdni.data import BatchStream
-from asyncdni.reference import evaluate
+from asyncdni import config
+from asyncdni import report
+from asyncdni.numerics.layer import LayerNode
+from asyncdni.engine.plan import load_datasets, make_plan
+from asyncdni.numerics.data import BatchStream
+from asyncdni.engine.reference import evaluate
 
 MEASURED_LAGS = (0.27, 0.58, 0.15)
 
@@ -51,7 +52,7 @@ def parse_seeds(text: str) -> list[int]:
 def diagnose(nodes, loss_name, x, y) -> list[dict]:
     """Per non-last layer on one batch: cosine and norm ratio of the SG prediction against the
     true gradient (backprop through the current weights), and the fraction of dead units."""
-    from asyncdni import losses
+    from asyncdni.numerics import losses
     xs, hs = [x], []
     for node in nodes:
         hs.append(node.dense.forward(xs[-1]))

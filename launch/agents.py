@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from asyncdni import protocol as P
-from asyncdni import security, transport
-from asyncdni.agent import AGENT_HEARTBEAT, DRAIN_LIMIT
+from asyncdni.wire import protocol as P
+from asyncdni.wire import security
+from asyncdni.wire import transport
+from asyncdni.launch.agent import AGENT_HEARTBEAT, DRAIN_LIMIT
 
-from .base import HostLost, LaunchError, Launcher, WorkerLaunch
+from asyncdni.launch.base import HostLost, LaunchError, Launcher, WorkerLaunch
 
 AGENT_MISSES = 6              # agent heartbeats missed before the agent is declared lost (1.5 s)
 
@@ -69,7 +70,7 @@ class AgentsLauncher(Launcher):
         self.endpoint = transport.endpoint(self.listen_host, self.listen_port)
 
     @classmethod
-    def from_config(cls, cfg) -> "AgentsLauncher":
+    def from_config(cls, cfg, run_dir=None) -> "AgentsLauncher":
         rt = cfg.runtime
         return cls(rt.listen, rt.keys, rt.security, rt.heartbeat_interval * rt.heartbeat_misses)
 

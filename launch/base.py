@@ -112,23 +112,13 @@ class Launcher(ABC):
     def close(self) -> None:
         self.stop()
 
+    @classmethod
+    def from_config(cls, cfg, run_dir) -> "Launcher":
+        """The launcher for a run's configuration; ``run_dir`` holds local logs."""
+        raise NotImplementedError(f"{cls.__name__} does not build itself from a configuration")
+
     def describe_exit(self, name: str) -> str:
         code = self.exit_code(name)
         if code is None:
             return "ended"
         return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-
-
-def make_launcher(cfg, run_dir) -> Launcher:
-    """The launcher ``cfg.runtime.launcher`` names."""
-    kind = cfg.runtime.launcher
-    if kind == "local":
-        from .local import LocalLauncher
-        return LocalLauncher(run_dir, cfg.runtime.blas_threads)
-    if kind == "agents":
-        from .agents import AgentsLauncher
-        return AgentsLauncher.from_config(cfg)
-    if kind == "ray":
-        from .ray import RayLauncher
-        return RayLauncher.from_config(cfg)
-    raise LaunchError(f"unknown launcher {kind!r}")

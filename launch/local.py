@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import BLAS_VARS, LaunchError, Launcher, WorkerLaunch
+from asyncdni.launch.base import BLAS_VARS, LaunchError, Launcher, WorkerLaunch
 
 __all__ = ["LocalLauncher", "LaunchError", "WorkerProcess", "worker_env"]
 
@@ -67,6 +67,10 @@ class LocalLauncher(Launcher):
     die_with_parent: bool = True
     procs: dict[str, WorkerProcess] = field(default_factory=dict)
     kind = "local"
+
+    @classmethod
+    def from_config(cls, cfg, run_dir) -> "LocalLauncher":
+        return cls(run_dir, cfg.runtime.blas_threads)
 
     def env(self) -> dict:
         return worker_env(self.blas_threads)

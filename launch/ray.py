@@ -37,7 +37,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from .base import BLAS_VARS, HostLost, LaunchError, Launcher, WorkerLaunch
+from asyncdni.launch.base import BLAS_VARS, HostLost, LaunchError, Launcher, WorkerLaunch
 
 NEED_RAY = "the Ray launcher needs Ray: pip install 'asyncdni[ray]'"
 CPU_PER_WORKER = 0.01         # a token CPU share: K+1 actors fit any node; the OS schedules them
@@ -75,7 +75,7 @@ class _Tail(io.TextIOBase):
 
 class RayWorker:
     """The actor class (wrapped with ``ray.remote`` by the launcher). Its process is the
-    worker process: ``run`` calls :func:`asyncdni.worker.run_worker` in it."""
+    worker process: ``run`` calls :func:`asyncdni.engine.worker.run_worker` in it."""
 
     def where(self) -> dict:
         import ray
@@ -100,7 +100,7 @@ class RayWorker:
         out = _Tail()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
-                from asyncdni.worker import run_worker
+                from asyncdni.engine.worker import run_worker
             except ImportError as e:
                 return {"code": 2, "tail": f"cannot import asyncdni on this node ({sys.executable}): {e}; "
                                            f"install the same asyncdni on every Ray node"}
@@ -149,7 +149,7 @@ class RayLauncher(Launcher):
         self._remote = None
 
     @classmethod
-    def from_config(cls, cfg) -> "RayLauncher":
+    def from_config(cls, cfg, run_dir=None) -> "RayLauncher":
         _import_ray()                     # one line, before anything else, if Ray is missing
         rt = cfg.runtime
         return cls(rt.ray_address, rt.blas_threads, rt.host)
@@ -177,7 +177,7 @@ class RayLauncher(Launcher):
                 raise LaunchError(f"no Ray cluster answers at {addr}: {e.strerror or e}") from None
             kw.update(address=f"{host}:{port}")
             kw.pop("include_dashboard")
-            from asyncdni.security import is_loopback
+            from asyncdni.wire.security import is_loopback
             if is_loopback(host):
                 kw["_node_ip_address"] = host     # Ray would rewrite a loopback head to this host's LAN IP
         old_term = signal.getsignal(signal.SIGTERM) if _main_thread() else None

@@ -6,7 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from asyncdni import bench, config, report, transport_bench
+from asyncdni.bench import compare as bench
+from asyncdni import config
+from asyncdni import report
+from asyncdni.bench import transport as transport_bench
 from tests.conftest import env_with_repo
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_processes")]
@@ -82,7 +85,7 @@ def test_bench_all_schedules_consistent_figures(tmp_path):
 def test_flops_per_sample_counts_matmuls():
     cfg = config.build(overrides={"model.layers": 3, "model.widths": "100,100", "train.batch_size": 10,
                                   "data.bits": 4, "train.cond": False})
-    from asyncdni.model import load_datasets, make_plan
+    from asyncdni.engine.plan import load_datasets, make_plan
     plan = make_plan(cfg, load_datasets(cfg)[0])
     # backprop: forward + weight grad (+ input grad except layer 1), 2 flops per multiply-add
     mm = [8 * 100, 100 * 100, 100 * 5]
@@ -113,7 +116,7 @@ def test_flops_parts_of_lowrank_sg_every():
     cfg = config.build(overrides={"model.layers": 3, "model.widths": f"{d},{d}", "train.batch_size": 10,
                                   "data.bits": 4, "train.cond": True, "train.sg_model": "lowrank",
                                   "train.sg_rank": r, "train.sg_every": n})
-    from asyncdni.model import load_datasets, make_plan
+    from asyncdni.engine.plan import load_datasets, make_plan
     plan = make_plan(cfg, load_datasets(cfg)[0])
     bp = bench.flops_per_sample(plan, "backprop")
     pred = 2 * (2 * d * r + k * d)

@@ -1,4 +1,4 @@
-"""Tests for asyncdni.checkpoint: atomic npz files, LayerNode state, manifests, recovery, pruning."""
+"""Tests for asyncdni.engine.checkpoint: atomic npz files, LayerNode state, manifests, recovery, pruning."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import raises_one_line
-from asyncdni import checkpoint as ck
-from asyncdni.checkpoint import CheckpointError
-from asyncdni.layer import LayerNode, LayerSpec
+from asyncdni.engine import checkpoint as ck
+from asyncdni.engine.checkpoint import CheckpointError
+from asyncdni.numerics.layer import LayerNode, LayerSpec
 
 DIGEST = "0123456789abcdef"
 

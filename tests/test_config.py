@@ -22,11 +22,11 @@ from asyncdni.config import (
     replace,
     validate,
 )
-from asyncdni.data import Dataset, binary_addition_split
-from asyncdni.model import make_plan, microbatch_bounds
-from asyncdni.nn import ACTIVATIONS, INITS
-from asyncdni.optim import OPTIMIZERS
-from asyncdni.synthetic import SG_MODELS
+from asyncdni.numerics.data import Dataset, binary_addition_split
+from asyncdni.engine.plan import make_plan, microbatch_bounds
+from asyncdni.numerics.nn import ACTIVATIONS, INITS
+from asyncdni.numerics.optim import OPTIMIZERS
+from asyncdni.numerics.synthetic import SG_MODELS
 
 
 def _raises(fn, *args, match_all=(), **kwargs) -> str:

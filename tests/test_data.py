@@ -1,4 +1,4 @@
-"""Tests for asyncdni.data (pure numpy, no network)."""
+"""Tests for asyncdni.numerics.data (pure numpy, no network)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asyncdni.data import (
+from asyncdni.numerics.data import (
     BatchStream,
     DataError,
     Dataset,

@@ -9,8 +9,10 @@ import numpy as np
 import psutil
 import pytest
 
-from asyncdni import config, coordinator, reference
-from asyncdni.model import load_datasets, make_plan
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni.engine import reference
+from asyncdni.engine.plan import load_datasets, make_plan
 from asyncdni.launch.local import LocalLauncher
 from tests.conftest import env_with_repo, pids_gone
 
@@ -217,7 +219,7 @@ def test_cli_train_with_toml_and_json_report(tmp_path):
 
 
 def test_idx_dataset_end_to_end(tmp_path):
-    from asyncdni.data import write_idx
+    from asyncdni.numerics.data import write_idx
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 600).astype(np.uint8)
     images = (rng.random((600, 4, 5)) * 60).astype(np.uint8)
@@ -234,7 +236,7 @@ def test_idx_dataset_end_to_end(tmp_path):
 
 
 def test_max_inflight_auto_sizes_the_window_from_measured_times():
-    from asyncdni.worker import auto_window
+    from asyncdni.engine.worker import auto_window
     assert auto_window(0.040, 0.005, 16) == 8           # a 40 ms round trip over 5 ms steps
     assert auto_window(0.041, 0.005, 16) == 9           # rounded up: the slowest stage never idles
     assert auto_window(0.5, 0.001, 16) == 16            # capped

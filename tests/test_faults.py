@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import zmq
 
-from asyncdni import checkpoint as CK
-from asyncdni import config, coordinator, protocol as P, reference
-from asyncdni.model import load_datasets, make_plan
+from asyncdni.engine import checkpoint as CK
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni.wire import protocol as P
+from asyncdni.engine import reference
+from asyncdni.engine.plan import load_datasets, make_plan
 from tests.conftest import env_with_repo, pids_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_processes")]

@@ -16,9 +16,10 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from asyncdni import config, protocol as P
-from asyncdni.model import load_datasets, make_plan, microbatch_bounds
-from asyncdni.worker import FeederWorker, LayerWorker, StepLost
+from asyncdni import config
+from asyncdni.wire import protocol as P
+from asyncdni.engine.plan import load_datasets, make_plan, microbatch_bounds
+from asyncdni.engine.worker import FeederWorker, LayerWorker, StepLost
 
 pytestmark = pytest.mark.slow       # hypothesis: minutes of CPU on a loaded machine
 

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import zmq
 
-from asyncdni import config, coordinator, protocol as P
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni.wire import protocol as P
 from tests.conftest import env_with_repo
 
 BASE = {"model.width": 32, "data.train_size": 2048, "data.test_size": 256, "runtime.progress": False}

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import env_with_repo, raises_one_line
-from asyncdni import checkpoint as ck
+from asyncdni.engine import checkpoint as ck
 from asyncdni import config as C
-from asyncdni.checkpoint import CheckpointError
-from asyncdni.data import MAX_CLASSES, DataError, load_idx_dir, write_idx
-from asyncdni.layer import LayerNode, LayerSpec, NonFiniteError
-from asyncdni.optim import make_optimizer
+from asyncdni.engine.checkpoint import CheckpointError
+from asyncdni.numerics.data import MAX_CLASSES, DataError, load_idx_dir, write_idx
+from asyncdni.numerics.layer import LayerNode, LayerSpec, NonFiniteError
+from asyncdni.numerics.optim import make_optimizer
 
 DIGEST = "0123456789abcdef"
 
@@ -115,7 +115,7 @@ def test_sizes_checked_against_memory_and_limits_at_config_time(override, field)
 
 def test_idx_sizes_checked_again_in_the_plan(tmp_path, monkeypatch):
     """For IDX data the input width is known only after loading: make_plan checks again."""
-    from asyncdni.model import make_plan
+    from asyncdni.engine.plan import make_plan
     d = _idx_pair(tmp_path / "data", _images(), np.arange(40, dtype=np.uint8) % 10)
     cfg = C.build(None, {"data.path": str(d), "data.dataset": "idx", "model.width": "64", "train.batch_size": "8"})
     train, _ = load_idx_dir(d)
@@ -140,7 +140,7 @@ def test_shutdown_closes_a_socket_left_by_a_failed_bind(tmp_path):
     option value no socket accepts) must end the run, not leave ctx.term() waiting forever."""
     code = textwrap.dedent("""
         from asyncdni import config as C
-        from asyncdni.coordinator import Coordinator
+        from asyncdni.engine.coordinator import Coordinator
         cfg = C.build(None, {"train.steps": "5", "runtime.progress": False, "model.layers": "2",
                              "model.width": "8"})
         c = Coordinator(cfg)
@@ -240,8 +240,8 @@ def test_layer_skips_and_counts_an_update_that_would_overflow():
 def test_diverging_run_saves_finite_weights(tmp_path, optimizer, lr):
     """The issue's runs, in process (the same LayerNode code as the workers): every layer's
     weights, SG model and optimizer state stay finite, and the skips are counted."""
-    from asyncdni.model import load_datasets, make_plan
-    from asyncdni.reference import train_reference
+    from asyncdni.engine.plan import load_datasets, make_plan
+    from asyncdni.engine.reference import train_reference
     cfg = C.build(None, {"train.optimizer": optimizer, "train.lr": lr, "train.steps": "400",
                          "train.schedule": "sequential", "model.activation": "relu"})   # tanh would saturate
     train, _ = load_datasets(cfg)
@@ -335,7 +335,7 @@ def test_restore_node_refuses_non_finite_and_impossible_state():
 
 
 def test_feeder_keys_match_the_worker():
-    from asyncdni.worker import EVAL_KEYS
+    from asyncdni.engine.worker import EVAL_KEYS
     assert ck.FEEDER_EVAL_KEYS == EVAL_KEYS
 
 
@@ -396,7 +396,7 @@ def _in_subprocess(code: str, timeout: float, memory_bytes: int = 3 << 30):
 
 def _find_latest_code(root):
     return textwrap.dedent(f"""
-        from asyncdni import checkpoint as ck
+        from asyncdni.engine import checkpoint as ck
         found, skipped = ck.find_latest({str(root)!r}, {DIGEST!r}, 2)
         print(found.step)
         print(skipped[0])
@@ -439,7 +439,7 @@ def test_layer_file_that_is_a_fifo_or_device_is_refused(tmp_path, kind):
     else:
         p.symlink_to("/dev/zero")
     code = textwrap.dedent(f"""
-        from asyncdni import checkpoint as ck
+        from asyncdni.engine import checkpoint as ck
         for fn in (lambda: ck.read_arrays({str(p)!r}), lambda: ck.validate({str(d)!r})):
             try:
                 fn()

@@ -13,8 +13,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from asyncdni import protocol as P
-from asyncdni.protocol import ProtocolError, decode, encode
+from asyncdni.wire import protocol as P
+from asyncdni.wire.protocol import ProtocolError, decode, encode
 
 H = np.arange(6, dtype=np.float32).reshape(2, 3)          # 24 bytes: the next array needs no pad
 Y = np.array([7, -8], dtype=np.int64)

@@ -18,8 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from asyncdni import cli, lab as L
-from asyncdni.relay import parse_hostport
+from asyncdni import cli
+from asyncdni.lab import namespaces as L
+from asyncdni.lab.relay import parse_hostport
 from tests.conftest import env_with_repo, pids_gone, raises_one_line
 
 pytestmark = pytest.mark.timeout(90)
@@ -82,7 +83,7 @@ def lab_args(needs_lab, tmp_path, no_leftover_processes):
 
 
 def _server(lab: L.Lab, host: int, kind: str, count: int = 1):
-    p = lab.run_in(host, [PY, "-m", "asyncdni.netprobe", kind, "--bind", f"{lab.addresses[host]}:0",
+    p = lab.run_in(host, [PY, "-m", "asyncdni.lab.netprobe", kind, "--bind", f"{lab.addresses[host]}:0",
                           "--count", str(count)], stdout=subprocess.PIPE, env=env_with_repo())
     line = L._read_line(p.stdout, time.monotonic() + 20)
     assert line, f"probe {kind} did not start in host {host}"
@@ -90,7 +91,7 @@ def _server(lab: L.Lab, host: int, kind: str, count: int = 1):
 
 
 def _client(lab: L.Lab, host: int, args: list[str], timeout: float = 40) -> dict:
-    p = lab.run_in(host, [PY, "-m", "asyncdni.netprobe", *args], stdout=subprocess.PIPE,
+    p = lab.run_in(host, [PY, "-m", "asyncdni.lab.netprobe", *args], stdout=subprocess.PIPE,
                    stderr=subprocess.PIPE, text=True, env=env_with_repo())
     out, err = p.communicate(timeout=timeout)
     assert p.returncode == 0, err
@@ -142,7 +143,7 @@ def test_chain_senders():
 
 
 def _start_relay(target: str, delay_ms: float, stats: Path, local: str | None = None):
-    argv = [PY, "-m", "asyncdni.relay", "--listen", "127.0.0.1:0", "--target", target,
+    argv = [PY, "-m", "asyncdni.lab.relay", "--listen", "127.0.0.1:0", "--target", target,
             "--delay-ms", str(delay_ms), "--stats", str(stats), "--parent-pid", str(os.getpid())]
     if local:
         argv += ["--local", local]
@@ -153,7 +154,7 @@ def _start_relay(target: str, delay_ms: float, stats: Path, local: str | None = 
 
 
 def _probe(kind: str, *args, **kw):
-    return subprocess.Popen([PY, "-m", "asyncdni.netprobe", kind, *args], env=env_with_repo(), **kw)
+    return subprocess.Popen([PY, "-m", "asyncdni.lab.netprobe", kind, *args], env=env_with_repo(), **kw)
 
 
 def test_relay_on_loopback_adds_the_delay_and_passes_bytes_unchanged(tmp_path, no_leftover_processes):
@@ -207,7 +208,7 @@ def test_relay_adds_nothing_for_its_local_host(tmp_path, no_leftover_processes):
     listen = json.loads(L._read_line(echo.stdout, time.monotonic() + 20))["listen"]
     relay, rl = _start_relay(listen, 50.0, tmp_path / "st.json", local="127.0.0.1")
     try:
-        out = subprocess.run([PY, "-m", "asyncdni.netprobe", "ping", "--to", rl, "--count", "20"],
+        out = subprocess.run([PY, "-m", "asyncdni.lab.netprobe", "ping", "--to", rl, "--count", "20"],
                              capture_output=True, text=True, timeout=30, env=env_with_repo())
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["rtt_ms"]["median"] < 20     # not 2 x 50 ms
@@ -221,7 +222,7 @@ def test_relay_adds_nothing_for_its_local_host(tmp_path, no_leftover_processes):
 
 @pytest.mark.slow                   # a subprocess
 def test_relay_refuses_bad_arguments_in_one_line():
-    r = subprocess.run([PY, "-m", "asyncdni.relay", "--listen", "nowhere", "--target", "127.0.0.1:1",
+    r = subprocess.run([PY, "-m", "asyncdni.lab.relay", "--listen", "nowhere", "--target", "127.0.0.1:1",
                         "--delay-ms", "5"], capture_output=True, text=True, timeout=20, env=env_with_repo())
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "HOST:PORT" in r.stderr
 
@@ -234,7 +235,7 @@ def test_hosts_reach_each_other_and_the_root_namespace(lab_args):
         echo, listen = _server(lab, 2, "echo", count=2)
         r = _client(lab, 0, ["ping", "--to", listen, "--count", "20"])     # host 0 -> host 2
         assert r["rtt_ms"]["median"] < 50
-        out = subprocess.run([PY, "-m", "asyncdni.netprobe", "ping", "--to", listen, "--count", "5"],
+        out = subprocess.run([PY, "-m", "asyncdni.lab.netprobe", "ping", "--to", listen, "--count", "5"],
                              capture_output=True, text=True, timeout=30, env=env_with_repo())   # root -> host 2
         assert out.returncode == 0, out.stderr
         echo.wait(10)
@@ -318,7 +319,7 @@ def test_second_lab_with_the_same_names_is_refused(lab_args):
 
 OWNER = """
 import sys, time
-from asyncdni.lab import Lab
+from asyncdni.lab.namespaces import Lab
 lab = Lab(hosts=2, delay_ms=3, prefix=sys.argv[1], subnet=sys.argv[2], state_dir=sys.argv[3])
 with lab:
     lab.run_in(0, [sys.executable, "-c", "import time; time.sleep(120)"])
@@ -509,7 +510,7 @@ def _fake_run(sps, acc, ttt, stt, window=3, lags=None):
 
 
 def _fake_result(repeats=3, windows=()):
-    from asyncdni import labbench as LB
+    from asyncdni.bench import lab as LB
     links = []
     for rate, bits, delay in (("unshaped", None, 0.0), ("unshaped", None, 5.0), ("100mbit", 100e6, 0.0)):
         runs = {}
@@ -526,7 +527,8 @@ def _fake_result(repeats=3, windows=()):
 
 
 def test_lab_runs_every_schedule_of_the_table_and_says_why_not_inprocess():
-    from asyncdni import labbench as LB, schedules as S
+    from asyncdni.bench import lab as LB
+    from asyncdni import schedules as S
     assert set(LB.LAB_SCHEDULES) == set(S.TABLE) and len(LB.LAB_SCHEDULES) == len(S.TABLE)
     run, skipped = LB.parse_schedules(None)
     assert run == list(LB.LAB_SCHEDULES) and skipped == {}
@@ -543,7 +545,7 @@ def test_lab_runs_every_schedule_of_the_table_and_says_why_not_inprocess():
 
 
 def test_repeats_give_medians_spread_and_never_counts_as_never():
-    from asyncdni import labbench as LB
+    from asyncdni.bench import lab as LB
     reps = [_fake_run(300.0, 0.95, None, None), _fake_run(100.0, 0.93, 4.0, 400), _fake_run(200.0, 0.94, 3.0, 300)]
     a = LB.aggregate("async w4", "async", 4, reps)
     assert a["samples_per_s"] == 200.0 and a["samples_per_s_range"] == [100.0, 300.0]
@@ -558,8 +560,8 @@ def test_repeats_give_medians_spread_and_never_counts_as_never():
 
 
 def test_sg_lag_summary_and_the_layer_counts_lags():
-    from asyncdni import labbench as LB
-    from asyncdni.layer import SG_LAG_BINS, LayerNode, LayerSpec
+    from asyncdni.bench import lab as LB
+    from asyncdni.numerics.layer import SG_LAG_BINS, LayerNode, LayerSpec
     s = LB.lag_summary([2, 6, 2] + [0] * (SG_LAG_BINS - 2))
     assert s["targets"] == 10 and s["median"] == 1 and s["p90"] == 2 and s["max"] == 2 and s["mean"] == 1.0
     assert s["share"][:3] == [0.2, 0.6, 0.2] and not s["max_is_open"]
@@ -578,7 +580,7 @@ def test_sg_lag_summary_and_the_layer_counts_lags():
 
 
 def test_lab_report_table_csv_and_plot(tmp_path):
-    from asyncdni import labbench as LB
+    from asyncdni.bench import lab as LB
     res = _fake_result(repeats=3, windows=(2, 4))
     text = LB.format_lab_bench(res)
     assert "3 repeats per cell" in text and "median of 3 [min-max]" in text and "2000 [1000-3000]" in text
@@ -602,7 +604,7 @@ def test_bench_lab_cli_writes_json_csv_and_says_how_to_get_the_plot(monkeypatch,
     """Without matplotlib: one line saying how to install it; JSON and CSV are still written."""
     import builtins
 
-    from asyncdni import labbench as LB
+    from asyncdni.bench import lab as LB
     seen = {}
 
     def fake_bench(cfg, schedules, links, **kw):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from asyncdni import config
-from asyncdni.model import load_datasets, make_plan
-from asyncdni.reference import train_reference
+from asyncdni.engine.plan import load_datasets, make_plan
+from asyncdni.engine.reference import train_reference
 
 
 @pytest.mark.slow

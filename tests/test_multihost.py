@@ -14,9 +14,11 @@ import psutil
 import pytest
 import zmq
 
-from asyncdni import config, coordinator, reference
-from asyncdni import protocol as P
-from asyncdni.model import load_datasets, make_plan
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni.engine import reference
+from asyncdni.wire import protocol as P
+from asyncdni.engine.plan import load_datasets, make_plan
 from asyncdni.launch.base import HostLost
 from tests.conftest import env_with_repo, pids_gone
 
@@ -320,7 +322,7 @@ def test_curve_run_refuses_unknown_keys_and_plain_strangers(tmp_path):
 
 
 def _coordinator_public(keys):
-    from asyncdni import security
+    from asyncdni.wire import security
     return security.load_public(keys, "coordinator")
 
 

@@ -1,5 +1,5 @@
 """Multi-host runs across real network stacks: five network-namespace hosts on a bridge
-(asyncdni.lab), one `asyncdni agent` in each, the coordinator in the root namespace,
+(asyncdni.lab.namespaces), one `asyncdni agent` in each, the coordinator in the root namespace,
 CURVE on (every worker binds a non-loopback address). Needs root; skips with one line
 where namespaces cannot be made."""
 import os
@@ -12,8 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from asyncdni import config, coordinator, reference
-from asyncdni.model import load_datasets, make_plan
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni.engine import reference
+from asyncdni.engine.plan import load_datasets, make_plan
 from tests.conftest import env_with_repo, pids_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.usefixtures("no_leftover_processes")]
@@ -39,7 +41,7 @@ def lab(tmp_path_factory):
     why = _netns_allowed()
     if why:
         pytest.skip(why)
-    from asyncdni.lab import Lab, down
+    from asyncdni.lab.namespaces import Lab, down
     down(PREFIX)                                  # a lab left by a killed earlier run
     keys = tmp_path_factory.mktemp("keys") / "k"
     out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "keys", str(keys), "h0", "h1", "h2", "h3", "h4"],
@@ -148,7 +150,7 @@ def test_killed_coordinator_leaves_nothing_in_any_namespace(lab, tmp_path):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        from asyncdni.lab import _netns_pids
+        from asyncdni.lab.namespaces import _netns_pids
         while sum(len(_netns_pids(n)) for n in lab.names) < 10 and time.monotonic() < deadline:
             time.sleep(0.2)
         pids = [p for n in lab.names for p in _netns_pids(n)]

@@ -16,14 +16,14 @@ import warnings
 import numpy as np
 import pytest
 
-from asyncdni import layer as layer_mod
-from asyncdni import losses
-from asyncdni.layer import LayerNode, LayerSpec, StepError, condition_vector
-from asyncdni.model import microbatch_bounds
-from asyncdni.nn import ACTIVATIONS, Dense, activate, activation_backward, init_weights
-from asyncdni.optim import SGD, Adam, Momentum, make_optimizer
-from asyncdni.synthetic import LinearSG, LowRankSG, MLPSG, make_sg_model
-from asyncdni.synthetic import param_count as sg_param_count
+from asyncdni.numerics import layer as layer_mod
+from asyncdni.numerics import losses
+from asyncdni.numerics.layer import LayerNode, LayerSpec, StepError, condition_vector
+from asyncdni.engine.plan import microbatch_bounds
+from asyncdni.numerics.nn import ACTIVATIONS, Dense, activate, activation_backward, init_weights
+from asyncdni.numerics.optim import SGD, Adam, Momentum, make_optimizer
+from asyncdni.numerics.synthetic import LinearSG, LowRankSG, MLPSG, make_sg_model
+from asyncdni.numerics.synthetic import param_count as sg_param_count
 
 F64 = np.float64
 EPS = 1e-6      # finite-difference step

@@ -1,4 +1,4 @@
-"""Tests of asyncdni.protocol, the wire format."""
+"""Tests of asyncdni.wire.protocol, the wire format."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from asyncdni import protocol as P
-from asyncdni.protocol import ProtocolError, decode, encode, frame_nbytes
+from asyncdni.wire import protocol as P
+from asyncdni.wire.protocol import ProtocolError, decode, encode, frame_nbytes
 
 
 # --------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import numpy as np
 import psutil
 import pytest
 
-from asyncdni import config, coordinator
+from asyncdni import config
+from asyncdni.engine import coordinator
 from asyncdni.launch.base import LaunchError, WorkerLaunch
 from tests.conftest import env_with_repo, pids_gone
 
@@ -406,8 +407,8 @@ def test_ray_mnist_spans_five_namespace_hosts(ray_on_namespaces, mnist_dir):
     """A 4-layer MNIST run under the Ray launcher: the feeder and each layer on its own
     namespace host (--hosts), CURVE on (nothing binds loopback), and `sequential` ends with
     the in-process reference's weights, as it does locally."""
-    from asyncdni import reference
-    from asyncdni.model import load_datasets, make_plan
+    from asyncdni.engine import reference
+    from asyncdni.engine.plan import load_datasets, make_plan
     address, hosts, _ = ray_on_namespaces
     cfg = config.build(overrides={
         "data.dataset": "idx", "data.path": str(mnist_dir), "model.layers": 4, "model.width": 64,

@@ -8,11 +8,14 @@ import signal
 import numpy as np
 import pytest
 
-from asyncdni import checkpoint as CK
-from asyncdni import config, coordinator, losses, reference
+from asyncdni.engine import checkpoint as CK
+from asyncdni import config
+from asyncdni.engine import coordinator
+from asyncdni.numerics import losses
+from asyncdni.engine import reference
 from asyncdni import schedules as S
-from asyncdni.layer import ARITHMETIC, AuxHead, LayerNode, LayerSpec, StepError
-from asyncdni.model import load_datasets, make_plan
+from asyncdni.numerics.layer import ARITHMETIC, AuxHead, LayerNode, LayerSpec, StepError
+from asyncdni.engine.plan import load_datasets, make_plan
 from tests.test_faults import kill_when
 
 SMALL = {"train.steps": 40, "model.width": 32, "data.train_size": 2048, "data.test_size": 256,
@@ -103,7 +106,7 @@ def test_train_step_runs_each_lockstep_order():
 def _run_order(sched, plan, train, steps, boundaries=()):
     nodes = [LayerNode(s) for s in plan.specs]
     rt = reference.Runtime(nodes, sched)
-    from asyncdni.data import BatchStream
+    from asyncdni.numerics.data import BatchStream
     stream = BatchStream(train, plan.batch_size, 0)
     seg = 0
     for cut in sorted(set(boundaries) | {steps}):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from asyncdni import config
-from asyncdni.checkpoint import CheckpointError, node_state, restore_node
-from asyncdni.layer import TARGET_NORM_DECAY, LayerNode, LayerSpec
+from asyncdni.engine.checkpoint import CheckpointError, node_state, restore_node
+from asyncdni.numerics.layer import TARGET_NORM_DECAY, LayerNode, LayerSpec
 
 F64 = np.float64
 

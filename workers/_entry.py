@@ -66,6 +66,6 @@ def main(role: str, argv: list[str] | None = None) -> int:
         print(f"{role}: --blas-threads must be >= 1", file=sys.stderr)
         return 2
     pin_blas(args.blas_threads)
-    from asyncdni.worker import run_worker     # numpy is imported here, after the thread variables
+    from asyncdni.engine.worker import run_worker  # numpy is imported here, after the thread variables
     return run_worker(role, getattr(args, "index", 0), args.control, start_timeout=args.start_timeout,
                       server_key=args.server_key.encode(), secret_key=secret)

@@ -16,8 +16,9 @@ def main(argv=None) -> int:
     with open(argv[0]) as f:
         cfg_dict = json.load(f)
     pin_blas(cfg_dict["runtime"]["blas_threads"])
-    from asyncdni import config, report
-    from asyncdni.bench import run_inprocess_here
+    from asyncdni import config
+    from asyncdni import report
+    from asyncdni.bench.compare import run_inprocess_here
     result = run_inprocess_here(config.from_dict(cfg_dict), *argv[2:])
     report.write_json(argv[1], result)
     return 0

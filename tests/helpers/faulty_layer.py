@@ -2,7 +2,7 @@
 ``python -m tests.helpers.faulty_layer INDEX --fail-step N [worker options]``."""
 import sys
 
-from asyncdni import layer
+from asyncdni.numerics import layer
 
 
 def main():

@@ -2,7 +2,7 @@
 ``python -m tests.helpers.nan_feeder --nan-step N [worker options]``."""
 import sys
 
-from asyncdni import data
+from asyncdni.numerics import data
 
 
 def main():

@@ -2,7 +2,7 @@
 were due just after a checkpoint): ``python -m tests.helpers.quiet_feeder [worker options]``."""
 import sys
 
-from asyncdni import worker
+from asyncdni.engine import worker
 
 
 def main():

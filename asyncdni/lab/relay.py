@@ -6,7 +6,7 @@ connection it accepts it opens one to the target. Each chunk read from either si
 timestamped and written to the other side when ``delay`` has passed since it was read.
 Bytes only: ZeroMQ framing and CURVE pass through unchanged.
 
-Run as its own process (``python -m asyncdni.relay``) so it never shares a GIL with the
+Run as its own process (``python -m asyncdni.lab.relay``) so it never shares a GIL with the
 coordinator or a worker. It prints one JSON line on stdout once it listens
 (``{"listen": "HOST:PORT", "pid": N}``), then nothing more. It writes its statistics as
 JSON to ``--stats FILE`` on SIGUSR1, every few seconds while traffic flows, and at exit
@@ -385,7 +385,7 @@ def _target_from_stdin(stop: threading.Event, parent_pid: int | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m asyncdni.relay",
+    ap = argparse.ArgumentParser(prog="python -m asyncdni.lab.relay",
                                  description="TCP forwarder with a fixed added one-way delay")
     ap.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
     ap.add_argument("--target", required=True, metavar="HOST:PORT",

@@ -16,7 +16,7 @@ the host's egress and the bridge port's egress, i.e. the host's ingress; otherwi
 from two peers into one host would add up to twice the rate.
 
 Delay (``delay_ms``): this kernel has no netem, so :meth:`Lab.route` starts one relay
-process (``asyncdni.relay``) per inbox endpoint, listening on the bridge address in the
+process (``asyncdni.lab.relay``) per inbox endpoint, listening on the bridge address in the
 root namespace, that forwards bytes to the inbox with the delay added in each direction.
 Traffic through a relay still crosses both hosts' shaped veths. Spare relays are started by up()
 (and refilled by stop_relays()), so that route() only hands them their targets: it runs
@@ -672,7 +672,7 @@ class Lab:
             stats = self.relay_dir / f"relay{self._relay_seq}.json"
             with contextlib.suppress(FileNotFoundError):
                 stats.unlink()
-            argv = [sys.executable, "-m", "asyncdni.relay", "--listen", f"{self.bridge_ip}:0",
+            argv = [sys.executable, "-m", "asyncdni.lab.relay", "--listen", f"{self.bridge_ip}:0",
                     "--target", "-" if t is None else f"{t[0]}:{t[1]}", "--delay-ms", repr(delay),
                     "--stats", str(stats), "--parent-pid", str(os.getpid())]
             if t is not None and t[2]:
@@ -824,7 +824,7 @@ def chain_senders(n: int) -> dict:
 
 
 def pool_relay_stats(docs: list[dict | None], delay_ms: float) -> dict:
-    from .relay import summarize
+    from asyncdni.lab.relay import summarize
     relays, pooled = [], []
     for d in docs:
         if not d:
@@ -860,7 +860,7 @@ def _read_line(stream, deadline: float) -> str:
 
 
 def _split_endpoint(ep: str) -> tuple[str, int]:
-    from .relay import parse_hostport
+    from asyncdni.lab.relay import parse_hostport
     try:
         return parse_hostport(ep)
     except ValueError:

@@ -1,13 +1,14 @@
 """ZeroMQ socket life cycle: endpoints, options, zero-copy send and receive.
 
-The wire format itself belongs to :mod:`asyncdni.protocol`; this module only moves frames.
+The wire format itself belongs to :mod:`asyncdni.wire.protocol`; this module only moves frames.
 """
 from __future__ import annotations
 
 
 import zmq
 
-from . import protocol, security
+from asyncdni.wire import protocol
+from asyncdni.wire import security
 
 LINGER_MS = 0               # never block process exit on unsent messages
 SEND_HWM = 1000             # messages queued per peer before a send blocks

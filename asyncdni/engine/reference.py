@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import losses
-from . import schedules as S
-from .data import BatchStream, Dataset, eval_batches
-from .layer import LayerNode
-from .model import Plan, microbatch_bounds
+from asyncdni.numerics import losses
+from asyncdni import schedules as S
+from asyncdni.numerics.data import BatchStream, Dataset, eval_batches
+from asyncdni.numerics.layer import LayerNode
+from asyncdni.engine.plan import Plan, microbatch_bounds
 
 
 @dataclass

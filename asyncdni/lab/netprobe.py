@@ -1,9 +1,9 @@
 """Small TCP probes for the network lab: a sink, an echo server, a bulk sender and a pinger.
 
-    python -m asyncdni.netprobe sink --bind HOST:PORT [--count N]
-    python -m asyncdni.netprobe echo --bind HOST:PORT [--count N]
-    python -m asyncdni.netprobe send --to HOST:PORT --bytes N [--chunk B]
-    python -m asyncdni.netprobe ping --to HOST:PORT [--count N] [--size B]
+    python -m asyncdni.lab.netprobe sink --bind HOST:PORT [--count N]
+    python -m asyncdni.lab.netprobe echo --bind HOST:PORT [--count N]
+    python -m asyncdni.lab.netprobe send --to HOST:PORT --bytes N [--chunk B]
+    python -m asyncdni.lab.netprobe ping --to HOST:PORT [--count N] [--size B]
 
 Servers print one JSON line ``{"listen": "HOST:PORT"}`` once they listen, and serve
 ``--count`` connections (default 1) before they exit. ``send`` writes N bytes in chunks,
@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-from .relay import parse_hostport, percentile
+from asyncdni.lab.relay import parse_hostport, percentile
 
 
 def _listen(bind: str) -> socket.socket:
@@ -110,7 +110,7 @@ def ping(to: str, count: int, size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m asyncdni.netprobe")
+    ap = argparse.ArgumentParser(prog="python -m asyncdni.lab.netprobe")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("sink", "echo"):
         p = sub.add_parser(name)

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from . import checkpoint as CK
-from . import protocol as P
-from . import security, transport
-from .config import RunConfig
-from .model import Plan, load_datasets, make_plan
+from asyncdni.engine import checkpoint as CK
+from asyncdni.wire import protocol as P
+from asyncdni.wire import security
+from asyncdni.wire import transport
+from asyncdni.config import RunConfig
+from asyncdni.engine.plan import Plan, load_datasets, make_plan
 
 STOP_TIMEOUT = 10.0          # seconds to wait for every BYE after STOP
 # control messages handled per turn of the watch loop: a flood on the control port cannot
@@ -125,7 +126,7 @@ class Coordinator:
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="asyncdni-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if launcher is None:
-            from asyncdni.launch.base import make_launcher
+            from asyncdni.launch.registry import make_launcher
             launcher = make_launcher(cfg, self.run_dir)
             self._own_launcher = True
         else:
@@ -148,7 +149,7 @@ class Coordinator:
         rows = max(cfg.train.batch_size, cfg.train.eval_batch)
         self.max_message = 2 * widest * rows * 8 + (1 << 20)
         # control messages: the largest is a layer's BYE (float32 parameters, its timeline)
-        from .worker import EVAL_KEYS, TRACE_LIMIT
+        from asyncdni.engine.worker import EVAL_KEYS, TRACE_LIMIT
         param_bytes = 4 * max(s.param_count() for s in self.plan.specs)
         n_evals = self.plan.steps // max(1, cfg.train.eval_every) + 2
         feeder_bytes = 8 * 3 * self.plan.steps + 8 * len(EVAL_KEYS) * n_evals   # the feeder's history
@@ -479,7 +480,7 @@ class Coordinator:
                 names += ["trace_t", "trace_d", "trace_c"]
                 w.arrays = {n: np.array(a) for n, a in zip(names, msg.arrays)}
         self.launcher.wait(5.0)
-        from .worker import evals_from_arrays
+        from asyncdni.engine.worker import evals_from_arrays
         feeder = self.workers[0]
         feeder.stats["evals"] = evals_from_arrays(feeder.arrays)
         layers = self.workers[1:]
@@ -551,7 +552,7 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
     own = kw.get("launcher") is None              # one launcher for every attempt (agents stay joined)
     logs = None
     if own:
-        from asyncdni.launch.base import make_launcher
+        from asyncdni.launch.registry import make_launcher
         logs = tempfile.mkdtemp(prefix="asyncdni-logs-")
         kw["launcher"] = make_launcher(cfg, logs)
     try:

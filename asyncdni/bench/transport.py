@@ -21,8 +21,9 @@ import time
 import numpy as np
 import zmq
 
-from . import protocol as P
-from . import security, transport
+from asyncdni.wire import protocol as P
+from asyncdni.wire import security
+from asyncdni.wire import transport
 
 SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
 
@@ -107,7 +108,7 @@ def run(sizes=SIZES, trials: int = 41, min_bytes: int = 16 << 20, log=None, curv
         keys = [client.secret.decode(), server.public.decode(), server.public.decode()]
         extra = f", {cout_ep!r}, {cback_ep!r}, {keys!r}"
     proc = subprocess.Popen([sys.executable, "-c",
-                             f"from asyncdni.transport_bench import peer; peer({out_ep!r}, {back_ep!r}{extra})"])
+                             f"from asyncdni.bench.transport import peer; peer({out_ep!r}, {back_ep!r}{extra})"])
     rows = []
     try:
         for size in sizes:

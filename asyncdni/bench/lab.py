@@ -21,11 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import config as C
-from . import coordinator, report
-from . import schedules as S
-from .bench import _layer_rows
-from .lab import Lab, LabError, parse_delay, parse_rate, rate_bits
+from asyncdni import config as C
+from asyncdni.engine import coordinator
+from asyncdni import report
+from asyncdni import schedules as S
+from asyncdni.bench.compare import layer_rows
+from asyncdni.lab.namespaces import Lab, LabError, parse_delay, parse_rate, rate_bits
 
 DEFAULT_LINKS = "unshaped:0,unshaped:5,1gbit:0,100mbit:0"
 # every schedule of schedules.TABLE, in bench's order; the in-process run has no network to cross
@@ -152,9 +153,9 @@ def _pool_counts(count_lists) -> list[int] | None:
 
 def _one_run(r, relay: dict) -> dict:
     """The plain-data record of one run through the lab."""
-    from .bench import steps_to_target
+    from asyncdni.bench.compare import steps_to_target
     summ = report.run_summary(r)
-    summ["per_layer"] = _layer_rows(summ["per_layer"])
+    summ["per_layer"] = layer_rows(summ["per_layer"])
     summ["steps_to_target"] = steps_to_target(summ.get("evals"), summ.get("target_accuracy"))
     summ["relay"] = {k: relay.get(k) for k in ("delay_ms", "chunks", "backlogged", "added_ms", "on_time_ms")}
     summ["sg_lag_counts"] = _pool_counts(st.get("sg_lags") for st in r.layers)
@@ -245,7 +246,7 @@ def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_h
               prefix: str = "adb-", subnet: str = "10.76.0.0/24", repeats: int = 1, windows=(),
               skipped=None, log=None) -> dict:
     """Every schedule under every link setting; a plain-data result."""
-    from .model import load_datasets, make_plan
+    from asyncdni.engine.plan import load_datasets, make_plan
     if feeder_host not in ("shared", "own"):
         raise C.ConfigError(f"--feeder-host {feeder_host!r}: expected shared or own")
     if not 1 <= int(repeats) <= 100:

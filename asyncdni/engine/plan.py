@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import schedules
-from .config import RunConfig
-from .data import Dataset, binary_addition_split, load_idx_dir
-from .layer import LayerSpec
+from asyncdni import schedules
+from asyncdni.config import RunConfig
+from asyncdni.numerics.data import Dataset, binary_addition_split, load_idx_dir
+from asyncdni.numerics.layer import LayerSpec
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def resolve_loss(cfg: RunConfig, task: str) -> str:
 
 
 def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
-    from .config import ConfigError, check_resources
+    from asyncdni.config import ConfigError, check_resources
     t = cfg.train
     if t.batch_size > len(train):
         raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the training set ({len(train)} examples)")

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import zmq
 
-from . import protocol as P
-from . import security, transport
+from asyncdni.wire import protocol as P
+from asyncdni.wire import security
+from asyncdni.wire import transport
 
 AGENT_HEARTBEAT = 0.25        # seconds between agent <-> coordinator heartbeats
 JOIN_RETRY = 1.0              # seconds between AGENT_HELLOs while joining

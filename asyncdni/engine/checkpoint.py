@@ -71,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files
+from asyncdni import files
 
 FORMAT = "asyncdni-checkpoint"
 VERSION = 1

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import losses
-from . import schedules as S
-from .nn import Dense, init_weights
-from .optim import all_finite, make_optimizer  # noqa: F401 (all_finite: re-exported)
-from .synthetic import make_sg_model, param_count as sg_param_count
+from asyncdni.numerics import losses
+from asyncdni import schedules as S
+from asyncdni.numerics.nn import Dense, init_weights
+from asyncdni.numerics.optim import all_finite, make_optimizer  # noqa: F401 (all_finite: re-exported)
+from asyncdni.numerics.synthetic import make_sg_model, param_count as sg_param_count
 
 SG_LAG_BINS = 16      # SG-target lags counted one by one up to this; larger ones share the last bin
 TARGET_NORM_DECAY = 0.99   # sg_clip, sg_damp: EMA factor of the running SG target / prediction norms (~100 steps)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .nn import init_weights
+from asyncdni.numerics.nn import init_weights
 
 SG_MODELS = ("linear", "mlp", "lowrank")
 

@@ -11,10 +11,11 @@ import os
 
 import numpy as np
 
-from . import config as C
-from . import coordinator, reference
-from . import schedules as S
-from .model import load_datasets, make_plan
+from asyncdni import config as C
+from asyncdni.engine import coordinator
+from asyncdni.engine import reference
+from asyncdni import schedules as S
+from asyncdni.engine.plan import load_datasets, make_plan
 
 SCHEDULE_ORDER = S.BENCH_ORDER
 BENCH_CHOICES = S.BENCH_CHOICES
@@ -38,7 +39,7 @@ def cores() -> int:
 
 def flops_per_sample(plan, schedule: str) -> float:
     """Arithmetic of one training sample under a schedule (multiply-adds count 2)."""
-    from .layer import LayerNode
+    from asyncdni.numerics.layer import LayerNode
     total = 0
     B = plan.batch_size
     s = INPROCESS_ROWS[schedule][0] if schedule in INPROCESS_ROWS else schedule
@@ -49,7 +50,7 @@ def flops_per_sample(plan, schedule: str) -> float:
 
 def flops_parts(plan, schedule: str) -> list[dict]:
     """Per layer, the analytic FLOPs per sample by part (``LayerNode.flops_parts``)."""
-    from .layer import LayerNode
+    from asyncdni.numerics.layer import LayerNode
     B = plan.batch_size
     s = INPROCESS_ROWS[schedule][0] if schedule in INPROCESS_ROWS else schedule
     return [{k: v / B for k, v in LayerNode(spec).flops_parts(B, s).items()} for spec in plan.specs]
@@ -78,7 +79,7 @@ def steps_to_target(evals, target) -> int | None:
     return int(hit[0]["step"]) if hit else None
 
 
-def _layer_rows(summary_layers):
+def layer_rows(summary_layers):
     return [{k: L.get(k) for k in ("layer", "pid", "busy_s", "wait_s", "comm_s", "busy_fraction", "msgs_sent",
                                    "bytes_sent", "cpu_percent", "peak_rss_mb", "steps", "updates", "sg_updates",
                                    "cached_steps", "rejected", "delay_mean", "delay_max", "stash_peak_bytes",
@@ -140,7 +141,7 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
     ``eval_every``: test-set evaluations (off the clock) every so many steps; None: the
     config's ``train.eval_every``, or :func:`default_eval_every` where that is 0, so that
     every row has an accuracy curve and a time to the target accuracy; 0: at the end only."""
-    from . import report
+    from asyncdni import report
     # one bench runs several schedules on the same config: checkpoints, resume and restarts
     # would mix their files in one directory, and are not what is being measured
     cfg = C.replace(cfg, **{"runtime.checkpoint_every": 0, "runtime.checkpoint_dir": "", "runtime.resume": "",
@@ -160,7 +161,7 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
         c = C.replace(cfg, **{"train.schedule": s})
         r = coordinator.run(c, on_progress=on_progress, datasets=datasets)
         summ = report.run_summary(r)
-        summ["per_layer"] = _layer_rows(summ["per_layer"])
+        summ["per_layer"] = layer_rows(summ["per_layer"])
         aux = reference.aux_evaluate(r.plan, r.params, datasets[1], cfg.train.eval_batch)
         for L, a in zip(summ["per_layer"], aux):
             L["aux_test_metric"] = a
@@ -358,7 +359,7 @@ def format_bench(res: dict) -> str:
                 lines.append(f"  {'':<{len(s)}}  {L['layer']:>5} {L['busy_s']:>7.2f} {L['wait_s']:>7.2f} {L['comm_s']:>7.2f}"
                              f" {100 * L['busy_fraction']:>5.1f}% {L['msgs_sent']:>6} {L['bytes_sent'] / 2**20:>9.1f}"
                              f" {L['cpu_percent']:>5.0f} {L['peak_rss_mb']:>7.1f}")
-            from .report import layer_extras
+            from asyncdni.report import layer_extras
             extra = layer_extras(runs[s]["per_layer"])
             if extra:
                 lines += [f"  {'':<{len(s)}}  {x}" for x in extra]

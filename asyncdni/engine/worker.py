@@ -27,14 +27,15 @@ import traceback
 import numpy as np
 import zmq
 
-from . import checkpoint as CK
-from . import protocol as P
-from . import schedules as S
-from . import security, transport
-from .config import from_dict
-from .data import DataError
-from .layer import LayerNode, LayerSpec, NonFiniteError, StepError, all_finite
-from .report import TRACE_CODES
+from asyncdni.engine import checkpoint as CK
+from asyncdni.wire import protocol as P
+from asyncdni import schedules as S
+from asyncdni.wire import security
+from asyncdni.wire import transport
+from asyncdni.config import from_dict
+from asyncdni.numerics.data import DataError
+from asyncdni.numerics.layer import LayerNode, LayerSpec, NonFiniteError, StepError, all_finite
+from asyncdni.report import TRACE_CODES
 
 
 class StepLost(RuntimeError):
@@ -563,7 +564,7 @@ class LayerWorker(Worker):
         x, y = msg.arrays
         h = self._timed(T_EVAL, self.node.forward_only, x)
         if self.last:
-            from . import losses
+            from asyncdni.numerics import losses
             loss, _ = losses.compute(self.lspec.loss, h, y)
             m, m2, n = losses.metrics(self.lspec.loss, h, y)
             self.send(self.sink, P.EVAL_RESULT, msg.step, (),
@@ -664,8 +665,8 @@ class FeederWorker(Worker):
     FILE = "feeder.npz"
 
     def setup(self) -> None:
-        from .data import BatchStream, eval_batches
-        from .model import load_datasets, microbatch_bounds
+        from asyncdni.numerics.data import BatchStream, eval_batches
+        from asyncdni.engine.plan import load_datasets, microbatch_bounds
         self.train, self.test = load_datasets(self.cfg)
         t = self.cfg.train
         self.steps = int(self.spec["steps"])
@@ -995,7 +996,7 @@ def run_worker(role: str, index: int, control: str, *, start_timeout: float = 60
                                                 "host": _socket.gethostname()})
         spec = _wait_for_spec(ctrl, start_timeout)
         check_spec(spec, role, index)
-        from .config import validate
+        from asyncdni.config import validate
         validate(from_dict(spec["config"]))
         worker = (FeederWorker if role == "feeder" else LayerWorker)(spec, index, ctx, ctrl, keys)
     except (CoordinatorLost, StopRequested) as e:
