@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from asyncdni import __version__
 from asyncdni import config as C
 from asyncdni import schedules as S
 
@@ -61,30 +62,61 @@ TRAIN_FLAGS = {
 
 
 class _Parser(argparse.ArgumentParser):
+    """No abbreviations (``--delay 5`` must not be read as ``--delay-remedy 5``); errors in one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):      # one line, exit code 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# --help shows the flags in these groups, in this order; a flag's group follows from its field
+HELP_GROUPS = ("model", "data", "training", "schedule", "synthetic gradients", "runtime", "across machines",
+               "output")
+_SCHEDULE_FIELDS = {"train.schedule", "train.max_inflight", "train.max_inflight_cap", "train.microbatches",
+                    "train.stash_weights", "train.delay_remedy", "train.aux_features"}
+_MACHINE_FIELDS = {"runtime.host", "runtime.hosts", "runtime.ports", "runtime.launcher", "runtime.listen",
+                   "runtime.keys", "runtime.ray_address"}
+_OUTPUT_FIELDS = {"train.eval_every", "train.eval_batch", "train.target_accuracy"}
+
+
+def help_group(field: str) -> str:
+    """The --help group of a config field."""
+    section, _, key = field.partition(".")
+    if field in _SCHEDULE_FIELDS:
+        return "schedule"
+    if field in _MACHINE_FIELDS:
+        return "across machines"
+    if field in _OUTPUT_FIELDS:
+        return "output"
+    if section == "train":
+        return "synthetic gradients" if key.startswith("sg_") else "training"
+    return section
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    groups = {name: p.add_argument_group(name) for name in HELP_GROUPS}
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model] [data] [train] [runtime]")
-    for flag, (_field, kw) in TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=flag[2:].replace("-", "_"), default=None, **kw)
-    g = p.add_mutually_exclusive_group()
+    for flag, (field, kw) in TRAIN_FLAGS.items():
+        groups[help_group(field)].add_argument(flag, dest=flag[2:].replace("-", "_"), default=None, **kw)
+    g = groups["synthetic gradients"].add_mutually_exclusive_group()
     g.add_argument("--cond", dest="cond", action="store_const", const=True, default=None,
                    help="label-conditioned synthetic gradients (cDNI, default on)")
     g.add_argument("--no-cond", dest="cond", action="store_const", const=False, help="unconditioned synthetic gradients")
-    bn = p.add_mutually_exclusive_group()
+    bn = groups["model"].add_mutually_exclusive_group()
     bn.add_argument("--batch-norm", dest="batch_norm", action="store_const", const=True, default=None,
                     help="batch normalisation of the hidden layers' pre-activations (default off)")
     bn.add_argument("--no-batch-norm", dest="batch_norm", action="store_const", const=False,
                     help="no batch normalisation")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config field, e.g. --set train.sg_lr=3e-4 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress display")
-    p.add_argument("--fail-on-nonfinite", action="store_true",
+    groups["output"].add_argument("--no-progress", action="store_true", help="no progress display")
+    groups["runtime"].add_argument("--fail-on-nonfinite", action="store_true",
                    help="stop cleanly at the first NaN/Inf loss, gradient or output (default: skip and count)")
-    p.add_argument("--report", metavar="FILE.json", help="write the summary as JSON")
-    sec = p.add_mutually_exclusive_group()
+    groups["output"].add_argument("--report", metavar="FILE.json", help="write the summary as JSON")
+    sec = groups["across machines"].add_mutually_exclusive_group()
     sec.add_argument("--insecure", dest="security", action="store_const", const="insecure", default=None,
                      help="no CURVE encryption even where workers bind off loopback")
     sec.add_argument("--curve", dest="security", action="store_const", const="curve",
@@ -121,6 +153,7 @@ def overrides_from_args(args) -> dict:
 
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="asyncdni", description="Layer-per-process training with decoupled neural interfaces.")
+    p.add_argument("--version", action="version", version=f"asyncdni {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     t = sub.add_parser("train", help="train one network under one schedule and print a summary")
     _add_train_flags(t)

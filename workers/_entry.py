@@ -38,7 +38,7 @@ def pin_blas(threads) -> None:
 
 
 def parse(role: str, argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=f"python -m asyncdni.workers.{role}")
+    ap = argparse.ArgumentParser(prog=f"python -m asyncdni.workers.{role}", allow_abbrev=False)
     if role == "layer":
         ap.add_argument("index", type=int, help="0-based layer index")
     ap.add_argument("--control", required=True, help="the coordinator's control endpoint (tcp://HOST:PORT)")

@@ -110,7 +110,7 @@ def ping(to: str, count: int, size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m asyncdni.lab.netprobe")
+    ap = argparse.ArgumentParser(prog="python -m asyncdni.lab.netprobe", allow_abbrev=False)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("sink", "echo"):
         p = sub.add_parser(name)

@@ -385,7 +385,7 @@ def _target_from_stdin(stop: threading.Event, parent_pid: int | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m asyncdni.lab.relay",
+    ap = argparse.ArgumentParser(prog="python -m asyncdni.lab.relay", allow_abbrev=False,
                                  description="TCP forwarder with a fixed added one-way delay")
     ap.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
     ap.add_argument("--target", required=True, metavar="HOST:PORT",
