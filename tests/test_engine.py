@@ -255,3 +255,53 @@ def test_max_inflight_auto_on_the_command_line(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "in-flight window" in out.stdout and "auto: round trip" in out.stdout
+
+
+# ------------------------------------------------------------------ the run spec
+def _wire_spec(**changes):
+    from asyncdni.engine.spec import NodeAddress, RunSpec
+    cfg = config.build(None, {"train.steps": 5})
+    train, _ = load_datasets(cfg)
+    plan = make_plan(cfg, train)
+    nodes = tuple(NodeAddress("feeder" if j == 0 else "layer", "127.0.0.1", 0, 0) for j in range(plan.n_layers + 1))
+    wire = RunSpec(config=cfg, nodes=nodes, specs=plan.specs, steps=plan.steps, max_message=1 << 20).to_wire()
+    wire.update(changes)
+    return wire, plan
+
+
+def test_run_spec_round_trips_through_msgpack():
+    import msgpack
+
+    from asyncdni.engine.spec import RunSpec
+    wire, plan = _wire_spec()
+    back = RunSpec.from_wire(msgpack.unpackb(msgpack.packb(wire)), "layer", 2)
+    assert back.specs == plan.specs and back.steps == plan.steps and back.resume is None and back.curve_keys is None
+    assert back.to_wire() == wire
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": "5"}, "'steps' missing or not a int"),
+    ({"steps": 0}, "steps and max_message must be positive"),
+    ({"resume": {"dir": "x", "step": -1}}, "malformed resume entry"),
+    ({"curve": {"keys": ["short"]}}, "malformed CURVE key list"),
+    ({"nodes": []}, "nodes do not match the layers"),
+])
+def test_run_spec_refuses_malformed_maps(change, message):
+    from asyncdni.engine.spec import RunSpec, SpecError
+    wire, _ = _wire_spec(**change)
+    with pytest.raises(SpecError, match=message):
+        RunSpec.from_wire(wire, "layer", 0)
+
+
+def test_run_spec_refuses_unknown_layer_fields_and_bad_ports():
+    from asyncdni.engine.spec import RunSpec, SpecError
+    wire, _ = _wire_spec()
+    wire["specs"][1]["evil"] = 1
+    with pytest.raises(SpecError, match=r"layer 1 has unknown fields \['evil'\]"):
+        RunSpec.from_wire(wire, "layer", 0)
+    wire, _ = _wire_spec()
+    wire["nodes"][0]["fwd_port"] = 70000
+    with pytest.raises(SpecError, match="port out of range"):
+        RunSpec.from_wire(wire, "feeder", 0)
+    with pytest.raises(SpecError, match="no layer 9"):
+        RunSpec.from_wire(_wire_spec()[0], "layer", 9)

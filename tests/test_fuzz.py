@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from asyncdni import config
 from asyncdni.wire import protocol as P
+from asyncdni.engine.spec import NodeAddress, RunSpec
 from asyncdni.engine.plan import load_datasets, make_plan, microbatch_bounds
 from asyncdni.engine.worker import FeederWorker, LayerWorker, StepLost
 
@@ -166,10 +167,8 @@ def _spec(cfg):
     train, _ = load_datasets(cfg)
     plan = make_plan(cfg, train)
     K = plan.n_layers
-    return {"config": cfg.to_dict(), "nodes": [{"role": "feeder" if j == 0 else "layer", "host": "127.0.0.1",
-                                                "fwd_port": 0, "bwd_port": 0} for j in range(K + 1)],
-            "specs": [s.__dict__ for s in plan.specs], "steps": plan.steps, "max_message": 1 << 24,
-            "checkpoint_dir": "", "resume": None, "curve": None}, plan
+    nodes = tuple(NodeAddress("feeder" if j == 0 else "layer", "127.0.0.1") for j in range(K + 1))
+    return RunSpec(config=cfg, nodes=nodes, specs=plan.specs, steps=plan.steps, max_message=1 << 24), plan
 
 
 class InProcess:

@@ -26,6 +26,7 @@ from asyncdni.wire import protocol as P
 from asyncdni.wire import security
 from asyncdni.wire import transport
 from asyncdni.config import RunConfig
+from asyncdni.engine.spec import NodeAddress, ResumePoint, RunSpec
 from asyncdni.engine.plan import Plan, load_datasets, make_plan
 
 STOP_TIMEOUT = 10.0          # seconds to wait for every BYE after STOP
@@ -186,8 +187,8 @@ class Coordinator:
             ctrl_host = self.launcher.control_host(self.rt.host)
             for w in self.workers:
                 w.bind = self.launcher.bind_host(w.ident, w.host or self.rt.host)
-            self.nodes = [{"role": w.role, "host": w.bind, "fwd_port": self.ports[2 * j],
-                           "bwd_port": self.ports[2 * j + 1]} for j, w in enumerate(self.workers)]
+            self.nodes = [NodeAddress(w.role, w.bind, self.ports[2 * j], self.ports[2 * j + 1])
+                          for j, w in enumerate(self.workers)]
             # CURVE whenever anything binds off loopback, unless the user said --insecure
             self.curve = self.rt.security == "curve" or (self.rt.security == "auto" and not all(
                 security.is_loopback(h) for h in [ctrl_host, *(w.bind for w in self.workers)]))
@@ -199,13 +200,12 @@ class Coordinator:
             self.ctrl, ctrl_ep = transport.bind(self.ctx, zmq.ROUTER, ctrl_host, self.control_port,
                                                 max_message=self.max_ctrl_message, curve=server)
             self.ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self.spec = {
-                "config": self.cfg.to_dict(), "nodes": self.nodes,
-                "specs": [s.__dict__ for s in self.plan.specs], "steps": self.plan.steps,
-                "max_message": self.max_message, "checkpoint_dir": str(self.ckpt_root or ""),
-                "resume": {"dir": str(self.resume.directory), "step": self.resume.step} if self.resume else None,
-                "curve": {"keys": [k.public.decode() for k in self.keys.values()]} if self.curve else None,
-            }
+            self.spec = RunSpec(
+                config=self.cfg, nodes=tuple(self.nodes), specs=self.plan.specs, steps=self.plan.steps,
+                max_message=self.max_message, checkpoint_dir=str(self.ckpt_root or ""),
+                resume=ResumePoint(str(self.resume.directory), self.resume.step) if self.resume else None,
+                curve_keys=tuple(k.public.decode() for k in self.keys.values()) if self.curve else None,
+            ).to_wire()
             from asyncdni.launch.base import WorkerLaunch
             for w in self.workers:
                 key = self.keys.get(w.ident)

@@ -32,9 +32,9 @@ from asyncdni.wire import protocol as P
 from asyncdni import schedules as S
 from asyncdni.wire import security
 from asyncdni.wire import transport
-from asyncdni.config import from_dict
+from asyncdni.engine.spec import RunSpec
 from asyncdni.numerics.data import DataError
-from asyncdni.numerics.layer import LayerNode, LayerSpec, NonFiniteError, StepError, all_finite
+from asyncdni.numerics.layer import LayerNode, NonFiniteError, StepError, all_finite
 from asyncdni.report import TRACE_CODES
 
 
@@ -86,21 +86,21 @@ class StopRequested(Exception):
 class Worker:
     role = "worker"
 
-    def __init__(self, spec: dict, index: int, ctx: zmq.Context, ctrl: zmq.Socket,
+    def __init__(self, spec: RunSpec, index: int, ctx: zmq.Context, ctrl: zmq.Socket,
                  keys: security.KeyPair | None = None):
         self.spec = spec
         self.index = index
-        self.cfg = from_dict(spec["config"])
+        self.cfg = spec.config
         self.rt = self.cfg.runtime
         self.schedule = self.cfg.train.schedule
         self.sched = S.get(self.schedule)      # everything schedule-specific is read from here
-        self.host = spec["nodes"][self._node_id]["host"]
+        self.host = spec.nodes[self._node_id].host
         self.ctx = ctx
         self.ctrl = ctrl
         self.socks: list[zmq.Socket] = [ctrl]
-        self.max_message = int(spec.get("max_message", transport.DEFAULT_MAX_MESSAGE))
+        self.max_message = spec.max_message
         # CURVE: this worker's key pair, and a ZAP allowlist of the run's own workers
-        self.keys = keys if spec.get("curve") else None
+        self.keys = keys if spec.curve_keys is not None else None
         self.allowlist = None        # started in run(), stopped in close()
         self.hb_interval = self.rt.heartbeat_interval
         self.hb_deadline = self.rt.heartbeat_interval * self.rt.heartbeat_misses
@@ -244,7 +244,7 @@ class Worker:
         return [], {}
 
     def checkpoint_root(self):
-        return self.spec.get("checkpoint_dir") or ""
+        return self.spec.checkpoint_dir
 
     def save_checkpoint_file(self, step: int, name: str, arrays: dict) -> None:
         """Write this worker's part of checkpoint ``step`` and tell the coordinator."""
@@ -272,7 +272,7 @@ class Worker:
         code = 0
         try:
             if self.keys is not None:
-                self.allowlist = security.Allowlist(self.ctx, [k.encode() for k in self.spec["curve"]["keys"]])
+                self.allowlist = security.Allowlist(self.ctx, [k.encode() for k in self.spec.curve_keys])
             self.setup()
             self.last_coord = time.monotonic()   # set-up time is not the coordinator's silence
             endpoints = self.bind_inboxes()
@@ -347,9 +347,9 @@ class Worker:
 class LayerWorker(Worker):
     role = "layer"
 
-    def __init__(self, spec: dict, index: int, *args, **kw):
+    def __init__(self, spec: RunSpec, index: int, *args, **kw):
         super().__init__(spec, index, *args, **kw)
-        self.lspec = LayerSpec(**spec["specs"][index])
+        self.lspec = spec.specs[index]
         self.K = self.lspec.n_layers
         self.first = self.lspec.is_first
         self.last = self.lspec.is_last
@@ -361,7 +361,7 @@ class LayerWorker(Worker):
         self.lag = self.sched.lags(self.K)[self.index] if self.sched.fixed_lag and not self.last else None
         self.bwd_queue: list = []
         self.bwd_applied = 0         # fixed lag: gradients applied (they come in step order)
-        self.is_pause = S.pause_points(0, int(spec["steps"]), self.cfg.train.eval_every,
+        self.is_pause = S.pause_points(0, spec.steps, self.cfg.train.eval_every,
                                        self.rt.checkpoint_every)
         self.pending = None          # hold_for_ack: (step, target, message) held until the ACK from below
         self.marker = None           # checkpoint step waiting for this layer's in-flight state to drain
@@ -375,22 +375,22 @@ class LayerWorker(Worker):
 
     def setup(self) -> None:
         self.node = LayerNode(self.lspec, fail_on_nonfinite=self.rt.fail_on_nonfinite)
-        resume = self.spec.get("resume")
+        resume = self.spec.resume
         if resume:
             # the coordinator verified the whole checkpoint; each layer re-checks its own file
-            ck = CK.validate(resume["dir"], None, self.K, verify_files=False)
+            ck = CK.validate(resume.directory, None, self.K, verify_files=False)
             CK.restore_node(self.node, ck.read_layer(self.index))
             self.next_step = ck.step * self.M
             self.bwd_applied = ck.step
-            self.is_pause = S.pause_points(ck.step, int(self.spec["steps"]), self.cfg.train.eval_every,
+            self.is_pause = S.pause_points(ck.step, self.spec.steps, self.cfg.train.eval_every,
                                            self.rt.checkpoint_every)
 
     def bind_inboxes(self) -> dict:
-        node = self.spec["nodes"][self._node_id]
-        self.fwd_in, fwd_ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("fwd_port", 0),
+        node = self.spec.nodes[self._node_id]
+        self.fwd_in, fwd_ep = transport.bind(self.ctx, zmq.PULL, self.host, node.fwd_port,
                                              max_message=self.max_message, curve=self.keys)
         self.socks.append(self.fwd_in)
-        self.bwd_in, bwd_ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("bwd_port", 0),
+        self.bwd_in, bwd_ep = transport.bind(self.ctx, zmq.PULL, self.host, node.bwd_port,
                                              max_message=self.max_message, curve=self.keys)
         self.socks.append(self.bwd_in)
         return {"fwd": fwd_ep, "bwd": bwd_ep}
@@ -669,12 +669,12 @@ class FeederWorker(Worker):
         from asyncdni.engine.plan import load_datasets, microbatch_bounds
         self.train, self.test = load_datasets(self.cfg)
         t = self.cfg.train
-        self.steps = int(self.spec["steps"])
+        self.steps = self.spec.steps
         self.stream = BatchStream(self.train, t.batch_size, t.seed)
         self.eval_set = eval_batches(self.test, t.eval_batch)
         self.M = t.microbatches if self.sched.microbatches else 1
         self.bounds = microbatch_bounds(t.batch_size, self.M)
-        self.window = self.sched.window_size(t.max_inflight, len(self.spec["specs"]))
+        self.window = self.sched.window_size(t.max_inflight, self.spec.n_layers)
         # --max-inflight auto (0): probe, then size the window from measured times (auto_window)
         self.auto = self.window == 0
         self.auto_probe = {"phase": "serial", "latency": [], "done": [], "rtt": None, "step": None}
@@ -689,9 +689,9 @@ class FeederWorker(Worker):
         self.start_step = 0
         self.completed = 0
         self.time_offset = 0.0                       # training time already spent before a resume
-        resume = self.spec.get("resume")
+        resume = self.spec.resume
         if resume:
-            ck = CK.validate(resume["dir"], None, None)
+            ck = CK.validate(resume.directory, None, None)
             self.start_step = self.completed = ck.step
             if self.FILE in ck.files:
                 st = CK.read_arrays(ck.directory / self.FILE, ck.files[self.FILE])
@@ -703,8 +703,8 @@ class FeederWorker(Worker):
                 self.time_to_target = None if np.isnan(ttt) else ttt
 
     def bind_inboxes(self) -> dict:
-        node = self.spec["nodes"][0]
-        self.inbox, ep = transport.bind(self.ctx, zmq.PULL, self.host, node.get("bwd_port", 0),
+        node = self.spec.nodes[0]
+        self.inbox, ep = transport.bind(self.ctx, zmq.PULL, self.host, node.bwd_port,
                                         max_message=self.max_message, curve=self.keys)
         self.socks.append(self.inbox)
         return {"fwd": "", "bwd": ep}
@@ -938,33 +938,6 @@ def evals_from_arrays(arrays: dict) -> list[dict]:
     return [{k: (int(v) if k in ("step", "n") else float(v)) for k, v in zip(EVAL_KEYS, row)} for row in zip(*cols)]
 
 
-class SpecError(ValueError):
-    """The run spec from the coordinator is unusable."""
-
-
-def check_spec(spec, role: str, index: int) -> None:
-    """The spec came over the network: check its shape before anything reads it."""
-    if not isinstance(spec, dict):
-        raise SpecError("run spec is not a map")
-    need = {"config": dict, "nodes": list, "specs": list, "steps": int, "max_message": int,
-            "checkpoint_dir": str}
-    for k, t in need.items():
-        if not isinstance(spec.get(k), t):
-            raise SpecError(f"run spec: {k!r} missing or not a {t.__name__}")
-    node = 0 if role == "feeder" else index + 1
-    if role == "layer" and not 0 <= index < len(spec["specs"]):
-        raise SpecError(f"run spec: no layer {index}")
-    if len(spec["nodes"]) != len(spec["specs"]) + 1 or not isinstance(spec["nodes"][node], dict) \
-            or not isinstance(spec["nodes"][node].get("host"), str):
-        raise SpecError("run spec: nodes do not match the layers")
-    curve = spec.get("curve")
-    if curve is not None and not (isinstance(curve, dict) and isinstance(curve.get("keys"), list)
-                                  and all(security.valid_public_key(k) for k in curve["keys"])):
-        raise SpecError("run spec: malformed CURVE key list")
-    if spec.get("resume") is not None and not isinstance(spec["resume"], dict):
-        raise SpecError("run spec: malformed resume entry")
-
-
 def _wait_for_spec(ctrl: zmq.Socket, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -994,10 +967,7 @@ def run_worker(role: str, index: int, control: str, *, start_timeout: float = 60
     try:
         transport.send(ctrl, P.HELLO, -1, (), {"role": role, "index": index, "pid": os.getpid(),
                                                 "host": _socket.gethostname()})
-        spec = _wait_for_spec(ctrl, start_timeout)
-        check_spec(spec, role, index)
-        from asyncdni.config import validate
-        validate(from_dict(spec["config"]))
+        spec = RunSpec.from_wire(_wait_for_spec(ctrl, start_timeout), role, index)
         worker = (FeederWorker if role == "feeder" else LayerWorker)(spec, index, ctx, ctrl, keys)
     except (CoordinatorLost, StopRequested) as e:
         print(f"{role}: {e}" if str(e) else f"{role}: stopped before start", flush=True)

@@ -176,7 +176,7 @@ KINDS: dict[str, KindSpec] = {
     HELLO: _kind(required={"role": str, "index": int, "pid": int, "host": str},
                  optional={"fwd": str, "bwd": str}, ranges={"index": _INDEX, "pid": _INDEX}),
     READY: _kind(free=True),
-    SPEC: _kind(free=True),                  # validated by the worker (worker.check_spec)
+    SPEC: _kind(free=True),                  # validated by the worker (engine.spec.RunSpec.from_wire)
     START: _kind(free=True),                 # {"peers": [{"fwd": ep, "bwd": ep}, ...]}
     HEARTBEAT: _kind(optional={"state": str, "step": int}, ranges={"step": (-1, None)}),  # the step: header "s"
     PROGRESS: _kind(required={"done": int, "total": int},
