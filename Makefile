@@ -1,31 +1,46 @@
 # Every target builds its own virtual environment in .venv on first use.
+#   make run   needs only the core packages (numpy, pyzmq, msgpack, psutil, tqdm);
+#   make test  adds the dev tools, Ray, PyTorch (CPU is enough), matplotlib and MkDocs.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+BASE   := $(VENV)/.installed-base
+FULL   := $(VENV)/.installed-full
+# PyTorch for the torch extra: installed first, so that the extra's range is already met
+# (2.13.0 is a CPU build on the project's machines; TORCH=torch takes the newest instead)
+TORCH  ?= torch==2.13.0
 
-.PHONY: run test test-fast lint bench clean
+.PHONY: run test test-fast lint docs bench clean
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,ray]'
-	touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
 
-run: $(STAMP)
+$(FULL): $(BASE)
+	$(PY) -m pip install -q '$(TORCH)'
+	$(PY) -m pip install -q -e '.[dev,ray,torch,plot,docs]'
+	touch $(FULL)
+
+run: $(BASE)
 	$(VENV)/bin/asyncdni train
 
-lint: $(STAMP)
+lint: $(FULL)
 	$(VENV)/bin/ruff check .
 
-test: lint
+# the docs site, strictly: a broken link, anchor or nav entry fails the build
+docs: $(FULL)
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
+test: lint docs
 	$(PY) -m pytest -q --durations=15
 
 # unit tests only: no worker processes, no sockets, no subprocesses, no fuzzing or learning runs
-test-fast: $(STAMP)
+test-fast: $(FULL)
 	$(PY) -m pytest -q -m "not integration and not slow"
 
-bench: $(STAMP)
+bench: $(FULL)
 	$(PY) -m benchmarks.run_all
 
 clean:
