@@ -422,7 +422,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 # arrays of a parameter's size per parameter: itself, its gradient, the optimizer's scratch
 # buffer and state (momentum: velocity; adam: two moments)
-_OPTIMIZER_COPIES = {"sgd": 3, "momentum": 4, "adam": 5}
+_OPTIMIZER_COPIES = {"sgd": 3, "momentum": 4, "adam": 5, "adamw": 5}
 
 
 def _gib(n: float) -> str:

@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "step")
 _ROUND = 1 + 2.0 ** -20      # margin for the rounding of each float32/float64 operation in a step
 
 
@@ -58,9 +59,10 @@ def _absmax(a: np.ndarray) -> float:
 class Optimizer:
     name = "base"
 
-    def __init__(self, params: list[np.ndarray], lr: float):
+    def __init__(self, params: list[np.ndarray], lr: float, weight_decay: float = 0.0):
         self.params = params
         self.lr = float(lr)
+        self.weight_decay = float(weight_decay)   # decoupled: p *= 1 - lr x weight_decay before each step
         self.t = 0
         self._limit = [float(np.finfo(p.dtype).max) / 4 for p in params]
         self._bp = [0.0] * len(params)          # bound of max|param|
@@ -99,6 +101,13 @@ class Optimizer:
         if new is None:
             return False
         self.t += 1
+        if self.weight_decay:
+            # decoupled weight decay (Loshchilov & Hutter; torch's AdamW, and SGD's L2 term):
+            # a shrink by a factor in [0, 1) (validation keeps lr x weight_decay below 1), so
+            # the magnitude bounds just checked still hold
+            shrink = 1.0 - self.lr * self.weight_decay
+            for p in self.params:
+                p *= p.dtype.type(shrink)
         self._apply(grads)
         self._set_bounds(new)
         return True
@@ -123,8 +132,8 @@ class Optimizer:
 class SGD(Optimizer):
     name = "sgd"
 
-    def __init__(self, params, lr):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
         self._tmp = [np.empty_like(p) for p in params]
 
     def _bounds(self, i, G):
@@ -139,11 +148,11 @@ class SGD(Optimizer):
 class Momentum(Optimizer):
     name = "momentum"
 
-    def __init__(self, params, lr, beta=0.9):
+    def __init__(self, params, lr, beta=0.9, weight_decay=0.0):
         self.beta = beta
         self.v = [np.zeros_like(p) for p in params]
         self._bv = [0.0] * len(params)          # bound of max|v|
-        super().__init__(params, lr)
+        super().__init__(params, lr, weight_decay)
         self._tmp = [np.empty_like(p) for p in params]
 
     def _refresh(self, i):
@@ -180,13 +189,13 @@ class Momentum(Optimizer):
 class Adam(Optimizer):
     name = "adam"
 
-    def __init__(self, params, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    def __init__(self, params, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         self.b1, self.b2, self.eps = beta1, beta2, eps
         self.m = [np.zeros_like(p) for p in params]
         self.v = [np.zeros_like(p) for p in params]
         self._bm = [0.0] * len(params)          # bounds of max|m| and max v
         self._bv = [0.0] * len(params)
-        super().__init__(params, lr)
+        super().__init__(params, lr, weight_decay)
         self._tmp = [np.empty_like(p) for p in params]
 
     def _refresh(self, i):
@@ -242,11 +251,26 @@ class Adam(Optimizer):
         super().load_state(state)
 
 
-def make_optimizer(name: str, params: list[np.ndarray], lr: float) -> Optimizer:
+def make_optimizer(name: str, params: list[np.ndarray], lr: float, weight_decay: float = 0.0) -> Optimizer:
+    """``adamw`` is Adam with decoupled weight decay; ``weight_decay`` applies the same
+    decoupled decay under every optimizer (0: none)."""
     if name == "sgd":
-        return SGD(params, lr)
+        return SGD(params, lr, weight_decay)
     if name == "momentum":
-        return Momentum(params, lr)
-    if name == "adam":
-        return Adam(params, lr)
+        return Momentum(params, lr, weight_decay=weight_decay)
+    if name in ("adam", "adamw"):
+        return Adam(params, lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def lr_factor(schedule: str, t: int, total: int, step_size: int = 0, gamma: float = 0.1) -> float:
+    """The learning-rate multiplier after ``t`` updates, as torch.optim.lr_scheduler computes
+    it in closed form: ``constant`` 1; ``cosine`` (CosineAnnealingLR, eta_min 0, T_max
+    ``total``) 0.5 (1 + cos(pi min(t, total) / total)); ``step`` (StepLR) gamma ** (t // step_size)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, total) / max(1, total)))
+    if schedule == "step":
+        return gamma ** (t // max(1, step_size))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
