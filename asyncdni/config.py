@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -21,12 +22,13 @@ from asyncdni import files
 from asyncdni.launch import registry as launcher_registry
 from asyncdni import schedules as _schedules
 from asyncdni.numerics.nn import ACTIVATIONS, INITS
-from asyncdni.numerics.optim import OPTIMIZERS
+from asyncdni.numerics.optim import LR_SCHEDULES, OPTIMIZERS
 from asyncdni.numerics.synthetic import SG_MODELS
 from asyncdni.numerics.synthetic import param_count as sg_param_count
 
 SCHEDULES = _schedules.NAMES            # one entry each in schedules.TABLE
 DELAY_REMEDIES = ("none", "lr_scale")
+TORCH_ZOO = ("mlp", "cnn", "resnet")       # built-in torch models (asyncdni/torch/models.py)
 LAUNCHERS = launcher_registry.names()   # built-in launchers plus any installed entry points
 SECURITY = ("auto", "curve", "insecure")
 DATASETS = ("addition", "idx")
@@ -56,6 +58,9 @@ class ModelConfig:
     activation: str = "relu"
     init: str = "he"
     batch_norm: bool = False            # hidden layers: h = act(BN(x @ W)), BN's beta replacing the bias
+    model: str = ""                     # "": the numpy dense MLP above; else PyTorch stages: a zoo name
+                                        # (mlp, cnn, resnet) or a builder, path/to/file.py:fn or pkg.module:fn
+    split: str = ""                     # torch: where an nn.Sequential is cut: "2,4" (indices) or "K" (K pieces)
 
     def hidden_widths(self) -> tuple[int, ...]:
         return self.widths if self.widths else (self.width,) * (self.layers - 1)
@@ -80,6 +85,10 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 5e-4
+    weight_decay: float = 0.0           # decoupled weight decay of the layers' weights (AdamW-style)
+    lr_schedule: str = "constant"       # constant, cosine (to 0 over the run) or step (x lr_gamma every lr_step_size)
+    lr_step_size: int = 0               # step schedule: updates between decays (0: a third of the run)
+    lr_gamma: float = 0.1               # step schedule: the factor per decay
     loss: str = "auto"                  # auto: softmax_ce for classification, sigmoid_bce for bits
     sg_model: str = "linear"            # synthetic-gradient model: linear, mlp or lowrank
     sg_rank: int = 64                   # rank of the lowrank SG model
@@ -116,7 +125,8 @@ class RuntimeConfig:
     security: str = "auto"              # auto: CURVE iff anything binds off loopback; curve: always; insecure: never
     ray_address: str = ""               # ray: cluster address (empty: start or join a local Ray)
     ports: tuple[int, ...] = ()         # explicit ports, 2 per worker (fwd, bwd) + 1 control; empty: free ports
-    blas_threads: int = 1               # BLAS threads in each worker
+    blas_threads: int = 1               # BLAS (and torch) threads in each worker
+    device: str = "cpu"                 # torch stages: cpu, cuda or cuda:N
     heartbeat_interval: float = HEARTBEAT_INTERVAL   # seconds between heartbeats
     heartbeat_misses: int = HEARTBEAT_MISSES         # missed intervals before a peer is declared dead
     start_timeout: float = 60.0         # seconds for all workers to come up
@@ -159,11 +169,12 @@ class RunConfig:
 
 
 RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "max_inflight_cap", "microbatches", "eval_every",
-                         "eval_batch", "target_accuracy", "stash_weights", "delay_remedy")
+                         "eval_batch", "target_accuracy", "stash_weights", "delay_remedy", "lr_schedule",
+                         "lr_step_size", "lr_gamma")
 # fields added after checkpoints existed, with the value that reproduces the older behaviour
 DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False,
                           "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0,
-                          "train.sg_damp": 0.0}
+                          "train.sg_damp": 0.0, "model.model": "", "model.split": "", "train.weight_decay": 0.0}
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -310,6 +321,41 @@ def _positive(name, value, minimum=1):
         raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
 
 
+def stages_known(cfg: RunConfig) -> bool:
+    """Whether model.layers is the number of layer processes: always for the numpy MLP and the
+    torch zoo's mlp; for other torch models the stages come from the model itself, and the
+    coordinator sets model.layers from the plan (:func:`with_stages`)."""
+    return not cfg.model.model or cfg.model.model == "mlp"
+
+
+def check_worker_counts(cfg: RunConfig) -> RunConfig:
+    """runtime.hosts and runtime.ports against the worker count (model.layers + the feeder);
+    K host names for K layers mean the feeder shares layer 1's host (agents, ray)."""
+    m, r = cfg.model, cfg.runtime
+    n_workers = m.layers + 1
+    if r.hosts and len(r.hosts) == m.layers and r.launcher != "local":
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(r, hosts=(r.hosts[0], *r.hosts)))
+        r = cfg.runtime               # K names: the feeder shares layer 1's host
+    if r.hosts and len(r.hosts) != n_workers:
+        also = "" if r.launcher == "local" else f" or {m.layers} (the feeder then shares layer 1's host)"
+        raise ConfigError(f"runtime.hosts: {len(r.hosts)} hosts given, need {n_workers} (the feeder, then one "
+                          f"per layer){also}")
+    if r.ports and len(r.ports) != 2 * n_workers + 1:
+        raise ConfigError(f"runtime.ports: {len(r.ports)} ports given, need {2 * n_workers + 1} (fwd and bwd per "
+                          f"worker, then the control port)")
+    return cfg
+
+
+def with_stages(cfg: RunConfig, n_layers: int) -> RunConfig:
+    """The configuration with model.layers set to the model's real stage count (torch models
+    whose stages come from the model), its worker counts checked."""
+    if cfg.model.layers == n_layers:
+        return cfg if stages_known(cfg) else check_worker_counts(cfg)
+    if stages_known(cfg):
+        raise ConfigError(f"model.layers: {cfg.model.layers}, but the model has {n_layers} stages")
+    return check_worker_counts(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=n_layers)))
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     m, d, t, r = cfg.model, cfg.data, cfg.train, cfg.runtime
     _positive("model.layers", m.layers, 1)
@@ -320,6 +366,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         for i, w in enumerate(m.widths):
             _positive(f"model.widths[{i}]", w, 1)
     _choice("model.activation", m.activation, ACTIVATIONS)
+    if m.model:
+        zoo = m.model in TORCH_ZOO
+        if not zoo and ":" not in m.model:
+            raise ConfigError(f"model.model: {m.model!r} is neither a built-in model ({', '.join(TORCH_ZOO)}) "
+                              f"nor a builder path/to/file.py:fn or pkg.module:fn")
+        if m.batch_norm or m.widths:
+            raise ConfigError("model.model: torch stages take their architecture from the model; "
+                              "model.batch_norm and model.widths apply to the numpy MLP only")
+    elif m.split:
+        raise ConfigError("model.split: only torch stages (model.model) are split")
     _choice("model.init", m.init, INITS)
     _choice("data.dataset", d.dataset, DATASETS)
     if d.dataset == "idx" and not d.path:
@@ -339,6 +395,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.epochs: must be at most {MAX_EPOCHS:g}, got {t.epochs:g}")
     _positive("train.batch_size", t.batch_size)
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    if not (t.weight_decay >= 0 and math.isfinite(t.weight_decay) and t.lr * t.weight_decay < 1):
+        raise ConfigError(f"train.weight_decay: must be >= 0 with train.lr x weight_decay < 1, got {t.weight_decay}")
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _positive("train.lr_step_size", t.lr_step_size, 0)
+    if not 0 < t.lr_gamma <= 1:
+        raise ConfigError(f"train.lr_gamma: must be in (0, 1], got {t.lr_gamma}")
     _choice("train.loss", t.loss, LOSS_CHOICES)
     _choice("train.sg_model", t.sg_model, SG_MODELS)
     for name, v in (("train.lr", t.lr), ("train.sg_lr", t.sg_lr)):
@@ -371,16 +433,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.eval_batch: must be at most {MAX_EVAL_BATCH}, got {t.eval_batch}")
     if not r.host:
         raise ConfigError("runtime.host: must not be empty")
-    n_workers = m.layers + 1
     _choice("runtime.launcher", r.launcher, LAUNCHERS)
     _choice("runtime.security", r.security, SECURITY)
-    if r.hosts and len(r.hosts) == m.layers and r.launcher != "local":
-        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(r, hosts=(r.hosts[0], *r.hosts)))
-        r = cfg.runtime               # K names: the feeder shares layer 1's host
-    if r.hosts and len(r.hosts) != n_workers:
-        also = "" if r.launcher == "local" else f" or {m.layers} (the feeder then shares layer 1's host)"
-        raise ConfigError(f"runtime.hosts: {len(r.hosts)} hosts given, need {n_workers} (the feeder, then one "
-                          f"per layer){also}")
+    if stages_known(cfg):
+        cfg = check_worker_counts(cfg)
+        r = cfg.runtime
     if r.launcher == "agents":
         if not r.listen:
             raise ConfigError("runtime.listen: the agents launcher needs ADDR:PORT to wait for agents on (--listen)")
@@ -391,15 +448,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError(f"runtime.listen: {r.listen!r} is not ADDR:PORT")
     if r.ports:
-        need = 2 * n_workers + 1
-        if len(r.ports) != need:
-            raise ConfigError(f"runtime.ports: {len(r.ports)} ports given, need {need} (fwd and bwd per worker, then the control port)")
         for i, p in enumerate(r.ports):
             if not 1 <= p <= 65535:
                 raise ConfigError(f"runtime.ports[{i}]: {p} is not a TCP port (1-65535)")
         if len(set(r.ports)) != len(r.ports):
             raise ConfigError("runtime.ports: ports must be distinct")
     _positive("runtime.blas_threads", r.blas_threads, 1)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", r.device):
+        raise ConfigError(f"runtime.device: {r.device!r} is not cpu, cuda or cuda:N")
+    if r.device != "cpu" and not m.model:
+        raise ConfigError(f"runtime.device: {r.device} needs torch stages (model.model); the numpy MLP runs on the CPU")
     if not (0 < r.heartbeat_interval <= 60):
         raise ConfigError(f"runtime.heartbeat_interval: must be between 0 and 60 seconds, got {r.heartbeat_interval}")
     _positive("runtime.heartbeat_misses", r.heartbeat_misses, 1)
