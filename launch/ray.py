@@ -136,6 +136,7 @@ class RayLauncher(Launcher):
     address: str = ""                     # "" (a private local Ray), "auto", or the GCS HOST:PORT
     blas_threads: int = 1
     local_ip: str = "127.0.0.1"           # node address of a private local Ray
+    gpus: bool = False                    # torch stages on CUDA: each layer actor asks Ray for one GPU
     actors: dict[str, _Actor] = field(default_factory=dict)
     kind = "ray"
 
@@ -152,7 +153,12 @@ class RayLauncher(Launcher):
     def from_config(cls, cfg, run_dir=None) -> "RayLauncher":
         _import_ray()                     # one line, before anything else, if Ray is missing
         rt = cfg.runtime
-        return cls(rt.ray_address, rt.blas_threads, rt.host)
+        return cls(rt.ray_address, rt.blas_threads, rt.host, gpus=rt.device.startswith("cuda"))
+
+    def _resources(self, name: str) -> dict:
+        """The Ray resources of one worker: CPU_PER_WORKER, and one GPU for a layer when the
+        torch stages run on CUDA (the feeder never needs one)."""
+        return {"CPU": CPU_PER_WORKER, **({"GPU": 1} if self.gpus and name != "feeder" else {})}
 
     # ----------------------------------------------------------- connection
     def _connect(self) -> None:
@@ -233,7 +239,7 @@ class RayLauncher(Launcher):
             return
         from ray.util.placement_group import placement_group, placement_group_table
         strategy = "STRICT_SPREAD" if len(nodes) >= len(names) else "SPREAD"
-        pg = placement_group([{"CPU": CPU_PER_WORKER} for _ in names], strategy=strategy)
+        pg = placement_group([self._resources(name) for name in names], strategy=strategy)
         self._pg = pg
         if not pg.wait(timeout_seconds=max(1, int(timeout))):
             self._release_group()
@@ -277,7 +283,7 @@ class RayLauncher(Launcher):
         env = {v: str(w.blas_threads) for v in BLAS_VARS}
         try:
             handle = self._actor_class().options(
-                num_cpus=CPU_PER_WORKER, max_restarts=0, max_task_retries=0, scheduling_strategy=strategy,
+                num_cpus=CPU_PER_WORKER, num_gpus=self._resources(w.name).get("GPU", 0), max_restarts=0, max_task_retries=0, scheduling_strategy=strategy,
                 runtime_env={"env_vars": env}).remote()
             where_ref = handle.where.remote()
             # the secret key is an argument of this call: Ray's channel (TLS only if the cluster has it)

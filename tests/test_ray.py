@@ -461,3 +461,15 @@ def test_ray_lost_namespace_node_ends_the_run_in_one_line(ray_on_namespaces):
     # notices first (measured about 4 s on a loaded machine)
     assert detected < 10.0
     assert not ray.is_initialized()
+
+
+@needs_ray
+def test_layers_ask_for_a_gpu_when_torch_stages_run_on_cuda():
+    """--device cuda: every layer actor (and its placement-group bundle) asks Ray for one GPU;
+    the feeder never does; on the CPU nothing asks for one. No cluster is started."""
+    from asyncdni.launch.ray import RayLauncher
+    from asyncdni import config as C
+    cuda = RayLauncher.from_config(C.build(None, {"model.model": "mlp", "runtime.device": "cuda"}))
+    cpu = RayLauncher.from_config(C.build(None, {}))
+    assert cuda._resources("layer0")["GPU"] == 1 and "GPU" not in cuda._resources("feeder")
+    assert "GPU" not in cpu._resources("layer0")

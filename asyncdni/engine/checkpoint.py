@@ -290,6 +290,8 @@ def _running_norms(node) -> dict[str, str]:
 
 def _expected_layout(node) -> dict:
     """name -> (shape, dtype) of every entry :func:`node_state` writes for this node."""
+    if hasattr(node, "state_layout"):        # a torch stage describes its own arrays
+        return {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in node.state_layout().items()}
     out = {k: (v.shape, v.dtype) for k, v in _dense_arrays(node).items()}
     for k, v in node.opt.state().items():
         v = np.asarray(v)
@@ -325,9 +327,11 @@ def node_state(node) -> dict:
 
     Must be taken between steps: a half-accumulated pipeline step cannot be saved.
     """
-    if getattr(node, "_acc_count", 0):
+    if not node.step_complete:
         raise CheckpointError(f"layer {node.spec.index + 1}: a pipeline step is partly accumulated "
-                              f"({node._acc_count} of {node.spec.microbatches} micro-batches); checkpoint between steps")
+                              f"({node.spec.microbatches} micro-batches a step); checkpoint between steps")
+    if hasattr(node, "state_arrays"):        # a torch stage: state_dicts as arrays (never pickled)
+        return node.state_arrays()
     out = {k: v.copy() for k, v in _dense_arrays(node).items()}
     out.update({f"opt.{k}": np.array(v, copy=True) for k, v in node.opt.state().items()})
     if node.sg is not None:
@@ -365,6 +369,12 @@ def restore_node(node, state: dict) -> None:
         raise CheckpointError(f"{who}: checkpoint state has unexpected entries {', '.join(extra)} "
                               "(saved from a layer with a different spec?)")
     check_layer_state(who, state)
+    if hasattr(node, "load_state_arrays"):   # a torch stage loads its own checked arrays
+        try:
+            node.load_state_arrays({k: np.asarray(v) for k, v in state.items()})
+        except ValueError as e:
+            raise CheckpointError(f"{who}: {e}") from None
+        return
     counters = np.asarray(state["counters"])
 
     for k, v in _dense_arrays(node).items():
