@@ -29,7 +29,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandom
 # --------------------------------------------------------------------------- decode
 HUGE = [0, 1, 2, 3, 7, 64, 2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
 dims = st.one_of(st.integers(0, 70), st.sampled_from(HUGE), st.integers(-3, -1), st.just(1.5), st.just("2"))
-dtypes = st.one_of(st.sampled_from(P.ALLOWED_DTYPES), st.sampled_from(["float16", ">f4", "object", "", "V8"]),
+dtypes = st.one_of(st.sampled_from(P.ALLOWED_DTYPES), st.sampled_from(["complex64", ">f4", "object", "", "V8"]),
                    st.integers(0, 3))
 shapes = st.one_of(st.lists(dims, max_size=6), st.just(None), st.text(max_size=3))
 descs = st.one_of(st.tuples(dtypes, shapes).map(list), st.lists(st.integers(-2**63, 2**64 - 1), max_size=3),

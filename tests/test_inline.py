@@ -202,7 +202,7 @@ def test_header_checks_are_the_same_in_both_layouts():
     cases = [
         (dict(v=1), "version"), (dict(v=3), "version"), (dict(k="nope"), "kind"), (dict(s=-2), "step"),
         (dict(s=1.5), "step"),
-        (dict(a=[["float16", [2, 3]], ["int64", [2]]]), "dtype"),
+        (dict(a=[["complex64", [2, 3]], ["int64", [2]]]), "dtype"),
         (dict(a=[["float32", [2, -3]], ["int64", [2]]]), "shape"),
         (dict(a=[["float32", [1, 1, 1, 1, 6]], ["int64", [2]]]), "shape"),
         (dict(a=[["float32", [2, 3]]]), "frames"),

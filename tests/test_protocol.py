@@ -381,7 +381,7 @@ def test_reject_non_buffer_frame():
     reject(["header"], "frames")
 
 
-@pytest.mark.parametrize("dtype", ["object", "<U3", "float16", "bool", "complex64", ">f4", "f4", "", "int8"])
+@pytest.mark.parametrize("dtype", ["object", "<U3", "float128", "bool", "complex64", ">f4", "f4", "", "int8"])
 def test_reject_dtype_not_allowed(dtype):
     msg = reject(raw_frames(raw_header(a=[[dtype, [2, 3]], ["int64", [2]]])), "dtype")
     assert "frame 1" in msg
@@ -391,7 +391,7 @@ def test_reject_dtype_not_a_string():
     reject(raw_frames(raw_header(a=[[5, [2, 3]], ["int64", [2]]])), "dtype")
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.bool_, np.complex64, np.int8, np.dtype(">f4"), np.dtype(">i8"), object])
+@pytest.mark.parametrize("dtype", [np.uint16, np.bool_, np.complex64, np.int8, np.dtype(">f4"), np.dtype(">i8"), object])
 def test_encode_rejects_dtype(dtype):
     arr = np.zeros(3, dtype=dtype)
     with pytest.raises(ProtocolError) as ei:
@@ -400,7 +400,7 @@ def test_encode_rejects_dtype(dtype):
     with pytest.raises(ProtocolError):
         encode(P.BWD, 0, [[1.0, 2.0]])        # not an ndarray
     with pytest.raises(ProtocolError):
-        encode(P.BWD, 0, [np.float16(1.0)])   # numpy scalar of a bad dtype
+        encode(P.BWD, 0, [np.int8(1)])   # numpy scalar of a bad dtype
     with pytest.raises(ProtocolError):
         encode(P.BWD, 0, [np.zeros(2, dtype="<U3")])
 
@@ -608,3 +608,16 @@ def test_fuzz_decode_only_raises_protocol_error():
     assert stats["ok"] + stats["err"] == 3000
     assert stats["err"] > 1000 and stats["ok"] > 0
     assert {"header", "frames", "size"} <= reasons
+
+
+def test_float16_travels_and_is_checked_like_float32():
+    """Half-precision activations (torch stages) are a valid wire dtype, with the same
+    finiteness check as float32."""
+    h = np.arange(12, dtype=np.float16).reshape(3, 4)
+    y = np.zeros(3, np.int64)
+    msg = P.decode(P.encode(P.FWD, 5, [h, y]), check_finite=True)
+    assert msg.arrays[0].dtype == np.float16 and (msg.arrays[0] == h).all()
+    h[1, 2] = np.inf
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(P.encode(P.FWD, 5, [h, y]), check_finite=True)
+    assert e.value.reason == "nonfinite"

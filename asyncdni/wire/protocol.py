@@ -81,7 +81,7 @@ MAX_CONTAINER_LEN = 1 << 16     # msgpack max_array_len / max_map_len
 MAX_STEP = (1 << 63) - 1        # steps fit an int64
 INLINE_MAX = 128 << 10          # arrays of up to this many bytes in all travel in one frame
 INLINE_ALIGN = 8                # offset of every inline array: a multiple of this (>= any itemsize)
-ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")  # little-endian
+ALLOWED_DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8")  # little-endian
 
 # Stable short codes of ProtocolError.reason (used as counter names).
 REASONS = ("header", "version", "kind", "frames", "dtype", "shape", "size",
