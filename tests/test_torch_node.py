@@ -515,6 +515,7 @@ def test_params_and_shapes_and_spec_normalisation():
     assert node.fan_in == 512 and node.fan_out == 256
     p = node.params()
     assert "stage.0.weight" in p and "stage.1.running_mean" in p and any(k.startswith("sg.") for k in p)
+    assert node.param_count() == sum(a.size for a in p.values())
     with pytest.raises(ValueError, match="in_shape"):
         TorchNode(spec(1, in_shape=(3, 3, 3)))
 

@@ -271,6 +271,11 @@ class TorchNode:
     def fan_out(self) -> int:
         return math.prod(self.out_shape)
 
+    def param_count(self) -> int:
+        """Scalars in the stage, its SG model and auxiliary head: parameters and buffers (as
+        LayerSpec.param_count counts BatchNorm's running statistics)."""
+        return sum(t.numel() for t in self._modules_state().values())
+
     def _tensor(self, a: np.ndarray, shape: tuple, what: str, grad: bool = False) -> torch.Tensor:
         """(B, *shape) tensor on the device from a numpy (B, *shape) or (B, prod(shape)) array,
         sharing its memory on the CPU when the dtype already agrees."""
