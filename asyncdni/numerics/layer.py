@@ -61,6 +61,19 @@ class LayerSpec:
     sg_every: int = 1       # the SG model is regressed on steps that are a multiple of this only
     sg_clip: float = 0.0          # >0: layer step x min(1, sg_clip x running |SG target| / |SG prediction|)
     sg_damp: float = 0.0          # >0: SG step x min(1, sg_damp x running |SG target| / running |SG prediction|)^2
+    # torch stages (asyncdni/torch); the numpy node ignores these
+    backend: str = "numpy"        # "numpy" (LayerNode) or "torch" (asyncdni.torch.node.TorchNode)
+    model: str = ""               # torch: a zoo name (mlp, cnn, resnet) or a builder "file.py:fn" / "pkg.module:fn"
+    split: str = ""               # torch: where to cut the model into stages ("2,4" cut indices, or a stage count)
+    sample_shape: tuple = ()      # torch: the dataset's per-sample input shape, e.g. (1, 28, 28)
+    in_shape: tuple = ()          # torch: this stage's per-sample input shape (checked against the model)
+    out_shape: tuple = ()         # torch: this stage's per-sample output shape (checked against the model)
+    device: str = "cpu"           # torch: "cpu" or "cuda[:n]"
+    weight_decay: float = 0.0     # torch: the stage optimizer's weight decay (decoupled under adamw)
+    lr_schedule: str = "constant"  # torch: "constant", "cosine" (over total_steps) or "step"
+    lr_step_size: int = 0         # torch, lr_schedule "step": updates between decays
+    lr_gamma: float = 0.1         # torch, lr_schedule "step": decay factor
+    total_steps: int = 0          # torch, lr_schedule "cosine": T_max in updates
 
     @property
     def gradient(self) -> str:
