@@ -202,6 +202,7 @@ class Coordinator:
             self.spec = {
                 "config": self.cfg.to_dict(), "nodes": self.nodes,
                 "specs": [s.__dict__ for s in self.plan.specs], "steps": self.plan.steps,
+                "in_shape": list(self.plan.in_shape),
                 "max_message": self.max_message, "checkpoint_dir": str(self.ckpt_root or ""),
                 "resume": {"dir": str(self.resume.directory), "step": self.resume.step} if self.resume else None,
                 "curve": {"keys": [k.public.decode() for k in self.keys.values()]} if self.curve else None,
