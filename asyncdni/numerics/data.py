@@ -505,7 +505,7 @@ def _np_load(p: Path):
 def _np_problem(exc: Exception, what: str = "") -> str:
     msg = str(exc)
     if "pickle" in msg.lower() or "object arrays" in msg.lower():
-        return (f"{what or 'the array'} is an object array (pickled Python objects); only numeric arrays "
+        return (f"{what + ' is' if what else 'holds'} an object array (pickled Python objects); only numeric arrays "
                 "are read, never pickle: save numbers (e.g. x.astype(np.float32))")
     return f"unreadable {what or '.npy data'} ({type(exc).__name__}: {msg})"
 
@@ -828,7 +828,7 @@ def load_csv(path, label_column: str = "", task: str = "auto", test_fraction: fl
             if k == i + header:
                 return f"line {line}"
         return f"data row {i}"
-    return _one_set(x, y, ("the feature columns", f"in {label_name}"), task, tf, seed, p.stem, p, text=True, at=at)
+    return _one_set(x, y, ("a feature column", f"in {label_name}"), task, tf, seed, p.stem, p, text=True, at=at)
 
 
 # --------------------------------------------------------------------------- batching
