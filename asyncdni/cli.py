@@ -17,10 +17,16 @@ TRAIN_FLAGS = {
     "--init": ("model.init", dict(type=str, help="he or xavier (default he)")),
     "--model": ("model.model", dict(type=str, metavar="NAME|FILE.py:FN|MODULE:FN", help="PyTorch stages (the torch extra): a built-in model (mlp, cnn, resnet) or a function returning one module per stage or an nn.Sequential (default: the numpy MLP)")),
     "--split": ("model.split", dict(type=str, metavar="I,J,..|K", help="torch: cut an nn.Sequential before these child indices, or into K near-equal pieces")),
-    "--dataset": ("data.dataset", dict(type=str, help="addition (built in) or idx (default addition)")),
-    "--data-path": ("data.path", dict(type=str, metavar="DIR", help="directory of IDX files (implies --dataset idx)")),
+    "--dataset": ("data.dataset", dict(type=str, help="addition (built in), idx, npz, npy or csv (default addition; "
+                                                      "with --data-path: from its suffix)")),
+    "--data-path": ("data.path", dict(type=str, metavar="PATH", help="FILE.npz, FILE.csv, X.npy (with --labels-path) "
+                                                                     "or a directory of IDX files; the kind follows "
+                                                                     "from the suffix (docs/data-formats.md)")),
+    "--labels-path": ("data.labels_path", dict(type=str, metavar="Y.npy", help="npy: the labels' .npy file beside --data-path X.npy")),
+    "--label-column": ("data.label_column", dict(type=str, metavar="NAME|INDEX", help="csv: the label column, a header name or a 0-based index (default: the last column)")),
+    "--task": ("data.task", dict(type=str, help="own data: auto (integer labels: classification; float: regression), classification or regression (default auto)")),
     "--bits": ("data.bits", dict(type=str, metavar="N", help="binary addition: bits per operand (default 8)")),
-    "--test-fraction": ("data.test_fraction", dict(type=str, metavar="F", help="idx with one file pair: held-out fraction (default 0.2)")),
+    "--test-fraction": ("data.test_fraction", dict(type=str, metavar="F", help="idx with one file pair, npz/npy/csv with one array set: held-out fraction (default 0.2)")),
     "--data-seed": ("data.seed", dict(type=str, metavar="S", help="seed of the dataset and split")),
     "--schedule": ("train.schedule", dict(type=str, help=f"{', '.join(C.SCHEDULES)} (default async)")),
     "--steps": ("train.steps", dict(type=str, metavar="N", help="training steps (overrides --epochs)")),
@@ -32,7 +38,7 @@ TRAIN_FLAGS = {
     "--lr-schedule": ("train.lr_schedule", dict(type=str, help="constant, cosine (to 0 over the run) or step (default constant)")),
     "--lr-step-size": ("train.lr_step_size", dict(type=str, metavar="N", help="step schedule: updates between decays (default: a third of the run)")),
     "--lr-gamma": ("train.lr_gamma", dict(type=str, metavar="G", help="step schedule: factor per decay (default 0.1)")),
-    "--loss": ("train.loss", dict(type=str, help="auto, softmax_ce, sigmoid_bce or mse")),
+    "--loss": ("train.loss", dict(type=str, help="auto (classification: softmax_ce, bits: sigmoid_bce, regression: mse), softmax_ce, sigmoid_bce or mse")),
     "--sg-model": ("train.sg_model", dict(type=str, help="synthetic-gradient model: linear, mlp or lowrank (default linear)")),
     "--sg-rank": ("train.sg_rank", dict(type=str, metavar="R", help="rank of the lowrank SG model (default 64)")),
     "--sg-every": ("train.sg_every", dict(type=str, metavar="N", help="regress the SG models on every N-th step only (default 1)")),
@@ -49,7 +55,7 @@ TRAIN_FLAGS = {
     "--seed": ("train.seed", dict(type=str, help="seed of initialisation and batching")),
     "--eval-every": ("train.eval_every", dict(type=str, metavar="N", help="evaluate every N steps (off the clock)")),
     "--eval-batch": ("train.eval_batch", dict(type=str, metavar="N", help="evaluation batch size")),
-    "--target-accuracy": ("train.target_accuracy", dict(type=str, metavar="A", help="report the time to reach this test accuracy (0-1)")),
+    "--target-accuracy": ("train.target_accuracy", dict(type=str, metavar="A", help="report the time to reach this test accuracy (0-1; not for regression)")),
     "--host": ("runtime.host", dict(type=str, help="address workers bind and are reached at (default 127.0.0.1)")),
     "--hosts": ("runtime.hosts", dict(type=str, metavar="H0,H1,..", help="per-worker host: the feeder, then each layer")),
     "--ports": ("runtime.ports", dict(type=str, metavar="P,..", help="explicit ports: fwd,bwd per worker, then control")),
@@ -139,7 +145,8 @@ def overrides_from_args(args) -> dict:
     if ov.get("train.max_inflight") == "auto":
         ov["train.max_inflight"] = 0
     if args.data_path is not None and args.dataset is None:
-        ov["data.dataset"] = "idx"
+        from asyncdni.numerics.data import infer_format
+        ov["data.dataset"] = infer_format(args.data_path)     # FILE.npz/.npy/.csv, else an IDX directory
     if args.cond is not None:
         ov["train.cond"] = args.cond
     if args.batch_norm is not None:

@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 from asyncdni import files
 from asyncdni.launch import registry as launcher_registry
 from asyncdni import schedules as _schedules
+from asyncdni.numerics.data import TASK_CHOICES as DATA_TASKS, infer_format
 from asyncdni.numerics.nn import ACTIVATIONS, INITS
 from asyncdni.numerics.optim import LR_SCHEDULES, OPTIMIZERS
 from asyncdni.numerics.synthetic import SG_MODELS
@@ -31,7 +32,8 @@ DELAY_REMEDIES = ("none", "lr_scale")
 TORCH_ZOO = ("mlp", "cnn", "resnet")       # built-in torch models (asyncdni/torch/models.py)
 LAUNCHERS = launcher_registry.names()   # built-in launchers plus any installed entry points
 SECURITY = ("auto", "curve", "insecure")
-DATASETS = ("addition", "idx")
+DATASETS = ("addition", "idx", "npz", "npy", "csv")
+OWN_DATA = ("npz", "npy", "csv")         # a user's own arrays (asyncdni.numerics.data.load_npz, ...)
 LOSS_CHOICES = ("auto", "softmax_ce", "sigmoid_bce", "mse")
 
 
@@ -68,13 +70,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "addition"           # "addition" (built in) or "idx" (MNIST-format files in `path`)
+    dataset: str = "addition"           # "addition" (built in), "idx" (MNIST-format files in `path`), or a
+                                        # user's own file: "npz", "npy" or "csv"; inferred from `path`'s suffix
+                                        # when only `path` is given (build)
     path: str = ""
+    labels_path: str = ""               # npy: the labels' .npy file (`path` holds the features)
+    label_column: str = ""              # csv: the label column, a header name or a 0-based index (default: the last)
+    task: str = "auto"                  # own data: "auto" (integer labels: classification; floats: regression),
+                                        # "classification" or "regression"
     bits: int = 8                       # binary addition: bits per operand
     train_size: int = 16384             # binary addition: training examples
     test_size: int = 2048               # binary addition: test examples
-    test_fraction: float = 0.2          # idx with a single file pair: fraction held out as test
-    seed: int = 0                       # seed of the dataset (addition samples, idx split)
+    test_fraction: float = 0.2          # idx with a single file pair, npz/npy/csv with one array set: fraction
+                                        # held out as test
+    seed: int = 0                       # seed of the dataset (addition samples, the train/test split)
 
 
 @dataclass(frozen=True)
@@ -174,7 +183,8 @@ RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "max_inf
 # fields added after checkpoints existed, with the value that reproduces the older behaviour
 DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False,
                           "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0,
-                          "train.sg_damp": 0.0, "model.model": "", "model.split": "", "train.weight_decay": 0.0}
+                          "train.sg_damp": 0.0, "model.model": "", "model.split": "", "train.weight_decay": 0.0,
+                          "data.labels_path": "", "data.label_column": "", "data.task": "auto"}
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -380,6 +390,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("data.dataset", d.dataset, DATASETS)
     if d.dataset == "idx" and not d.path:
         raise ConfigError("data.path: required when data.dataset is 'idx' (a directory of IDX files)")
+    if d.dataset in OWN_DATA and not d.path:
+        raise ConfigError(f"data.path: required when data.dataset is '{d.dataset}' (the .{d.dataset} file; --data-path)")
+    if d.dataset == "npy" and not d.labels_path:
+        raise ConfigError("data.labels_path: required when data.dataset is 'npy' (the labels' .npy file beside "
+                          "the features in data.path; --labels-path)")
+    if d.labels_path and d.dataset != "npy":
+        raise ConfigError(f"data.labels_path: only for data.dataset 'npy' (features and labels in two .npy files), "
+                          f"not '{d.dataset}'")
+    if d.label_column and d.dataset != "csv":
+        raise ConfigError(f"data.label_column: only for data.dataset 'csv', not '{d.dataset}'")
+    _choice("data.task", d.task, DATA_TASKS)
+    if d.task != "auto" and d.dataset not in OWN_DATA and not (d.dataset == "idx" and d.task == "classification"):
+        raise ConfigError(f"data.task: {d.task} needs data of your own (npz, npy or csv); dataset "
+                          f"'{d.dataset}' is {'bits (binary addition)' if d.dataset == 'addition' else 'classification'}")
     if not 1 <= d.bits <= 30:
         raise ConfigError(f"data.bits: must be between 1 and 30, got {d.bits}")
     _positive("data.train_size", d.train_size)
@@ -572,10 +596,20 @@ def apply_preset(d: dict) -> tuple[dict, tuple[str, ...]]:
     return merge(d, {k: preset[k] for k in applied}), tuple(applied)
 
 
+def infer_dataset(d: dict) -> dict:
+    """A nested config dict with ``data.path`` but no ``data.dataset``: the dataset kind from
+    the path's suffix (.npz, .npy, .csv; anything else: a directory of IDX files)."""
+    data = d.get("data")
+    if not isinstance(data, dict) or "dataset" in data or not isinstance(data.get("path"), str) or not data["path"]:
+        return d
+    return merge(d, {"data.dataset": infer_format(data["path"])})
+
+
 def build(config_path: str | None = None, overrides: dict | None = None, preset: bool = True) -> RunConfig:
-    """TOML file (optional) + dotted overrides -> validated RunConfig. With ``preset`` (the
+    """TOML file (optional) + dotted overrides -> validated RunConfig. A ``data.path`` without
+    a ``data.dataset`` names its kind by suffix (:func:`infer_dataset`). With ``preset`` (the
     default) the dataset's :data:`PRESETS` fill in what neither the file nor the overrides set."""
-    d = merge(load_toml(config_path) if config_path else {}, overrides or {})
+    d = infer_dataset(merge(load_toml(config_path) if config_path else {}, overrides or {}))
     applied: tuple[str, ...] = ()
     if preset:
         d, applied = apply_preset(d)

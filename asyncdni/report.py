@@ -11,7 +11,16 @@ from tqdm import tqdm
 
 
 def metric_names(task: str) -> tuple[str, str]:
+    if task == "regression":
+        return "RMSE", "R²"
     return ("accuracy", "accuracy") if task == "classification" else ("bit accuracy", "exact-sum accuracy")
+
+
+def format_metric(task: str, value) -> str:
+    """A test metric as printed: accuracies in percent; a regression's RMSE and R² as numbers."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if task == "regression" else f"{100 * value:.2f}%"
 
 
 def _mean(a) -> float:
@@ -46,7 +55,7 @@ def run_summary(result) -> dict:
         })
     m1, m2 = metric_names(result.plan.task)
     return {
-        "schedule": result.config.train.schedule,
+        "schedule": result.config.train.schedule, "task": result.plan.task,
         "layers": result.plan.n_layers, "widths": list(result.plan.widths),
         "steps": result.plan.steps, "batch_size": result.plan.batch_size,
         "samples": result.feeder["samples"],
@@ -137,10 +146,10 @@ def format_summary(summary: dict) -> str:
     rows = [
         ("loss (train, first -> last)", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}"),
         ("test loss", f"{s['test_loss']:.4f}"),
-        (f"test {s['metric_name']}", f"{100 * s['test_metric']:.2f}%"),
+        (f"test {s['metric_name']}", format_metric(s.get("task"), s["test_metric"])),
     ]
     if s["metric2_name"] != s["metric_name"]:
-        rows.append((f"test {s['metric2_name']}", f"{100 * s['test_metric2']:.2f}%"))
+        rows.append((f"test {s['metric2_name']}", format_metric(s.get("task"), s["test_metric2"])))
     rows += [
         ("samples/s", f"{s['samples_per_s']:.0f}"),
         ("training time", f"{s['train_time_s']:.2f} s"),
@@ -166,7 +175,7 @@ def format_summary(summary: dict) -> str:
                      f"{L['steps']:>7} {L['updates']:>8} {L['sg_updates']:>7} "
                      f"{100 * L['busy_fraction']:>5.1f}% {L['cpu_percent']:>4.0f}% {L['peak_rss_mb']:>7.1f} "
                      f"{L['bytes_sent'] / 2**20:>8.1f}")
-    lines += [f"  {x}" for x in layer_extras(s["per_layer"])]
+    lines += [f"  {x}" for x in layer_extras(s["per_layer"], s.get("task"))]
     faults = []
     if s["resumed_from_step"] is not None:
         faults.append(f"resumed from the checkpoint at step {s['resumed_from_step']}")
@@ -189,9 +198,10 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def layer_extras(per_layer) -> list[str]:
+def layer_extras(per_layer, task: str | None = None) -> list[str]:
     """What the delayed and local schedules report per layer: observed delay (mean, max)
-    and stashed-weight memory; auxiliary classifiers' accuracy next to the network's."""
+    and stashed-weight memory; auxiliary heads' accuracy (regression: RMSE) next to the network's."""
+    aux = "RMSE" if task == "regression" else "acc"
     out = []
     for L in per_layer:
         parts = []
@@ -200,9 +210,9 @@ def layer_extras(per_layer) -> list[str]:
             if L.get("stash_peak_bytes"):
                 parts.append(f"stashed weights peak {L['stash_peak_bytes'] / 2**20:.2f} MB")
         if L.get("aux_train_metric") is not None:
-            parts.append(f"aux head train acc {100 * L['aux_train_metric']:.2f}%")
+            parts.append(f"aux head train {aux} {format_metric(task, L['aux_train_metric'])}")
         if L.get("aux_test_metric") is not None:
-            parts.append(f"aux head test acc {100 * L['aux_test_metric']:.2f}%")
+            parts.append(f"aux head test {aux} {format_metric(task, L['aux_test_metric'])}")
         if parts:
             out.append(f"layer {L['layer']}: " + ", ".join(parts))
     return out

@@ -46,7 +46,7 @@ def run_variant(data, name: str, epochs: float, target: float = 0.94, seed: int 
             "delay_mean": [n.delay_sum / n.delay_n if n.delay_n else None for n in nodes],
             "delay_max": [n.delay_max if n.delay_n else None for n in nodes],
             "stash_peak_mb": sum(n.stash_peak for n in nodes) / 2**20,
-            "aux_test": reference.aux_metrics(nodes, test) if any(n.aux is not None for n in nodes) else None,
+            "aux_test": reference.aux_metrics(nodes, test, in_shape=plan.in_shape) if any(n.aux is not None for n in nodes) else None,
             "seconds": time.perf_counter() - t0}
 
 

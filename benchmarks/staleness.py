@@ -75,7 +75,7 @@ def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, dataset
     train, test = datasets or load_datasets(cfg)
     plan = make_plan(cfg, train)
     nodes = [LayerNode(s) for s in plan.specs]
-    stream = BatchStream(train, plan.batch_size, cfg.train.seed)
+    stream = BatchStream(train, plan.batch_size, cfg.train.seed, in_shape=plan.in_shape)
     rng = np.random.default_rng([lag_seed, cfg.train.seed])
     probs = np.asarray(lags, float) / np.sum(lags)
     pending: dict[int, list] = {}          # deliver at the start of step s -> [(layer, step, g)]
@@ -96,7 +96,7 @@ def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, dataset
                     pending.setdefault(step + L + 1, []).append((i - 1, step, gx))
             h = out
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            ev = evaluate(nodes, plan.loss, test, 1000)
+            ev = evaluate(nodes, plan.loss, test, 1000, plan.in_shape)
             evals.append((step + 1, ev["metric"], ev["metric2"]))
             diags.append(diagnose(nodes, plan.loss, *stream.batch(0)))
     train_time = time.perf_counter() - t0

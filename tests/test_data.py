@@ -296,11 +296,12 @@ def test_load_idx_dir_single_pair_split(tmp_path):
     assert (len(tr), len(te)) == (750, 250)
     for ds in (tr, te):
         assert ds.task == "classification" and ds.n_out == 7 and ds.name == "digits"
-        assert ds.x.dtype == np.float32 and ds.x.shape[1] == 24 and ds.x.flags.c_contiguous
+        assert ds.x.dtype == np.float32 and ds.x.shape[1:] == (1, 4, 6) and ds.x.flags.c_contiguous
+        assert ds.sample_shape == (1, 4, 6) and ds.n_features == 24      # (N, H, W) images keep their shape
         assert ds.y.dtype == np.int64 and ds.y.ndim == 1
         assert ds.x.min() >= 0.0 and ds.x.max() <= 1.0
     # train + test recover all rows exactly once, with matching labels
-    both_x = np.concatenate([tr.x, te.x])
+    both_x = np.concatenate([tr.x, te.x]).reshape(n, -1)
     both_y = np.concatenate([tr.y, te.y])
     row_id = np.rint(both_x[:, 0] * 255).astype(int) + 256 * np.rint(both_x[:, 1] * 255).astype(int)
     assert sorted(row_id.tolist()) == list(range(n))
@@ -334,9 +335,9 @@ def test_load_idx_dir_uses_train_and_test_pairs(tmp_path):
     _write_pair(tmp_path, "t10k", te_img, te_lab, gz=True)
     tr, te = load_idx_dir(tmp_path, seed=99)
     assert (len(tr), len(te)) == (30, 12)
-    assert tr.x.shape == (30, 35) and te.x.shape == (12, 35)  # (N, 5, 7) flattened
-    np.testing.assert_array_equal(tr.x, tr_img.reshape(30, 35).astype(np.float32) / 255)
-    np.testing.assert_array_equal(te.x, te_img.reshape(12, 35).astype(np.float32) / 255)
+    assert tr.x.shape == (30, 1, 5, 7) and te.x.shape == (12, 1, 5, 7)  # (N, 5, 7): one channel
+    np.testing.assert_array_equal(tr.x, tr_img[:, None].astype(np.float32) / 255)
+    np.testing.assert_array_equal(te.x, te_img[:, None].astype(np.float32) / 255)
     np.testing.assert_array_equal(tr.y, tr_lab)
     np.testing.assert_array_equal(te.y, te_lab)
     assert tr.n_out == te.n_out == 6  # max label over both splits + 1
@@ -414,7 +415,8 @@ def test_real_mnist():
     tr, te = load_idx_dir(MNIST_DIR, test_fraction=0.2, seed=0)
     assert (len(tr), len(te)) == (8000, 2000)
     for ds in (tr, te):
-        assert ds.x.dtype == np.float32 and ds.x.shape[1] == 784 and ds.x.flags.c_contiguous
+        assert ds.x.dtype == np.float32 and ds.x.shape[1:] == (1, 28, 28) and ds.x.flags.c_contiguous
+        assert ds.n_features == 784
         assert ds.x.min() >= 0.0 and ds.x.max() <= 1.0
         assert ds.y.dtype == np.int64 and ds.y.min() >= 0 and ds.y.max() <= 9
         assert ds.n_out == 10 and ds.task == "classification"

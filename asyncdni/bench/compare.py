@@ -193,13 +193,13 @@ def analyse(cfg, plan, runs: dict) -> dict:
     flops = {s: flops_per_sample(plan, s) for s in runs}
     target = cfg.train.target_accuracy or None
     target_auto = target is None
-    if target_auto:
+    if target_auto and plan.task != "regression":      # a regression has no accuracy to reach
         target = auto_target(runs)
     for r in runs.values():
         r["steps_to_target"] = steps_to_target(r.get("evals"), target)
         if target_auto or r.get("time_to_target_s") is None:
             r["time_to_target_s"] = time_to_target(r.get("evals"), target) if target else None
-    out = {"machine": {"cores": n_cores}, "layers": K, "widths": list(plan.widths),
+    out = {"machine": {"cores": n_cores}, "task": plan.task, "layers": K, "widths": list(plan.widths),
            "batch_size": plan.batch_size, "steps": plan.steps, "samples": plan.steps * plan.batch_size,
            "target_accuracy": target, "target_auto": target_auto, "runs": runs, "flops_per_sample": flops,
            "flops_parts": {s: flops_parts(plan, s) for s in runs}}
@@ -300,15 +300,18 @@ def format_flops(res: dict) -> list[str]:
 
 def format_bench(res: dict) -> str:
     runs = res["runs"]
+    regression = res.get("task") == "regression"          # its column: test R² (higher is better, as accuracy)
     lines = [f"bench: {res['layers']} layers {'-'.join(map(str, res['widths']))}, batch {res['batch_size']}, "
              f"{res['steps']} steps ({res['samples']} samples), {res['machine']['cores']} cores"
-             + (f", test accuracy every {res['eval_every']} steps (off the clock)" if res.get("eval_every") else "")]
+             + (f", test {'RMSE and R²' if regression else 'accuracy'} every {res['eval_every']} steps (off the clock)"
+                if res.get("eval_every") else "")]
     tgt = res.get("target_accuracy")
     tname = f"to {100 * tgt:g}%" if tgt else "to target"
     if tgt and res.get("target_auto"):
         lines.append(f"  target {100 * tgt:g}%: 98% of the best final accuracy (no --target-accuracy given)")
     w = max([14] + [len(s) + 2 for s in runs])
-    hdr = (f"  {'schedule':<{w}}{'samples/s':>10}{'train s':>9}{'loss':>8}{'test acc':>9}{tname + ' s':>11}"
+    hdr = (f"  {'schedule':<{w}}{'samples/s':>10}{'train s':>9}{'loss':>8}{'test R²' if regression else 'test acc':>9}"
+           f"{tname + ' s':>11}"
            f"{tname + ' steps':>15}{'MFLOP/smp':>10}{'work bound':>11}{'of bound':>9}")
     lines.append(hdr)
     wb = res.get("work_bound_samples_per_s", {})
@@ -323,7 +326,8 @@ def format_bench(res: dict) -> str:
         b_s = "-" if not b else f"{b:.0f}"
         frac_s = "-" if not b else f"{100 * r['samples_per_s'] / b:.0f}%"
         lines.append(f"  {s:<{w}}{r['samples_per_s']:>10.0f}{r['train_time_s']:>9.2f}{r['loss_last']:>8.3f}"
-                     f"{100 * r['test_metric']:>8.2f}%{ttt_s:>11}{stt_s:>15}"
+                     + (f"{r['test_metric2']:>9.4f}" if regression else f"{100 * r['test_metric']:>8.2f}%")
+                     + f"{ttt_s:>11}{stt_s:>15}"
                      f"{res['flops_per_sample'][s] / 1e6:>10.2f}{b_s:>11}{frac_s:>9}")
     inproc = [s for s in order if s in INPROCESS_ROWS]
     if inproc:
@@ -360,7 +364,7 @@ def format_bench(res: dict) -> str:
                              f" {100 * L['busy_fraction']:>5.1f}% {L['msgs_sent']:>6} {L['bytes_sent'] / 2**20:>9.1f}"
                              f" {L['cpu_percent']:>5.0f} {L['peak_rss_mb']:>7.1f}")
             from asyncdni.report import layer_extras
-            extra = layer_extras(runs[s]["per_layer"])
+            extra = layer_extras(runs[s]["per_layer"], res.get("task"))
             if extra:
                 lines += [f"  {'':<{len(s)}}  {x}" for x in extra]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from asyncdni import schedules
 from asyncdni.config import RunConfig
-from asyncdni.numerics.data import Dataset, binary_addition_split, load_idx_dir
+from asyncdni.numerics.data import Dataset, binary_addition_split, load_csv, load_idx_dir, load_npy, load_npz
 from asyncdni.numerics.layer import LayerSpec
 
 
@@ -18,6 +18,14 @@ class Plan:
     in_dim: int
     n_out: int
     task: str
+    # the first layer's per-sample input shape: the feeder, the reference and every evaluation
+    # hand it x as (B, *in_shape). The numpy MLP takes (n_features,); a backend with
+    # convolutions may take the dataset's (C, H, W)
+    in_shape: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.in_shape:
+            object.__setattr__(self, "in_shape", (self.in_dim,))
 
     @property
     def n_layers(self) -> int:
@@ -32,13 +40,24 @@ def load_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     d = cfg.data
     if d.dataset == "addition":
         return binary_addition_split(d.bits, d.train_size, d.test_size, d.seed)
+    if d.dataset == "npz":
+        return load_npz(d.path, task=d.task, test_fraction=d.test_fraction, seed=d.seed)
+    if d.dataset == "npy":
+        return load_npy(d.path, d.labels_path, task=d.task, test_fraction=d.test_fraction, seed=d.seed)
+    if d.dataset == "csv":
+        return load_csv(d.path, label_column=d.label_column, task=d.task, test_fraction=d.test_fraction,
+                        seed=d.seed)
     return load_idx_dir(d.path, test_fraction=d.test_fraction, seed=d.seed)
 
 
 def resolve_loss(cfg: RunConfig, task: str) -> str:
     if cfg.train.loss != "auto":
         return cfg.train.loss
-    return "softmax_ce" if task == "classification" else "sigmoid_bce"
+    return {"classification": "softmax_ce", "regression": "mse"}.get(task, "sigmoid_bce")
+
+
+TARGETS = {"classification": "class labels", "bits": "bit targets", "regression": "float regression targets"}
+LOSS_TASKS = {"softmax_ce": ("classification",), "sigmoid_bce": ("bits",), "mse": ("bits", "regression")}
 
 
 def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
@@ -47,11 +66,14 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
     if t.batch_size > len(train):
         raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the training set ({len(train)} examples)")
     loss = resolve_loss(cfg, train.task)
-    if loss == "softmax_ce" and train.task != "classification":
-        raise ConfigError(f"train.loss: softmax_ce needs class labels, but dataset {train.name!r} has bit targets")
-    if loss in ("sigmoid_bce", "mse") and train.task == "classification":
-        raise ConfigError(f"train.loss: {loss} needs bit targets, but dataset {train.name!r} has class labels")
-    in_dim = train.x.shape[1]
+    if train.task not in LOSS_TASKS[loss]:
+        need = " or ".join(TARGETS[k] for k in LOSS_TASKS[loss])
+        raise ConfigError(f"train.loss: {loss} needs {need}, but dataset {train.name!r} has {TARGETS[train.task]}"
+                          + (" (use mse or auto)" if train.task == "regression" else ""))
+    if train.task == "regression" and t.target_accuracy:
+        raise ConfigError(f"train.target_accuracy: dataset {train.name!r} is a regression (reported: test RMSE "
+                          "and R²), it has no accuracy to reach; leave it at 0")
+    in_dim = train.n_features
     widths = (in_dim,) + cfg.model.hidden_widths() + (train.n_out,)
     K = cfg.model.layers
     sched = schedules.get(t.schedule)
@@ -60,7 +82,9 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
         last = i == K - 1
         specs.append(LayerSpec(
             index=i, n_layers=K, fan_in=widths[i], fan_out=widths[i + 1],
-            activation=("sigmoid" if loss == "mse" else "linear") if last else cfg.model.activation,
+            # the last layer: logits, or for mse on bits probabilities; regression is linear
+            activation=("sigmoid" if loss == "mse" and train.task == "bits" else "linear") if last
+            else cfg.model.activation,
             init=cfg.model.init, loss=loss, task=train.task, n_out=train.n_out,
             optimizer=t.optimizer, lr=t.lr, sg_model=t.sg_model, sg_hidden=t.sg_hidden, sg_lr=t.sg_lr,
             cond=t.cond, microbatches=t.microbatches if sched.microbatches else 1, seed=t.seed,
@@ -72,7 +96,7 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
     steps_per_epoch = len(train) // t.batch_size
     steps = t.steps if t.steps > 0 else max(1, round(t.epochs * steps_per_epoch))
     check_resources(cfg, in_dim, train.n_out, steps)
-    return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task)
+    return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task, in_shape=(in_dim,))
 
 
 def microbatch_bounds(batch: int, m: int) -> list[tuple[int, int]]:

@@ -27,20 +27,20 @@ class ReferenceResult:
     evals: list[dict] = field(default_factory=list)
 
 
-def evaluate(nodes: list[LayerNode], loss_name: str, test: Dataset, batch: int) -> dict:
-    tot_loss = tot_m = tot_m2 = 0.0
-    n_all = 0
-    for x, y in eval_batches(test, batch):
+def evaluate(nodes: list[LayerNode], loss_name: str, test: Dataset, batch: int, in_shape=None) -> dict:
+    """Loss and metrics on ``test`` in batches of ``batch``, combined as the feeder combines
+    the last layer's results (``losses.combine``; regression: R² about the test set's mean).
+    ``in_shape``: the first layer's per-sample input shape (``Plan.in_shape``; None: flat)."""
+    parts = []
+    for x, y in eval_batches(test, batch, in_shape):
         h = x
         for node in nodes:
             h = node.forward_only(h)
         loss, _ = losses.compute(loss_name, h, y)
-        m, m2, n = losses.metrics(loss_name, h, y)
-        tot_loss += loss * n
-        tot_m += m * n
-        tot_m2 += m2 * n
-        n_all += n
-    return {"loss": tot_loss / n_all, "metric": tot_m / n_all, "metric2": tot_m2 / n_all, "n": n_all}
+        m, m2, n = losses.metrics(loss_name, h, y, test.task)
+        parts.append({"loss": loss, "metric": m, "metric2": m2, "n": n})
+    sst = losses.sum_sq_dev(test.y) if test.task == "regression" else None
+    return losses.combine(parts, test.task, test.n_out, sst)
 
 
 ALIASES = {"dni": "sequential"}   # the in-process DNI baseline runs the sequential DNI order
@@ -120,12 +120,8 @@ class Runtime:
         ms = self.metrics.pop(step)
         if len(ms) == 1:
             return ms[0]
-        agg = {"loss": 0.0, "metric": 0.0, "metric2": 0.0, "n": 0}   # as the last worker aggregates
-        for m in ms:
-            for k in ("loss", "metric", "metric2"):
-                agg[k] += m[k] * m["n"]
-            agg["n"] += m["n"]
-        return {k: (v / agg["n"] if k != "n" else v) for k, v in agg.items()}
+        spec = self.nodes[-1].spec                  # as the last worker combines its micro-batches
+        return losses.combine(ms, spec.task, spec.n_out)
 
 
 def train_step(nodes: list[LayerNode], schedule: str, step: int, x, y, microbatches: int = 1) -> dict:
@@ -146,7 +142,7 @@ def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps:
     and ``nodes``: continue from a state (a resumed run)."""
     sched = S.get(ALIASES.get(schedule, schedule))
     nodes = [LayerNode(s) for s in plan.specs] if nodes is None else nodes
-    stream = BatchStream(train, plan.batch_size, seed)
+    stream = BatchStream(train, plan.batch_size, seed, in_shape=plan.in_shape)
     res = ReferenceResult(nodes)
     M = plan.specs[0].microbatches
     steps = plan.steps if steps is None else steps
@@ -161,14 +157,14 @@ def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps:
                on_metrics=lambda step, m: res.losses.append(m["loss"]))
         if cut in evals:
             p0 = time.perf_counter()
-            ev = evaluate(nodes, plan.loss, test, eval_batch)
+            ev = evaluate(nodes, plan.loss, test, eval_batch, plan.in_shape)
             paused += time.perf_counter() - p0
             ev.update(step=cut, train_time=time.perf_counter() - t0 - paused)
             res.evals.append(ev)
         seg = cut
     res.train_time = time.perf_counter() - t0 - paused
     if test is not None:
-        ev = evaluate(nodes, plan.loss, test, eval_batch)
+        ev = evaluate(nodes, plan.loss, test, eval_batch, plan.in_shape)
         ev.update(step=steps, train_time=res.train_time)
         res.evals.append(ev)
     return res
@@ -183,18 +179,20 @@ def aux_evaluate(plan: Plan, params: list[dict], test: Dataset, batch: int = 100
     for node, p in zip(nodes, params):
         for name, arr in node.params().items():
             arr[...] = p[name]
-    return aux_metrics(nodes, test, batch)
+    return aux_metrics(nodes, test, batch, plan.in_shape)
 
 
-def aux_metrics(nodes: list[LayerNode], test: Dataset, batch: int = 1000) -> list[float | None]:
-    hits = [0.0] * len(nodes)
-    n_all = 0
-    for x, y in eval_batches(test, batch):
+def aux_metrics(nodes: list[LayerNode], test: Dataset, batch: int = 1000, in_shape=None) -> list[float | None]:
+    """Test-set metric of each layer's auxiliary head (accuracy; regression: RMSE); None
+    for layers without one."""
+    parts: list[list] = [[] for _ in nodes]
+    for x, y in eval_batches(test, batch, in_shape):
         h = x
         for i, node in enumerate(nodes):
             h = node.forward_only(h)
             if node.aux is not None:
-                m, _, n = losses.metrics(node.spec.aux_loss, node.aux_logits(h), y)
-                hits[i] += m * n
-        n_all += len(y)
-    return [hits[i] / n_all if node.aux is not None else None for i, node in enumerate(nodes)]
+                m, m2, n = losses.metrics(node.spec.aux_loss, node.aux_logits(h), y, test.task)
+                loss = losses.compute(node.spec.aux_loss, node.aux_logits(h), y)[0] if test.task == "regression" else 0.0
+                parts[i].append({"loss": loss, "metric": m, "metric2": m2, "n": n})
+    return [losses.combine(parts[i], test.task, test.n_out)["metric"] if node.aux is not None else None
+            for i, node in enumerate(nodes)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from asyncdni.config import RunConfig, from_dict, validate
 from asyncdni.numerics.layer import LayerSpec
+from asyncdni.wire import protocol as P
 from asyncdni.wire import security
 
 
@@ -44,6 +45,7 @@ class RunSpec:
     checkpoint_dir: str = ""
     resume: ResumePoint | None = None
     curve_keys: tuple[str, ...] | None = None   # the run's workers' CURVE public keys (None: no CURVE)
+    in_shape: tuple[int, ...] = ()      # the first layer's per-sample input (Plan.in_shape); (): (fan_in,)
 
     @property
     def n_layers(self) -> int:
@@ -60,6 +62,7 @@ class RunSpec:
             "steps": self.steps, "max_message": self.max_message, "checkpoint_dir": self.checkpoint_dir,
             "resume": {"dir": self.resume.directory, "step": self.resume.step} if self.resume else None,
             "curve": {"keys": list(self.curve_keys)} if self.curve_keys is not None else None,
+            "in_shape": list(self.in_shape),
         }
 
     @classmethod
@@ -89,10 +92,14 @@ class RunSpec:
             resume = ResumePoint(resume["dir"], resume["step"])
         if spec["steps"] < 1 or spec["max_message"] < 1:
             raise SpecError("run spec: steps and max_message must be positive")
+        shape = spec.get("in_shape", [])
+        if not (isinstance(shape, list) and len(shape) <= P.MAX_NDIM - 1 and all(type(d) is int and d >= 1 for d in shape)):
+            raise SpecError(f"run spec: in_shape is not a list of 1 to {P.MAX_NDIM - 1} positive integers")
         config = validate(from_dict(spec["config"]))
         return cls(config=config, nodes=nodes, specs=tuple(_layer_spec(i, s) for i, s in enumerate(spec["specs"])),
                    steps=spec["steps"], max_message=spec["max_message"], checkpoint_dir=spec["checkpoint_dir"],
-                   resume=resume, curve_keys=tuple(curve["keys"]) if curve is not None else None)
+                   resume=resume, curve_keys=tuple(curve["keys"]) if curve is not None else None,
+                   in_shape=tuple(shape))
 
 
 def _node(entry) -> NodeAddress:

@@ -33,6 +33,7 @@ from asyncdni import schedules as S
 from asyncdni.wire import security
 from asyncdni.wire import transport
 from asyncdni.engine.spec import RunSpec
+from asyncdni.numerics import losses
 from asyncdni.numerics.data import DataError
 from asyncdni.numerics.layer import LayerNode, NonFiniteError, StepError, all_finite
 from asyncdni.report import TRACE_CODES
@@ -95,6 +96,9 @@ class Worker:
         self.schedule = self.cfg.train.schedule
         self.sched = S.get(self.schedule)      # everything schedule-specific is read from here
         self.host = spec.nodes[self._node_id].host
+        # the first layer's per-sample input shape (Plan.in_shape): the feeder sends x as
+        # (B, *in_shape) and layer 1 agrees to exactly that
+        self.in_shape = spec.in_shape or (spec.specs[0].fan_in,)
         self.ctx = ctx
         self.ctrl = ctrl
         self.socks: list[zmq.Socket] = [ctrl]
@@ -365,12 +369,14 @@ class LayerWorker(Worker):
                                        self.rt.checkpoint_every)
         self.pending = None          # hold_for_ack: (step, target, message) held until the ACK from below
         self.marker = None           # checkpoint step waiting for this layer's in-flight state to drain
-        self.metrics_acc = None      # pipeline (last layer): per-step metric accumulator
+        self.metrics_acc = None      # pipeline (last layer): the metrics of a step's micro-batches so far
         self.nonfinite_outputs = 0   # outgoing activations/gradients that had to be zeroed
         ls = self.lspec
         self.expect_fwd, self.expect_bwd = P.layer_expect(
             ls.fan_in, ls.fan_out, classes=ls.n_out if ls.task == "classification" else None, targets=ls.n_out,
-            batch=self.batch_size, microbatches=self.M, eval_batch=self.cfg.train.eval_batch)
+            batch=self.batch_size, microbatches=self.M, eval_batch=self.cfg.train.eval_batch,
+            in_shape=self.in_shape if self.first else None,
+            target_range=(0.0, 1.0) if ls.task == "bits" else None)    # regression targets: finite (check_finite)
         self.next_step = 0           # the only FWD step this layer accepts next (micro-steps in pipeline)
 
     def setup(self) -> None:
@@ -535,14 +541,10 @@ class LayerWorker(Worker):
             return
         full_step = step // self.M
         if self.M > 1:
-            acc = self.metrics_acc or {"loss": 0.0, "metric": 0.0, "metric2": 0.0, "n": 0}
-            for k in ("loss", "metric", "metric2"):
-                acc[k] += metrics[k] * metrics["n"]
-            acc["n"] += metrics["n"]
-            self.metrics_acc = acc
+            self.metrics_acc = (self.metrics_acc or []) + [metrics]
             if step % self.M != self.M - 1:
                 return
-            metrics = {k: (v / acc["n"] if k != "n" else v) for k, v in acc.items()}
+            metrics = losses.combine(self.metrics_acc, self.lspec.task, self.lspec.n_out)
             self.metrics_acc = None
         out = (P.DONE, full_step, (), _metric_fields(metrics))
         if self.sched.hold_for_ack and not self.first:
@@ -564,9 +566,8 @@ class LayerWorker(Worker):
         x, y = msg.arrays
         h = self._timed(T_EVAL, self.node.forward_only, x)
         if self.last:
-            from asyncdni.numerics import losses
             loss, _ = losses.compute(self.lspec.loss, h, y)
-            m, m2, n = losses.metrics(self.lspec.loss, h, y)
+            m, m2, n = losses.metrics(self.lspec.loss, h, y, self.lspec.task)
             self.send(self.sink, P.EVAL_RESULT, msg.step, (),
                       {"eid": msg.fields["eid"], "loss": loss, "metric": m, "metric2": m2, "n": n})
         else:
@@ -663,6 +664,7 @@ def _metric_fields(m: dict) -> dict:
 class FeederWorker(Worker):
     role = "feeder"
     FILE = "feeder.npz"
+    expect_in = None            # set in setup(): the metric ranges of this run's DONE / EVAL_RESULT
 
     def setup(self) -> None:
         from asyncdni.numerics.data import BatchStream, eval_batches
@@ -670,8 +672,13 @@ class FeederWorker(Worker):
         self.train, self.test = load_datasets(self.cfg)
         t = self.cfg.train
         self.steps = self.spec.steps
-        self.stream = BatchStream(self.train, t.batch_size, t.seed)
-        self.eval_set = eval_batches(self.test, t.eval_batch)
+        self.stream = BatchStream(self.train, t.batch_size, t.seed, in_shape=self.in_shape)
+        self.eval_set = eval_batches(self.test, t.eval_batch, in_shape=self.in_shape)
+        self.task = self.test.task
+        # regression: R² is about the test set's own mean, whatever the evaluation batches
+        self.sst = losses.sum_sq_dev(self.test.y) if self.task == "regression" else None
+        # the metrics the last layer may report: accuracies, or a regression's RMSE and R²
+        self.expect_in = P.result_expect(self.task == "regression")
         self.M = t.microbatches if self.sched.microbatches else 1
         self.bounds = microbatch_bounds(t.batch_size, self.M)
         self.window = self.sched.window_size(t.max_inflight, self.spec.n_layers)
@@ -701,6 +708,11 @@ class FeederWorker(Worker):
                 self.evals = evals_from_arrays(st)
                 ttt = float(st["time_to_target"])
                 self.time_to_target = None if np.isnan(ttt) else ttt
+
+    def accept(self, frames, expect=None, check_finite=False):
+        """Validate one inbox message; DONE and EVAL_RESULT metrics are held to the ranges of
+        this run's targets (accuracies, or a regression's RMSE and R²)."""
+        return super().accept(frames, self.expect_in if expect is None else expect, check_finite)
 
     def bind_inboxes(self) -> dict:
         node = self.spec.nodes[0]
@@ -874,8 +886,7 @@ class FeederWorker(Worker):
             if msg is None:
                 continue
             self.on_eval_result(msg, got)
-        n = sum(r["n"] for r in got.values())
-        return {k: sum(r[k] * r["n"] for r in got.values()) / n for k in ("loss", "metric", "metric2")} | {"n": n}
+        return losses.combine([got[eid] for eid in sorted(got)], self.task, self.test.n_out, self.sst)
 
     def on_eval_result(self, msg, got: dict) -> None:
         """One evaluation result; kept in ``got`` by its id, or counted as rejected."""

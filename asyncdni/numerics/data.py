@@ -1,19 +1,23 @@
-"""Datasets for asyncdni: synthetic binary addition and IDX (MNIST-style) files.
+"""Datasets for asyncdni: synthetic binary addition, IDX (MNIST-style) files, and a
+user's own arrays in .npz, .npy or .csv files.
 
-Pure numpy + stdlib.  Public API:
+Pure numpy + stdlib (never pickle: every np.load has allow_pickle=False).  Public API:
 
 * :class:`DataError`, :class:`Dataset`
 * :func:`binary_addition`, :func:`binary_addition_split`, :func:`bit_metrics`
 * :func:`read_idx`, :func:`write_idx`, :func:`load_idx_dir`
-* :class:`BatchStream`, :func:`eval_batches`
+* :func:`load_npz`, :func:`load_npy`, :func:`load_csv`, :func:`infer_format`, :func:`split_arrays`
+* :class:`BatchStream`, :func:`eval_batches`, :func:`input_shape`
 """
 
 from __future__ import annotations
 
+import csv as _csv
 import gzip as _gzip
 import math
 import operator
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +33,19 @@ __all__ = [
     "read_idx",
     "write_idx",
     "load_idx_dir",
+    "load_npz",
+    "load_npy",
+    "load_csv",
+    "infer_format",
+    "split_arrays",
+    "input_shape",
     "BatchStream",
     "eval_batches",
 ]
 
-TASKS = ("classification", "bits")
+TASKS = ("classification", "bits", "regression")
+TASK_CHOICES = ("auto", "classification", "regression")   # what a user's own labels may be read as
+FORMATS = {".npz": "npz", ".npy": "npy", ".csv": "csv"}  # file suffix -> dataset kind
 
 # IDX dtype code -> big-endian numpy dtype
 _IDX_CODES = {
@@ -85,8 +97,10 @@ def _as_int(value, what: str) -> int:
 class Dataset:
     """An in-memory dataset.
 
-    x: float32, C-contiguous, shape (N, D).
-    y: classification -> int64 shape (N,); bits -> float32 shape (N, n_out) of 0/1.
+    x: float32, C-contiguous, shape (N, D) or, for images, (N, C, H, W); an (N, H, W) array
+       becomes (N, 1, H, W). ``sample_shape`` is x's shape without N, ``n_features`` its size.
+    y: classification -> int64 shape (N,); bits -> float32 shape (N, n_out) of 0/1;
+       regression -> float32 shape (N, n_out) (n_out targets per row).
     """
 
     x: np.ndarray
@@ -98,14 +112,19 @@ class Dataset:
     def __post_init__(self):
         if self.task not in TASKS:
             raise DataError(f"dataset {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
-        if not isinstance(self.x, np.ndarray) or self.x.ndim != 2:
-            raise DataError(f"dataset {self.name!r}: x must be a 2-D array (N, D)")
+        if not isinstance(self.x, np.ndarray) or self.x.ndim not in (2, 3, 4):
+            raise DataError(f"dataset {self.name!r}: x must be a 2-D (N, D) or image (N, C, H, W) array")
+        if self.x.ndim == 3:                           # (N, H, W): one channel
+            object.__setattr__(self, "x", self.x[:, None])
         if not isinstance(self.y, np.ndarray) or len(self.y) != len(self.x):
             raise DataError(f"dataset {self.name!r}: x and y must have the same number of rows")
         if self.task == "classification" and self.y.ndim != 1:
             raise DataError(f"dataset {self.name!r}: classification y must be 1-D (N,)")
         if self.task == "bits" and (self.y.ndim != 2 or self.y.shape[1] != self.n_out):
             raise DataError(f"dataset {self.name!r}: bits y must have shape (N, n_out={self.n_out})")
+        if self.task == "regression" and (self.y.ndim != 2 or self.y.shape[1] != self.n_out
+                                          or self.y.dtype != np.float32):
+            raise DataError(f"dataset {self.name!r}: regression y must be float32 of shape (N, n_out={self.n_out})")
         if self.n_out < 1:
             raise DataError(f"dataset {self.name!r}: n_out must be >= 1")
 
@@ -113,8 +132,13 @@ class Dataset:
         return int(self.x.shape[0])
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: (D,) or (C, H, W)."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
     def n_features(self) -> int:
-        return int(self.x.shape[1])
+        return math.prod(self.sample_shape)
 
 
 # --------------------------------------------------------------------------- binary addition
@@ -308,7 +332,20 @@ def _load_images(path: Path) -> np.ndarray:
             at = tuple(int(v) for v in np.unravel_index(i, img.shape))
             raise _err(path, f"{what} at index {at[0] if len(at) == 1 else at} (sample {i // flat.shape[1]}); "
                              "images must hold finite numbers")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(_kept_shape(img.shape))
+
+
+def _kept_shape(shape: tuple) -> tuple:
+    """The array shape a dataset keeps for samples of ``shape`` (N first): (N,) -> (N, 1);
+    (N, D) and (N, C, H, W) as they are; (N, H, W) -> (N, 1, H, W); more dims -> (N, D)."""
+    n = shape[0]
+    if len(shape) == 1:
+        return (n, 1)
+    if len(shape) == 3:
+        return (n, 1, *shape[1:])
+    if len(shape) in (2, 4):
+        return tuple(shape)
+    return (n, math.prod(shape[1:]))
 
 
 def _load_labels(path: Path, n_images: int, images_path: Path) -> np.ndarray:
@@ -373,20 +410,12 @@ def load_idx_dir(directory, test_fraction: float = 0.2, seed: int = 0) -> tuple[
 
     if len(loaded) == 2:
         (x_tr, y_tr), (x_te, y_te) = loaded["train"], loaded["test"]
-        if x_tr.shape[1] != x_te.shape[1]:
-            raise _err(d, f"train images {pairs['train'][0].name} have {x_tr.shape[1]} features "
-                          f"but test images {pairs['test'][0].name} have {x_te.shape[1]}")
+        if x_tr.shape[1:] != x_te.shape[1:]:
+            raise _err(d, f"train images {pairs['train'][0].name} have shape {x_tr.shape[1:]} per sample "
+                          f"but test images {pairs['test'][0].name} have {x_te.shape[1:]}")
     else:
         (split,) = loaded
-        x, y = loaded[split]
-        n = x.shape[0]
-        n_test = int(round(n * tf))
-        if n_test < 1 or n_test > n - 1:
-            raise _err(pairs[split][0], f"splitting {n} samples with test_fraction={tf} leaves an empty train or test set")
-        perm = np.random.default_rng(seed).permutation(n)
-        te_idx, tr_idx = perm[:n_test], perm[n_test:]
-        x_tr, y_tr = np.ascontiguousarray(x[tr_idx]), np.ascontiguousarray(y[tr_idx])
-        x_te, y_te = np.ascontiguousarray(x[te_idx]), np.ascontiguousarray(y[te_idx])
+        x_tr, y_tr, x_te, y_te = split_arrays(*loaded[split], tf, seed, pairs[split][0])
 
     n_out = max(int(y_tr.max()) + 1, int(y_te.max()) + 1, 2)
     name = d.resolve().name
@@ -395,13 +424,434 @@ def load_idx_dir(directory, test_fraction: float = 0.2, seed: int = 0) -> tuple[
     return train, test
 
 
+def split_arrays(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, path):
+    """One array set -> (x_train, y_train, x_test, y_test): the first round(N*test_fraction)
+    indices of a permutation from default_rng(seed) are test, the rest train."""
+    n = x.shape[0]
+    n_test = int(round(n * test_fraction))
+    if n_test < 1 or n_test > n - 1:
+        raise _err(path, f"splitting {n} samples with test_fraction={test_fraction} leaves an empty train or test set")
+    perm = np.random.default_rng(seed).permutation(n)
+    te_idx, tr_idx = perm[:n_test], perm[n_test:]
+    return (np.ascontiguousarray(x[tr_idx]), np.ascontiguousarray(y[tr_idx]),
+            np.ascontiguousarray(x[te_idx]), np.ascontiguousarray(y[te_idx]))
+
+
+# --------------------------------------------------------------------------- a user's own arrays
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_NPZ_SINGLE = ("x", "y")
+_NPZ_PAIRS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def infer_format(path) -> str:
+    """The dataset kind of a path, from its suffix (any case): .npz -> "npz", .npy -> "npy",
+    .csv -> "csv"; anything else -> "idx" (a directory of IDX files)."""
+    return FORMATS.get(Path(os.fspath(path)).suffix.lower(), "idx")
+
+
+def _check_file(path) -> Path:
+    """A path that names a regular, non-empty file, or a DataError saying why not."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise _err(p, "no such file") from None
+    except OSError as exc:
+        raise _err(p, f"cannot read ({exc.strerror or exc})") from None
+    if not p.is_file():
+        raise _err(p, "is a directory, not a file" if p.is_dir() else "not a regular file")
+    if st.st_size == 0:
+        raise _err(p, "empty file (0 bytes)")
+    return p
+
+
+def _check_fraction(path, test_fraction) -> float:
+    try:
+        tf = float(test_fraction)
+    except (TypeError, ValueError):
+        raise _err(path, f"test_fraction must be a number in (0, 1), got {test_fraction!r}") from None
+    if not 0.0 < tf < 1.0:
+        raise _err(path, f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    return tf
+
+
+def _check_task(task: str) -> str:
+    if task not in TASK_CHOICES:
+        raise DataError(f"task must be one of {', '.join(TASK_CHOICES)}, got {task!r}")
+    return task
+
+
+def _np_load(p: Path):
+    """np.load without pickle: an ndarray (.npy) or an NpzFile (.npz); every failure one DataError."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise _err(p, f"cannot read ({exc.strerror or exc})") from None
+    if head[:1] == b"\x80":
+        raise _err(p, "is a Python pickle, not a .npy/.npz file: pickles are never loaded (save arrays with np.save or np.savez)")
+    if head != _NPY_MAGIC and head[:4] not in _ZIP_MAGICS:
+        raise _err(p, "not a NumPy .npy or .npz file (it starts with neither the .npy magic nor a zip header)")
+    try:
+        return np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        raise _err(p, _np_problem(exc)) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _err(p, f"unreadable or truncated .npy/.npz file ({type(exc).__name__}: {exc})") from None
+
+
+def _np_problem(exc: Exception, what: str = "") -> str:
+    msg = str(exc)
+    if "pickle" in msg.lower() or "object arrays" in msg.lower():
+        return (f"{what + ' is' if what else 'holds'} an object array (pickled Python objects); only numeric arrays "
+                "are read, never pickle: save numbers (e.g. x.astype(np.float32))")
+    return f"unreadable {what or '.npy data'} ({type(exc).__name__}: {msg})"
+
+
+def _npz_array(z, p: Path, key: str) -> np.ndarray:
+    try:
+        return z[key]
+    except ValueError as exc:
+        raise _err(p, _np_problem(exc, f"array {key!r}")) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
+        raise _err(p, f"array {key!r} is unreadable or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    """The row of the first True in a boolean array whose first axis is the row."""
+    return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
+
+
+def _features(a: np.ndarray, path, what: str = "x", at=None) -> np.ndarray:
+    """A user's feature array -> float32, C-contiguous, in the shape a Dataset keeps
+    (:func:`_kept_shape`). uint8 (image bytes) is scaled to [0, 1] as for IDX files; bool and
+    integers become floats. Refused: non-numeric dtypes, no rows, no features, NaN or Inf."""
+    if a.dtype.kind not in "biuf":
+        raise _err(path, f"{what} is not numeric (dtype {a.dtype}); features must be numbers")
+    if a.ndim == 0:
+        raise _err(path, f"{what} is a single number, not an array of samples")
+    if a.shape[0] == 0:
+        raise _err(path, f"{what} holds no samples (N = 0)")
+    if a.size == 0:
+        raise _err(path, f"{what} has zero features per sample (shape {a.shape})")
+    if a.dtype == np.uint8:
+        x = a.astype(np.float32) / np.float32(255.0)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = a.astype(np.float32)
+        if a.dtype.kind == "f" and not np.isfinite(x).all():
+            bad = ~np.isfinite(x)
+            i = _first_bad(bad)
+            value = a[i][bad[i]].reshape(-1)[0]
+            what_v = f"a non-finite value ({value})" if not np.isfinite(value) else f"the value {value} (beyond float32)"
+            raise _err(path, f"{what} has {what_v} in {(at or _row)(i)}; features must be finite numbers")
+    return np.ascontiguousarray(x.reshape(_kept_shape(a.shape)))
+
+
+def _row(i: int) -> str:
+    return f"row {i}"
+
+
+def _whole(y: np.ndarray) -> bool:
+    return bool(np.all(np.floor(y) == y))
+
+
+def _targets(y: np.ndarray, path, task: str, what: str = "y", text: bool = False, at=None):
+    """A user's labels -> (y, task, n_out or None): classification -> int64 (N,) class
+    indices (n_out is settled over train and test together, so None here); regression ->
+    float32 (N, T), n_out = T. ``task`` "auto": integer labels of one per row are classes,
+    float labels regression targets; ``text`` (a CSV, which has no dtypes): float labels
+    that are all whole numbers are classes too."""
+    at = at or _row
+    if y.dtype.kind not in "biuf":
+        raise _err(path, f"labels {what} are not numeric (dtype {y.dtype})")
+    if y.ndim == 0:
+        raise _err(path, f"labels {what} are a single number, not one per sample")
+    if y.ndim > 2:
+        raise _err(path, f"labels {what} must have shape (N,) or (N, T), got {y.shape}")
+    if y.ndim == 2 and y.shape[1] == 0:
+        raise _err(path, f"labels {what} have zero targets per sample (shape {y.shape})")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        i = _first_bad(~np.isfinite(y))
+        raise _err(path, f"labels {what} have a non-finite value ({y[i].reshape(-1)[~np.isfinite(y[i].reshape(-1))][0]}) "
+                         f"in {at(i)}; targets must be finite numbers")
+    one_per_row = y.ndim == 1 or y.shape[1] == 1
+    integers = y.dtype.kind in "biu"
+    inferred = task == "auto"
+    if inferred:
+        task = "classification" if one_per_row and (integers or (text and _whole(y))) else "regression"
+    hint = " (or read them as numbers with --task regression)" if inferred else ""
+    if task == "classification":
+        if not one_per_row:
+            raise _err(path, f"classification labels {what} must be one class per sample (shape (N,)), got {y.shape}")
+        lab = y.reshape(-1)
+        if not integers and not _whole(lab):
+            i = int(np.flatnonzero(np.floor(lab) != lab)[0])
+            raise _err(path, f"label {lab[i]:g} in {at(i)} is not a whole number: classification needs integer "
+                             "class labels (use --task regression for numeric targets)")
+        if lab.min() < 0:
+            i = int(np.argmax(lab < 0))
+            raise _err(path, f"label {lab[i]:g} in {at(i)} is negative: class labels must be 0..{MAX_CLASSES - 1}{hint}")
+        if lab.max() >= MAX_CLASSES:
+            i = int(np.argmax(lab >= MAX_CLASSES))
+            raise _err(path, f"label {lab[i]:g} in {at(i)} is beyond the largest class index {MAX_CLASSES - 1}: "
+                             f"at most {MAX_CLASSES} classes{hint}")
+        return np.ascontiguousarray(lab.astype(np.int64)), task, None
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.ascontiguousarray(y.reshape(len(y), -1).astype(np.float32))
+    if not np.isfinite(t).all():
+        i = _first_bad(~np.isfinite(t))
+        raise _err(path, f"labels {what} have a value beyond float32 in {at(i)}; targets must be finite float32 numbers")
+    if t.shape[1] > MAX_CLASSES:
+        raise _err(path, f"labels {what} have {t.shape[1]} targets per sample; at most {MAX_CLASSES}")
+    return t, task, t.shape[1]
+
+
+def _check_rows(x: np.ndarray, y: np.ndarray, names: tuple[str, str], path, single: bool = True) -> None:
+    """x and y hold one row per sample, as many of each; a set to be split holds at least 2."""
+    for a, what in zip((x, y), names):
+        if a.ndim == 0:
+            raise _err(path, f"{what} is a single number, not an array with one row per sample")
+    if len(x) != len(y):
+        raise _err(path, f"{names[0]} has {len(x)} rows but {names[1]} has {len(y)}; they must match one to one")
+    if single and len(x) < 2:
+        raise _err(path, f"{names[0]} and {names[1]} hold {len(x)} row(s); at least 2 are needed "
+                         "(a training and a test sample)")
+
+
+def _datasets(x_tr, y_tr, x_te, y_te, task: str, n_out, name: str) -> tuple[Dataset, Dataset]:
+    if task == "classification":              # as for IDX: one output per class seen, at least 2
+        n_out = max(int(y_tr.max()) + 1, int(y_te.max()) + 1, 2)
+    return (Dataset(x=x_tr, y=y_tr, task=task, n_out=n_out, name=name),
+            Dataset(x=x_te, y=y_te, task=task, n_out=n_out, name=name))
+
+
+def _one_set(x, y, names, task, tf, seed, name, x_path, y_path=None, text=False, at=None):
+    """One array set (x, y) -> (train, test), split with test_fraction and seed. ``at(i)``
+    names row i in a message (default "row i")."""
+    y_path = y_path or x_path
+    _check_rows(x, y, names, y_path)
+    x = _features(x, x_path, names[0], at)
+    y, task, n_out = _targets(y, y_path, task, names[1], text=text, at=at)
+    return _datasets(*split_arrays(x, y, tf, seed, x_path), task, n_out, name)
+
+
+def load_npz(path, task: str = "auto", test_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A .npz file with arrays ``x`` and ``y`` (split into train/test with test_fraction and
+    seed, as :func:`split_arrays`), or ``x_train``, ``y_train``, ``x_test``, ``y_test``
+    (used as they are). See :func:`_features` and :func:`_targets` for what x and y may be."""
+    p = _check_file(path)
+    tf = _check_fraction(p, test_fraction)
+    _check_task(task)
+    z = _np_load(p)
+    if isinstance(z, np.ndarray):
+        raise _err(p, "is a single .npy array, not a .npz archive: pass x and y as --data-path X.npy --labels-path Y.npy")
+    with z:
+        keys = set(z.files)
+        single, pairs = set(_NPZ_SINGLE) <= keys, set(_NPZ_PAIRS) <= keys
+        if single and pairs:
+            raise _err(p, "ambiguous: holds both x, y and x_train, y_train, x_test, y_test; keep one set")
+        if not single and not pairs:
+            want = _NPZ_PAIRS if keys & {"x_train", "y_train", "x_test", "y_test"} else _NPZ_SINGLE
+            missing = ", ".join(repr(k) for k in want if k not in keys)
+            have = ", ".join(repr(k) for k in sorted(keys)) or "no arrays"
+            raise _err(p, f"missing array {missing}: expected arrays named 'x' and 'y' (or x_train, y_train, "
+                          f"x_test, y_test); the file holds {have}")
+        arrays = {k: _npz_array(z, p, k) for k in (_NPZ_SINGLE if single else _NPZ_PAIRS)}
+    if single:
+        return _one_set(arrays["x"], arrays["y"], ("x", "y"), task, tf, seed, p.stem, p)
+    _check_rows(arrays["x_train"], arrays["y_train"], ("x_train", "y_train"), p, single=False)
+    _check_rows(arrays["x_test"], arrays["y_test"], ("x_test", "y_test"), p, single=False)
+    x_tr, x_te = _features(arrays["x_train"], p, "x_train"), _features(arrays["x_test"], p, "x_test")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise _err(p, f"x_train has samples of shape {x_tr.shape[1:]} but x_test of shape {x_te.shape[1:]}")
+    y_tr, task, n_out = _targets(arrays["y_train"], p, task, "y_train")
+    y_te, _, n_te = _targets(arrays["y_test"], p, task, "y_test")
+    if n_out != n_te:
+        raise _err(p, f"y_train has {n_out} targets per sample but y_test has {n_te}")
+    return _datasets(x_tr, y_tr, x_te, y_te, task, n_out, p.stem)
+
+
+def _npy_array(p: Path) -> np.ndarray:
+    a = _np_load(p)
+    if not isinstance(a, np.ndarray):
+        a.close()
+        raise _err(p, "is a .npz archive, not a .npy array: pass it alone as --data-path FILE.npz")
+    return a
+
+
+def load_npy(x_path, y_path, task: str = "auto", test_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Features and labels in two .npy files with the same number of rows, split into
+    train/test with test_fraction and seed."""
+    px = _check_file(x_path)
+    if not y_path:
+        raise _err(px, "a .npy file holds one array: give the labels' .npy file as well (--labels-path)")
+    py = _check_file(y_path)
+    tf = _check_fraction(px, test_fraction)
+    _check_task(task)
+    x, y = _npy_array(px), _npy_array(py)
+    if x.ndim and y.ndim and len(x) != len(y):
+        raise _err(py, f"has {len(y)} rows but {os.fspath(px)} has {len(x)}; they must match one to one")
+    return _one_set(x, y, ("x", "y"), task, tf, seed, px.stem, px, py)
+
+
+# --------------------------------------------------------------------------- CSV files
+
+
+def _number(cell: str) -> float | None:
+    """A CSV cell as a float, accepting what np.loadtxt accepts (None: not a number)."""
+    if "_" in cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def _blank(row: list) -> bool:
+    return not row or (len(row) == 1 and not row[0].strip())
+
+
+def _csv_rows(p: Path):
+    """(line number, row) of each non-blank row, read with the csv module; decoding and
+    csv errors become DataErrors naming the line."""
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = _csv.reader(f)
+            try:
+                for row in reader:
+                    if not _blank(row):
+                        yield reader.line_num, row
+            except _csv.Error as exc:
+                raise _err(p, f"line {reader.line_num}: not valid CSV ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise _err(p, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise _err(p, f"cannot read ({exc.strerror or exc})") from None
+
+
+def _column_name(names, j: int) -> str:
+    return f"column {j + 1} ({names[j]!r})" if names else f"column {j + 1}"
+
+
+def _csv_problem(p: Path, header: bool, n_cols: int, names) -> DataError:
+    """Find the first ragged row, non-numeric cell or non-finite number, by line and column."""
+    rows = _csv_rows(p)
+    first_line = None
+    for line, row in rows:
+        if first_line is None:
+            first_line = line
+            if header:
+                continue
+        if len(row) != n_cols:
+            return _err(p, f"line {line} has {len(row)} fields but line {first_line} has {n_cols}; every row "
+                           "needs the same number of comma-separated fields")
+        for j, cell in enumerate(row):
+            v = _number(cell.strip())
+            if v is None:
+                return _err(p, f"line {line}, {_column_name(names, j)}: {cell.strip()[:40]!r} is not a number "
+                               "(every cell but the header's must be numeric)")
+            if not math.isfinite(v):
+                return _err(p, f"line {line}, {_column_name(names, j)}: {cell.strip()} is not a finite number "
+                               "(NaN and Inf are refused)")
+    return None
+
+
+def _label_index(p: Path, label_column: str, names, n_cols: int) -> int:
+    """The 0-based index of the label column: a header name, or an index (negative counts
+    from the end); default (empty): the last column."""
+    lc = str(label_column).strip()
+    if not lc:
+        return n_cols - 1
+    if names and lc in names:
+        return names.index(lc)
+    try:
+        j = int(lc)
+    except ValueError:
+        if names:
+            shown = ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
+            raise _err(p, f"label column {lc!r} is not in the header ({shown})") from None
+        raise _err(p, f"label column {lc!r}: the file has no header row (its first row is all numbers), "
+                      f"so give the column's index, 0..{n_cols - 1}") from None
+    if not -n_cols <= j < n_cols:
+        raise _err(p, f"label column index {j} is out of range: the file has {n_cols} columns (0..{n_cols - 1})")
+    return j % n_cols
+
+
+def load_csv(path, label_column: str = "", task: str = "auto", test_fraction: float = 0.2,
+             seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A CSV file of numbers, one sample per row: the label column (``label_column``: a header
+    name or a 0-based index; default the last column) is y, every other column a float
+    feature. The first row is a header when any of its cells is not a number. Split into
+    train/test with test_fraction and seed. Labels that are all whole numbers are classes
+    (``task`` "auto"), others regression targets."""
+    import warnings
+    p = _check_file(path)
+    tf = _check_fraction(p, test_fraction)
+    _check_task(task)
+    first = next(_csv_rows(p), None)
+    if first is None:
+        raise _err(p, "holds no rows (only blank lines)")
+    first_line, first_row = first
+    header = any(_number(c.strip()) is None for c in first_row)
+    names = [c.strip() for c in first_row] if header else None
+    n_cols = len(first_row)
+    label = _label_index(p, label_column, names, n_cols)
+    if n_cols < 2:
+        raise _err(p, "has a single column: it needs at least one feature column besides the label column")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")            # "input contained no data": checked below
+            table = np.loadtxt(p, delimiter=",", dtype=np.float64, comments=None, quotechar='"', ndmin=2,
+                               skiprows=first_line if header else first_line - 1, encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _err(p, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except ValueError as exc:
+        raise (_csv_problem(p, header, n_cols, names)
+               or _err(p, f"cannot be read as numbers ({_one_line(exc)})")) from None
+    if table.size and not np.isfinite(table).all():
+        raise _csv_problem(p, header, n_cols, names) or _err(p, "holds NaN or Inf values")
+    if table.shape[0] and table.shape[1] != n_cols:
+        raise _csv_problem(p, header, n_cols, names) or _err(p, f"rows have {table.shape[1]} fields, "
+                                                                f"the first has {n_cols}")
+    if table.shape[0] < 2:
+        raise _err(p, f"holds {table.shape[0]} data row(s){' below its header' if header else ''}; "
+                      "at least 2 are needed (a training and a test sample)")
+    label_name = _column_name(names, label)
+    x = np.delete(table, label, axis=1)
+    y = table[:, label]
+
+    def at(i: int) -> str:                 # data row i -> its line in the file (blank lines skipped)
+        for k, (line, _r) in enumerate(_csv_rows(p)):
+            if k == i + header:
+                return f"line {line}"
+        return f"data row {i}"
+    return _one_set(x, y, ("a feature column", f"in {label_name}"), task, tf, seed, p.stem, p, text=True, at=at)
+
+
 # --------------------------------------------------------------------------- batching
 
 
-class BatchStream:
-    """Reproducible shuffled mini-batches over epochs; drops the last partial batch of each epoch."""
+def input_shape(dataset: Dataset, in_shape=None) -> tuple[int, ...]:
+    """The per-sample shape in which a network's first layer takes ``dataset``'s samples:
+    ``in_shape`` (a plan's ``in_shape``), which must hold exactly the dataset's
+    ``n_features`` values; None: flat, ``(n_features,)`` (the numpy MLP's input)."""
+    if in_shape is None:
+        return (dataset.n_features,)
+    shape = tuple(int(d) for d in in_shape)
+    if not shape or any(d < 1 for d in shape) or math.prod(shape) != dataset.n_features:
+        raise DataError(f"dataset {dataset.name!r}: samples of shape {dataset.sample_shape} "
+                        f"({dataset.n_features} values) cannot be fed as shape {shape}")
+    return shape
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int):
+
+class BatchStream:
+    """Reproducible shuffled mini-batches over epochs; drops the last partial batch of each epoch.
+    Batches of x have shape (B, *in_shape) (see :func:`input_shape`; default (B, n_features))."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, in_shape=None):
         batch_size = _as_int(batch_size, "batch_size")
         n = len(dataset)
         if batch_size < 1 or batch_size > n:
@@ -410,7 +860,8 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.steps_per_epoch = n // batch_size
-        self._x = np.ascontiguousarray(dataset.x, dtype=np.float32)
+        self.in_shape = input_shape(dataset, in_shape)
+        self._x = np.ascontiguousarray(dataset.x, dtype=np.float32).reshape((n, *self.in_shape))
         self._y = dataset.y
         self._epoch: int | None = None
         self._perm: np.ndarray | None = None
@@ -431,11 +882,13 @@ class BatchStream:
         return np.ascontiguousarray(self._x[idx]), np.ascontiguousarray(self._y[idx])
 
 
-def eval_batches(dataset: Dataset, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The whole dataset in order, in contiguous chunks of batch_size (the last may be smaller)."""
+def eval_batches(dataset: Dataset, batch_size: int, in_shape=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The whole dataset in order, in contiguous chunks of batch_size (the last may be
+    smaller); x in the shape (rows, *in_shape) (see :func:`input_shape`)."""
     batch_size = _as_int(batch_size, "batch_size")
     if batch_size < 1:
         raise DataError(f"dataset {dataset.name!r}: batch_size must be >= 1, got {batch_size}")
-    x = np.ascontiguousarray(dataset.x, dtype=np.float32)
+    shape = input_shape(dataset, in_shape)
+    x = np.ascontiguousarray(dataset.x, dtype=np.float32).reshape((len(dataset), *shape))
     y = dataset.y
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(dataset), batch_size)]

@@ -39,8 +39,8 @@ class LayerSpec:
     activation: str
     init: str
     loss: str             # loss of the network (used by the last layer only)
-    task: str             # "classification" or "bits"
-    n_out: int            # classes or bits (used for label conditioning)
+    task: str             # "classification", "bits" or "regression"
+    n_out: int            # classes, bits or regression targets (used for label conditioning)
     optimizer: str
     lr: float
     sg_model: str
@@ -111,7 +111,7 @@ class LayerSpec:
 
     @property
     def aux_loss(self) -> str:
-        return "softmax_ce" if self.task == "classification" else "sigmoid_bce"
+        return {"classification": "softmax_ce", "regression": "mse"}.get(self.task, "sigmoid_bce")
 
     def param_count(self) -> int:
         """Scalars in this layer's parameters: the dense layer (with batch normalisation: W,
@@ -129,7 +129,8 @@ class LayerSpec:
 
 
 def condition_vector(task: str, n_out: int, y: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """What a label-conditioned SG model sees of the targets: one-hot labels or the target bits."""
+    """What a label-conditioned SG model sees of the targets: one-hot labels, or the targets
+    themselves (the bits of a sum, the float targets of a regression)."""
     if task == "classification":
         out = np.zeros((y.shape[0], n_out), dtype)
         out[np.arange(y.shape[0]), y] = 1
@@ -138,7 +139,8 @@ def condition_vector(task: str, n_out: int, y: np.ndarray, dtype=np.float32) -> 
 
 
 class AuxHead:
-    """The auxiliary classifier of a hidden layer (local losses): ``logits = pool(h) @ A + a``.
+    """The auxiliary head of a hidden layer (local losses): ``logits = pool(h) @ A + a``; a
+    classifier, or for regression a linear predictor of the targets (mse).
 
     ``pool(h)`` averages groups of ``pool`` neighbouring features (the last group padded
     with zeros), so a wide layer's head stays small; ``pool == 1`` is a plain linear head.
@@ -237,7 +239,7 @@ class LayerNode:
 
     def _loss(self, out, y):
         loss, g = losses.compute(self.spec.loss, out, y)
-        metric, metric2, n = losses.metrics(self.spec.loss, out, y)
+        metric, metric2, n = losses.metrics(self.spec.loss, out, y, self.spec.task)
         return g, {"loss": loss, "metric": metric, "metric2": metric2, "n": n}
 
     def _nonfinite(self, what: str) -> None:
@@ -513,7 +515,7 @@ class LayerNode:
                 self._nonfinite("auxiliary-head update")
             elif not self.aux_opt.step(grads):
                 self._nonfinite("auxiliary-head update (the new head weights would not be finite)")
-            _recent(self.aux_recent, losses.metrics(self.spec.aux_loss, z, y)[0])
+            _recent(self.aux_recent, losses.metrics(self.spec.aux_loss, z, y, self.spec.task)[0])
         else:
             return h, None, None
         grads, _ = self.dense.grads(x, h, gh, bctx, need_input_grad=False)

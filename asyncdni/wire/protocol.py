@@ -63,7 +63,7 @@ __all__ = [
     "STOP", "BYE", "CKPT", "CKPT_DONE", "AGENT_HELLO", "AGENT_WELCOME", "LAUNCH", "STARTED",
     "LAUNCH_FAILED", "EXITED", "KILL", "KILLED", "RELEASE",
     "KindSpec", "KINDS", "ProtocolError", "Message", "BATCH", "ArraySpec", "Expect",
-    "step_rows", "layer_expect", "INLINE_MAX", "INLINE_ALIGN",
+    "step_rows", "layer_expect", "result_expect", "METRIC_RANGES", "INLINE_MAX", "INLINE_ALIGN",
     "encode", "decode", "frame_nbytes",
 ]
 
@@ -158,6 +158,13 @@ def _kind(arrays: int | tuple[int, int] = 0, required: Mapping[str, type] | None
 _COUNT = (1, None)           # a number of samples: at least one
 _FRACTION = (0.0, 1.0)       # an accuracy
 _INDEX = (0, None)
+_RMSE = (0.0, None)          # a root mean squared error
+_R2 = (None, 1.0)            # a coefficient of determination
+# The metrics of a DONE / EVAL_RESULT, by what the run's targets are: accuracies, or a
+# regression's RMSE (metric) and R² (metric2). The schema below admits either; the
+# feeder agrees to its run's own at start-up (result_expect) and holds every message to it.
+METRIC_RANGES = {False: {"metric": _FRACTION, "metric2": _FRACTION},
+                 True: {"metric": _RMSE, "metric2": _R2}}
 
 
 # The schema table: one entry per kind.
@@ -167,11 +174,11 @@ KINDS: dict[str, KindSpec] = {
     ACK: _kind(),
     DONE: _kind(required={"loss": float, "metric": float, "n": int},
                 optional={"metric2": float},
-                ranges={"metric": _FRACTION, "metric2": _FRACTION, "n": _COUNT}),
+                ranges={"metric": _RMSE, "metric2": _R2, "n": _COUNT}),
     EVAL: _kind(arrays=2, required={"eid": int}, ranges={"eid": _INDEX}),
     EVAL_RESULT: _kind(required={"eid": int, "loss": float, "metric": float, "n": int},
                        optional={"metric2": float},
-                       ranges={"eid": _INDEX, "metric": _FRACTION, "metric2": _FRACTION, "n": _COUNT}),
+                       ranges={"eid": _INDEX, "metric": _RMSE, "metric2": _R2, "n": _COUNT}),
     MARKER: _kind(required={"purpose": str}, optional={"tag": str}),
     HELLO: _kind(required={"role": str, "index": int, "pid": int, "host": str},
                  optional={"fwd": str, "bwd": str}, ranges={"index": _INDEX, "pid": _INDEX}),
@@ -389,11 +396,14 @@ def _check_fields(kind: str, c: _Compiled, f: dict) -> None:
         raise ProtocolError("fields", f"{kind}: unexpected field(s) {', '.join(extra)}")
     for name, lo, hi in c.ranges:
         if name in f:
-            v = f[name]
-            # written so that a NaN fails too
-            if not ((lo is None or v >= lo) and (hi is None or v <= hi)):
-                want = f"{'-inf' if lo is None else lo}..{'inf' if hi is None else hi}"
-                raise ProtocolError("range", f"{kind}: field {name!r} = {_one_line(repr(v), 40)} is outside {want}")
+            _check_range(kind, name, f[name], lo, hi)
+
+
+def _check_range(kind: str, name: str, v, lo, hi) -> None:
+    # written so that a NaN fails too
+    if not ((lo is None or v >= lo) and (hi is None or v <= hi)):
+        want = f"{'-inf' if lo is None else lo}..{'inf' if hi is None else hi}"
+        raise ProtocolError("range", f"{kind}: field {name!r} = {_one_line(repr(v), 40)} is outside {want}")
 
 
 def _parse_header(hbuf, nframes: int | None):
@@ -668,21 +678,28 @@ class ArraySpec:
 class Expect:
     """The arrays one kind must carry. ``rows`` bounds the :data:`BATCH` dimension:
     an inclusive ``(lo, hi)``, or a function of the message's step returning one
-    (the rows of a step are fixed by the schedule)."""
+    (the rows of a step are fixed by the schedule). ``fields``: field name -> inclusive
+    ``(lo, hi)`` agreed at start-up, checked on top of the kind's own ranges (a field
+    that is absent is left to the kind's schema)."""
 
     arrays: tuple
     rows: tuple | Callable[[int], tuple] | None = None
+    fields: Mapping[str, tuple] | None = None
 
 
 def _want(spec) -> str:
     return "(" + ", ".join("*" if e is None else str(e) for e in spec) + ("," if len(spec) == 1 else "") + ")"
 
 
-def _check_expect(kind: str, step: int, e, descs) -> tuple:
-    """Shapes, dtypes and the batch dimension against the expectation; returns the value
-    ranges to check once the arrays exist: ((index, lo, hi), ...)."""
+def _check_expect(kind: str, step: int, e, descs, fields=None) -> tuple:
+    """Shapes, dtypes, the batch dimension and field ranges against the expectation; returns
+    the value ranges to check once the arrays exist: ((index, lo, hi), ...)."""
     if type(e) is Expect:
         specs, rows = e.arrays, e.rows
+        if e.fields and fields:
+            for name, (lo, hi) in e.fields.items():
+                if name in fields:
+                    _check_range(kind, name, fields[name], lo, hi)
     else:
         specs, rows = e, None
     if len(specs) != len(descs):
@@ -731,19 +748,31 @@ def step_rows(batch: int, microbatches: int = 1) -> Callable[[int], tuple]:
 
 
 def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int, batch: int,
-                 microbatches: int = 1, eval_batch: int) -> tuple[dict, dict]:
+                 microbatches: int = 1, eval_batch: int, in_shape: tuple | None = None,
+                 target_range: tuple | None = None) -> tuple[dict, dict]:
     """The shapes a layer agrees to at start-up, for its two inboxes: ``(fwd, bwd)``
-    expectations for :func:`decode`. x is float32 (rows, fan_in); y is int64 labels in
-    0..classes-1 (rows,) with ``classes``, else float32 targets (rows, targets); a
-    gradient is float32 (rows, fan_out). Every array of a message has the same rows: the
-    step's (micro-)batch for FWD/BWD, 1..eval_batch for EVAL."""
-    x = ArraySpec((BATCH, fan_in), "float32")
+    expectations for :func:`decode`. x is float32 (rows, *in_shape) (default in_shape:
+    (fan_in,); the first layer takes the plan's ``in_shape``); y is int64 labels in
+    0..classes-1 (rows,) with ``classes``, else float32 targets (rows, targets), each in
+    ``target_range`` (inclusive (lo, hi): 0..1 for bits; None: any, e.g. regression targets,
+    whose finiteness ``check_finite`` checks); a gradient is float32 (rows, fan_out). Every
+    array of a message has the same rows: the step's (micro-)batch for FWD/BWD,
+    1..eval_batch for EVAL."""
+    x = ArraySpec((BATCH, *(in_shape or (fan_in,))), "float32")
+    lo, hi = target_range or (None, None)
     y = (ArraySpec((BATCH,), "int64", 0, classes - 1) if classes is not None
-         else ArraySpec((BATCH, targets), "float32"))
+         else ArraySpec((BATCH, targets), "float32", lo, hi))
     rows = step_rows(batch, microbatches)
     fwd = {FWD: Expect((x, y), rows), EVAL: Expect((x, y), (1, eval_batch))}
     bwd = {BWD: Expect((ArraySpec((BATCH, fan_out), "float32"),), rows)}
     return fwd, bwd
+
+
+def result_expect(regression: bool) -> dict:
+    """What the feeder agrees to receive from the last layer: DONE and EVAL_RESULT metrics
+    that are accuracies (0..1), or for a regression an RMSE (>= 0) and an R² (<= 1)."""
+    r = METRIC_RANGES[bool(regression)]
+    return {DONE: Expect((), fields=r), EVAL_RESULT: Expect((), fields=r)}
 
 
 def decode(frames: Sequence, *, check_finite: bool = False,
@@ -774,7 +803,7 @@ def decode(frames: Sequence, *, check_finite: bool = False,
     kind, step, descs, fields = _header(f0, flen, n)
     try:
         spec = expect.get(kind) if expect else None
-        ranges = () if spec is None else _check_expect(kind, step, spec, descs)
+        ranges = () if spec is None else _check_expect(kind, step, spec, descs, fields)
         bufs = []
         for i, d in enumerate(descs, 1):
             b = _view(frames[i], i)
@@ -826,7 +855,7 @@ def _decode_inline(f0, flen: int, n: int, check_finite: bool, expect) -> Message
     kind, step, descs, fields = _header(f0[_PREAMBLE:end], hlen, None)
     try:
         spec = expect.get(kind) if expect else None
-        ranges = () if spec is None else _check_expect(kind, step, spec, descs)
+        ranges = () if spec is None else _check_expect(kind, step, spec, descs, fields)
         offsets = []
         for d in descs:
             end += -end % INLINE_ALIGN
