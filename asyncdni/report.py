@@ -57,6 +57,8 @@ def run_summary(result) -> dict:
     return {
         "schedule": result.config.train.schedule, "task": result.plan.task,
         "layers": result.plan.n_layers, "widths": list(result.plan.widths),
+        "shapes": ([list(result.plan.in_shape)] + [list(sp.out_shape) for sp in result.plan.specs]
+                   if result.plan.specs[0].backend == "torch" else None),
         "steps": result.plan.steps, "batch_size": result.plan.batch_size,
         "samples": result.feeder["samples"],
         "train_time_s": train_time, "wall_s": result.wall,
@@ -98,14 +100,21 @@ def preset_values(cfg) -> dict:
 def in_force(cfg) -> dict:
     """The learning settings a reader needs to reproduce the run's accuracy."""
     m, t = cfg.model, cfg.train
-    out = {"model.width": m.width if not m.widths else list(m.widths), "model.activation": m.activation,
-           "train.optimizer": t.optimizer, "train.lr": t.lr, "train.sg_model": t.sg_model}
+    if m.model:          # torch stages: the model is the architecture; the numpy MLP's fields do not apply
+        out = {"model.model": m.model, **({"model.split": m.split} if m.split else {})}
+    else:
+        out = {"model.width": m.width if not m.widths else list(m.widths), "model.activation": m.activation}
+    out |= {"train.optimizer": t.optimizer, "train.lr": t.lr, "train.sg_model": t.sg_model}
+    if t.weight_decay:
+        out["train.weight_decay"] = t.weight_decay
+    if t.lr_schedule != "constant":
+        out["train.lr_schedule"] = t.lr_schedule
     if t.sg_model == "lowrank":
         out["train.sg_rank"] = t.sg_rank
     if t.sg_every != 1:
         out["train.sg_every"] = t.sg_every
-    return out | {"train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.max_inflight": t.max_inflight,
-                  "model.batch_norm": m.batch_norm}
+    out |= {"train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.max_inflight": t.max_inflight}
+    return out if m.model else out | {"model.batch_norm": m.batch_norm}
 
 
 def format_settings(summary: dict) -> str:
@@ -139,8 +148,10 @@ def _merge_counts(dicts) -> dict:
 def format_summary(summary: dict) -> str:
     s = summary
     lines = []
-    lines.append(f"schedule {s['schedule']}: {s['layers']} layers {'-'.join(map(str, s['widths']))}, "
-                 f"{s['steps']} steps of {s['batch_size']}")
+    shapes = s.get("shapes")
+    net = (f"{s['layers']} torch stages {' -> '.join('x'.join(map(str, sh)) for sh in shapes)}" if shapes
+           else f"{s['layers']} layers {'-'.join(map(str, s['widths']))}")
+    lines.append(f"schedule {s['schedule']}: {net}, {s['steps']} steps of {s['batch_size']}")
     if s.get("in_force"):
         lines.append(format_settings(s))
     rows = [

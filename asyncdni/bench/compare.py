@@ -16,6 +16,7 @@ from asyncdni.engine import coordinator
 from asyncdni.engine import reference
 from asyncdni import schedules as S
 from asyncdni.engine.plan import load_datasets, make_plan
+from asyncdni.nodes import make_node
 
 SCHEDULE_ORDER = S.BENCH_ORDER
 BENCH_CHOICES = S.BENCH_CHOICES
@@ -39,21 +40,20 @@ def cores() -> int:
 
 def flops_per_sample(plan, schedule: str) -> float:
     """Arithmetic of one training sample under a schedule (multiply-adds count 2)."""
-    from asyncdni.numerics.layer import LayerNode
     total = 0
     B = plan.batch_size
     s = INPROCESS_ROWS[schedule][0] if schedule in INPROCESS_ROWS else schedule
     for spec in plan.specs:
-        total += LayerNode(spec).flops_per_batch(B, s)
+        total += make_node(spec).flops_per_batch(B, s)
     return total / B
 
 
 def flops_parts(plan, schedule: str) -> list[dict]:
-    """Per layer, the analytic FLOPs per sample by part (``LayerNode.flops_parts``)."""
-    from asyncdni.numerics.layer import LayerNode
+    """Per layer, the FLOPs per sample by part (the node's ``flops_parts``: analytic for numpy
+    layers, counted once by torch's FlopCounterMode for torch stages)."""
     B = plan.batch_size
     s = INPROCESS_ROWS[schedule][0] if schedule in INPROCESS_ROWS else schedule
-    return [{k: v / B for k, v in LayerNode(spec).flops_parts(B, s).items()} for spec in plan.specs]
+    return [{k: v / B for k, v in make_node(spec).flops_parts(B, s).items()} for spec in plan.specs]
 
 
 def default_eval_every(steps: int) -> int:
@@ -115,6 +115,9 @@ def run_inprocess_here(cfg: C.RunConfig, name: str = "inprocess") -> dict:
     """The in-process run in the calling process (whatever its BLAS threads)."""
     # the layers' arithmetic follows the plan's schedule: the row's own lock-step order
     cfg = C.replace(cfg, **{"train.schedule": INPROCESS_ROWS[name][0]})
+    if cfg.model.model:                 # torch's own thread pools, as BLAS's
+        from asyncdni.torch import pin_threads
+        pin_threads(cfg.runtime.blas_threads)
     train, test = load_datasets(cfg)
     plan = make_plan(cfg, train)
     t = cfg.train

@@ -25,6 +25,7 @@ from asyncdni.engine import checkpoint as CK
 from asyncdni.wire import protocol as P
 from asyncdni.wire import security
 from asyncdni.wire import transport
+from asyncdni import config as C
 from asyncdni.config import RunConfig
 from asyncdni.engine.spec import NodeAddress, ResumePoint, RunSpec
 from asyncdni.engine.plan import Plan, load_datasets, make_plan
@@ -538,6 +539,8 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
     # loaded once: the plan below and every restart attempt use the same data
     kw["datasets"] = kw.get("datasets") or load_datasets(cfg)
     plan = make_plan(cfg, kw["datasets"][0])
+    # torch models whose stages come from the model: the worker count is known only now
+    cfg = C.with_stages(cfg, plan.n_layers)
     resume = None
     if cfg.runtime.resume:
         resume = find_resume_point(cfg, plan.n_layers, log)

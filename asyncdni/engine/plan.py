@@ -1,6 +1,7 @@
 """From a RunConfig and a dataset to the concrete network: layer specs, loss, step count."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from asyncdni import schedules
@@ -74,29 +75,57 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
         raise ConfigError(f"train.target_accuracy: dataset {train.name!r} is a regression (reported: test RMSE "
                           "and R²), it has no accuracy to reach; leave it at 0")
     in_dim = train.n_features
-    widths = (in_dim,) + cfg.model.hidden_widths() + (train.n_out,)
-    K = cfg.model.layers
     sched = schedules.get(t.schedule)
-    specs = []
-    for i in range(K):
-        last = i == K - 1
-        specs.append(LayerSpec(
-            index=i, n_layers=K, fan_in=widths[i], fan_out=widths[i + 1],
-            # the last layer: logits, or for mse on bits probabilities; regression is linear
-            activation=("sigmoid" if loss == "mse" and train.task == "bits" else "linear") if last
-            else cfg.model.activation,
-            init=cfg.model.init, loss=loss, task=train.task, n_out=train.n_out,
-            optimizer=t.optimizer, lr=t.lr, sg_model=t.sg_model, sg_hidden=t.sg_hidden, sg_lr=t.sg_lr,
-            cond=t.cond, microbatches=t.microbatches if sched.microbatches else 1, seed=t.seed,
-            sg_reuse=t.sg_reuse_prediction, schedule=sched.name, stash=t.stash_weights,
-            delay_remedy=t.delay_remedy, aux_features=t.aux_features,
-            sg_layers=t.sg_layers, sg_stale_decay=t.sg_stale_decay, sg_rank=t.sg_rank, sg_every=t.sg_every,
-            batch_norm=cfg.model.batch_norm, sg_clip=t.sg_clip, sg_damp=t.sg_damp,
-        ))
     steps_per_epoch = len(train) // t.batch_size
     steps = t.steps if t.steps > 0 else max(1, round(t.epochs * steps_per_epoch))
-    check_resources(cfg, in_dim, train.n_out, steps)
-    return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task, in_shape=(in_dim,))
+    # what every layer shares, whatever the backend
+    common = dict(
+        init=cfg.model.init, loss=loss, task=train.task, n_out=train.n_out,
+        optimizer=t.optimizer, lr=t.lr, sg_model=t.sg_model, sg_hidden=t.sg_hidden, sg_lr=t.sg_lr,
+        cond=t.cond, microbatches=t.microbatches if sched.microbatches else 1, seed=t.seed,
+        sg_reuse=t.sg_reuse_prediction, schedule=sched.name, stash=t.stash_weights,
+        delay_remedy=t.delay_remedy, aux_features=t.aux_features,
+        sg_layers=t.sg_layers, sg_stale_decay=t.sg_stale_decay, sg_rank=t.sg_rank, sg_every=t.sg_every,
+        sg_clip=t.sg_clip, sg_damp=t.sg_damp, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule,
+        lr_step_size=t.lr_step_size or max(1, steps // 3), lr_gamma=t.lr_gamma, total_steps=steps)
+    if cfg.model.model:
+        specs, in_shape = _torch_specs(cfg, train, common)
+    else:
+        widths = (in_dim,) + cfg.model.hidden_widths() + (train.n_out,)
+        K = cfg.model.layers
+        specs = [LayerSpec(
+            index=i, n_layers=K, fan_in=widths[i], fan_out=widths[i + 1],
+            # the last layer: logits, or for mse on bits probabilities; regression is linear
+            activation=("sigmoid" if loss == "mse" and train.task == "bits" else "linear") if i == K - 1
+            else cfg.model.activation, batch_norm=cfg.model.batch_norm, **common) for i in range(K)]
+        in_shape = (in_dim,)
+        check_resources(cfg, in_dim, train.n_out, steps)
+    return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task, in_shape=in_shape)
+
+
+def _torch_specs(cfg: RunConfig, train: Dataset, common: dict) -> tuple[list[LayerSpec], tuple[int, ...]]:
+    """Torch stages: the model is built once here (seeded as every stage's process builds it)
+    to learn the stages and their per-sample shapes; each spec names the model, its split and
+    its stage's shapes. The first stage reads the dataset's own sample shape (C, H, W for images)."""
+    from asyncdni.config import ConfigError
+    try:
+        from asyncdni.torch.models import ModelError, build_stages, stage_shapes
+    except ImportError:
+        raise ConfigError("model.model: torch stages need the torch extra: pip install 'asyncdni[torch]'") from None
+    m = cfg.model
+    split = m.split or (str(m.layers) if m.model == "mlp" else "")
+    sample_shape = tuple(int(d) for d in train.sample_shape)
+    try:
+        stages = build_stages(m.model, split, sample_shape, train.n_out, cfg.train.seed)
+        shapes = stage_shapes(stages, sample_shape, train.n_out)
+    except ModelError as e:
+        raise ConfigError(f"model.model: {e}") from None
+    K = len(stages)
+    specs = [LayerSpec(index=i, n_layers=K, fan_in=math.prod(a), fan_out=math.prod(b), activation="linear",
+                       backend="torch", model=m.model, split=split, sample_shape=sample_shape, in_shape=tuple(a),
+                       out_shape=tuple(b), device=cfg.runtime.device, **common)
+             for i, (a, b) in enumerate(shapes)]
+    return specs, sample_shape
 
 
 def microbatch_bounds(batch: int, m: int) -> list[tuple[int, int]]:

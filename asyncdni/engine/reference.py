@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from asyncdni.numerics import losses
 from asyncdni import schedules as S
 from asyncdni.numerics.data import BatchStream, Dataset, eval_batches
+from asyncdni.nodes import make_node
 from asyncdni.numerics.layer import LayerNode
 from asyncdni.engine.plan import Plan, microbatch_bounds
 
@@ -141,7 +142,7 @@ def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps:
     at which the workers drain the pipeline (checkpoints); evaluations drain too. ``start``
     and ``nodes``: continue from a state (a resumed run)."""
     sched = S.get(ALIASES.get(schedule, schedule))
-    nodes = [LayerNode(s) for s in plan.specs] if nodes is None else nodes
+    nodes = [make_node(s) for s in plan.specs] if nodes is None else nodes
     stream = BatchStream(train, plan.batch_size, seed, in_shape=plan.in_shape)
     res = ReferenceResult(nodes)
     M = plan.specs[0].microbatches
@@ -173,7 +174,7 @@ def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps:
 def aux_evaluate(plan: Plan, params: list[dict], test: Dataset, batch: int = 1000) -> list[float | None]:
     """Test-set metric of each layer's auxiliary classifier (local losses) from the final
     parameters of a run (``RunResult.params``); None for layers without one."""
-    nodes = [LayerNode(s) for s in plan.specs]
+    nodes = [make_node(s) for s in plan.specs]
     if not any(n.aux is not None for n in nodes):
         return [None] * len(nodes)
     for node, p in zip(nodes, params):

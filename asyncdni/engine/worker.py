@@ -35,7 +35,8 @@ from asyncdni.wire import transport
 from asyncdni.engine.spec import RunSpec
 from asyncdni.numerics import losses
 from asyncdni.numerics.data import DataError
-from asyncdni.numerics.layer import LayerNode, NonFiniteError, StepError, all_finite
+from asyncdni.nodes import make_node
+from asyncdni.numerics.layer import NonFiniteError, StepError, all_finite
 from asyncdni.report import TRACE_CODES
 
 
@@ -375,12 +376,15 @@ class LayerWorker(Worker):
         self.expect_fwd, self.expect_bwd = P.layer_expect(
             ls.fan_in, ls.fan_out, classes=ls.n_out if ls.task == "classification" else None, targets=ls.n_out,
             batch=self.batch_size, microbatches=self.M, eval_batch=self.cfg.train.eval_batch,
-            in_shape=self.in_shape if self.first else None,
+            in_shape=self.in_shape if self.first else (ls.in_shape or None), out_shape=ls.out_shape or None,
             target_range=(0.0, 1.0) if ls.task == "bits" else None)    # regression targets: finite (check_finite)
         self.next_step = 0           # the only FWD step this layer accepts next (micro-steps in pipeline)
 
     def setup(self) -> None:
-        self.node = LayerNode(self.lspec, fail_on_nonfinite=self.rt.fail_on_nonfinite)
+        if self.lspec.backend == "torch":      # torch's own thread pools, as BLAS is pinned at start-up
+            from asyncdni.torch import pin_threads
+            pin_threads(self.rt.blas_threads)
+        self.node = make_node(self.lspec, fail_on_nonfinite=self.rt.fail_on_nonfinite)
         resume = self.spec.resume
         if resume:
             # the coordinator verified the whole checkpoint; each layer re-checks its own file

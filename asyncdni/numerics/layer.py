@@ -15,7 +15,7 @@ import numpy as np
 from asyncdni.numerics import losses
 from asyncdni import schedules as S
 from asyncdni.numerics.nn import Dense, init_weights
-from asyncdni.numerics.optim import all_finite, make_optimizer  # noqa: F401 (all_finite: re-exported)
+from asyncdni.numerics.optim import all_finite, lr_factor, make_optimizer  # noqa: F401 (all_finite: re-exported)
 from asyncdni.numerics.synthetic import make_sg_model, param_count as sg_param_count
 
 SG_LAG_BINS = 16      # SG-target lags counted one by one up to this; larger ones share the last bin
@@ -61,7 +61,7 @@ class LayerSpec:
     sg_every: int = 1       # the SG model is regressed on steps that are a multiple of this only
     sg_clip: float = 0.0          # >0: layer step x min(1, sg_clip x running |SG target| / |SG prediction|)
     sg_damp: float = 0.0          # >0: SG step x min(1, sg_damp x running |SG target| / running |SG prediction|)^2
-    # torch stages (asyncdni/torch); the numpy node ignores these
+    # torch stages (asyncdni/torch); the numpy node ignores all but weight_decay and the lr_* schedule
     backend: str = "numpy"        # "numpy" (LayerNode) or "torch" (asyncdni.torch.node.TorchNode)
     model: str = ""               # torch: a zoo name (mlp, cnn, resnet) or a builder "file.py:fn" / "pkg.module:fn"
     split: str = ""               # torch: where to cut the model into stages ("2,4" cut indices, or a stage count)
@@ -69,11 +69,11 @@ class LayerSpec:
     in_shape: tuple = ()          # torch: this stage's per-sample input shape (checked against the model)
     out_shape: tuple = ()         # torch: this stage's per-sample output shape (checked against the model)
     device: str = "cpu"           # torch: "cpu" or "cuda[:n]"
-    weight_decay: float = 0.0     # torch: the stage optimizer's weight decay (decoupled under adamw)
-    lr_schedule: str = "constant"  # torch: "constant", "cosine" (over total_steps) or "step"
-    lr_step_size: int = 0         # torch, lr_schedule "step": updates between decays
-    lr_gamma: float = 0.1         # torch, lr_schedule "step": decay factor
-    total_steps: int = 0          # torch, lr_schedule "cosine": T_max in updates
+    weight_decay: float = 0.0     # decoupled weight decay of the layer's (stage's) optimizer
+    lr_schedule: str = "constant"  # "constant", "cosine" (over total_steps) or "step" (both backends)
+    lr_step_size: int = 0         # lr_schedule "step": updates between decays
+    lr_gamma: float = 0.1         # lr_schedule "step": decay factor
+    total_steps: int = 0          # lr_schedule "cosine": T_max in updates
 
     @property
     def gradient(self) -> str:
@@ -194,7 +194,7 @@ class LayerNode:
         rng = np.random.default_rng([spec.seed, spec.index])
         self.dense = Dense.create(rng, spec.fan_in, spec.fan_out, spec.activation, spec.init, dtype,
                                   batch_norm=spec.has_bn)
-        self.opt = make_optimizer(spec.optimizer, self.dense.params, spec.lr)
+        self.opt = make_optimizer(spec.optimizer, self.dense.params, spec.lr, spec.weight_decay)
         self.sg = None
         self.sg_opt = None
         if not spec.is_last and spec.sg_model != "none":
@@ -255,6 +255,9 @@ class LayerNode:
         if not all_finite(*grads):
             self._nonfinite("weight gradient")
             return
+        s = self.spec
+        if s.lr_schedule != "constant":    # as torch's LR schedulers: a factor of the update count
+            lr_scale *= lr_factor(s.lr_schedule, self.updates, s.total_steps, s.lr_step_size, s.lr_gamma)
         if not _scaled_step(self.opt, list(grads), lr_scale):   # the update overflowed: nothing was changed
             self._nonfinite("weight update (the new weights would not be finite)")
             return

@@ -749,13 +749,14 @@ def step_rows(batch: int, microbatches: int = 1) -> Callable[[int], tuple]:
 
 def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int, batch: int,
                  microbatches: int = 1, eval_batch: int, in_shape: tuple | None = None,
-                 target_range: tuple | None = None) -> tuple[dict, dict]:
+                 target_range: tuple | None = None, out_shape: tuple | None = None) -> tuple[dict, dict]:
     """The shapes a layer agrees to at start-up, for its two inboxes: ``(fwd, bwd)``
     expectations for :func:`decode`. x is float32 (rows, *in_shape) (default in_shape:
     (fan_in,); the first layer takes the plan's ``in_shape``); y is int64 labels in
     0..classes-1 (rows,) with ``classes``, else float32 targets (rows, targets), each in
     ``target_range`` (inclusive (lo, hi): 0..1 for bits; None: any, e.g. regression targets,
-    whose finiteness ``check_finite`` checks); a gradient is float32 (rows, fan_out). Every
+    whose finiteness ``check_finite`` checks); a gradient is float32 (rows, *out_shape) (default
+    (fan_out,); a torch stage's feature maps travel as (rows, C, H, W)). Every
     array of a message has the same rows: the step's (micro-)batch for FWD/BWD,
     1..eval_batch for EVAL."""
     x = ArraySpec((BATCH, *(in_shape or (fan_in,))), "float32")
@@ -764,7 +765,7 @@ def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int
          else ArraySpec((BATCH, targets), "float32", lo, hi))
     rows = step_rows(batch, microbatches)
     fwd = {FWD: Expect((x, y), rows), EVAL: Expect((x, y), (1, eval_batch))}
-    bwd = {BWD: Expect((ArraySpec((BATCH, fan_out), "float32"),), rows)}
+    bwd = {BWD: Expect((ArraySpec((BATCH, *(out_shape or (fan_out,))), "float32"),), rows)}
     return fwd, bwd
 
 
