@@ -313,9 +313,9 @@ def format_bench(res: dict) -> str:
     if tgt and res.get("target_auto"):
         lines.append(f"  target {100 * tgt:g}%: 98% of the best final accuracy (no --target-accuracy given)")
     w = max([14] + [len(s) + 2 for s in runs])
+    ttcols = ("", "") if regression else (tname + " s", tname + " steps")   # a regression has no target
     hdr = (f"  {'schedule':<{w}}{'samples/s':>10}{'train s':>9}{'loss':>8}{'test R²' if regression else 'test acc':>9}"
-           f"{tname + ' s':>11}"
-           f"{tname + ' steps':>15}{'MFLOP/smp':>10}{'work bound':>11}{'of bound':>9}")
+           f"{ttcols[0]:>11}{ttcols[1]:>15}{'MFLOP/smp':>10}{'work bound':>11}{'of bound':>9}")
     lines.append(hdr)
     wb = res.get("work_bound_samples_per_s", {})
     order = [s for s in SCHEDULE_ORDER if s in runs] + [s for s in runs if s not in SCHEDULE_ORDER]

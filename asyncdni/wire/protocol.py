@@ -665,13 +665,13 @@ class ArraySpec:
 
     ``shape``: one entry per dimension: an int (exact), None (any size) or
     :data:`BATCH`. ``dtype``: a name from :data:`ALLOWED_DTYPES`, or None for any.
-    ``lo``/``hi``: inclusive bounds of every value (integer arrays, such as labels).
+    ``lo``/``hi``: inclusive bounds of every value (labels; bit targets).
     """
 
     shape: tuple
     dtype: str | None = None
-    lo: int | None = None
-    hi: int | None = None
+    lo: float | None = None
+    hi: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
