@@ -176,6 +176,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--schedules", default=None,
                    help=f"comma-separated subset of {','.join(S.BENCH_CHOICES)} (default: "
                         f"{','.join(S.BENCH_ORDER)}; with --lab, those the lab runs)")
+    b.add_argument("--peer", action="store_true",
+                   help="torch stages: also run torch.distributed.pipelining (GPipe, 1F1B) on the same stages")
     b.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     b.add_argument("--csv", metavar="FILE", help="write one row per schedule and layer as CSV")
     b.add_argument("--trace", metavar="FILE", help="write a Chrome Trace Event file (Perfetto, chrome://tracing)")
@@ -322,7 +324,9 @@ def cmd_bench(args) -> int:
         # no --eval-every: the bench evaluates periodically anyway (bench.default_eval_every)
         # unless the config file set an interval; --eval-every 0 evaluates at the end only
         every = cfg.train.eval_every if "train.eval_every" in ov else None
-        return cfg, bench.bench(cfg, schedules, log=log, eval_every=every), None
+        if args.peer and not cfg.model.model:
+            raise C.ConfigError("--peer: torch.distributed.pipelining runs torch stages; give --model")
+        return cfg, bench.bench(cfg, schedules, log=log, eval_every=every, peers=args.peer), None
 
     out, code = guarded(measure)
     if code is not None:

@@ -137,8 +137,41 @@ def run_inprocess_here(cfg: C.RunConfig, name: str = "inprocess") -> dict:
             "time_to_target_s": ttt, "evals": r.evals, "per_layer": [], "wall_s": r.train_time}
 
 
+def run_peers(cfg: C.RunConfig, plan, log=None, steps: int | None = None) -> list[dict]:
+    """The peer a torch user would pick instead: ``torch.distributed.pipelining`` (GPipe and
+    1F1B, gloo, one process per stage, one thread each, ``train.microbatches`` micro-batches)
+    on the same stages and batch size; samples/s on a fixed batch (no test accuracy)."""
+    import os
+
+    from asyncdni.bench import pipelining
+    why = pipelining.available()
+    if why:
+        if log:
+            log(f"bench: no torch.distributed.pipelining rows: {why}")
+        return []
+    split = plan.specs[0].split
+    env = dict(zip(pipelining.PEER_ENV, (cfg.model.model, split, str(cfg.train.seed))))
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    rows = []
+    try:
+        for sched in ("gpipe", "1f1b"):
+            if log:
+                log(f"bench: running torch.distributed.pipelining {sched} ...")
+            rows.append(pipelining.run_pipelining(
+                pipelining.PEER_FACTORY, plan.in_shape, plan.n_out, plan.batch_size, steps or min(plan.steps, 300),
+                sched, microbatches=cfg.train.microbatches, seed=cfg.train.seed, lr=cfg.train.lr, warmup=10))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rows
+
+
 def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None,
-          eval_every: int | None = None) -> dict:
+          eval_every: int | None = None, peers: bool = False) -> dict:
     """Run every schedule on the same config; returns a plain-data result.
 
     ``eval_every``: test-set evaluations (off the clock) every so many steps; None: the
@@ -171,7 +204,9 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
         runs[s] = summ
         traces[s] = r.traces
         series[s] = {"loss": r.series["loss"], "done_at": r.series["done_at"]}
-    return analyse(cfg, plan, runs) | {"_traces": traces, "_series": series, "eval_every": eval_every}
+    peer_rows = run_peers(cfg, plan, log) if peers else []
+    return analyse(cfg, plan, runs) | {"_traces": traces, "_series": series, "eval_every": eval_every,
+                                       "peers": peer_rows}
 
 
 def auto_target(runs: dict) -> float | None:
@@ -301,6 +336,21 @@ def format_flops(res: dict) -> list[str]:
     return lines
 
 
+def format_peers(res: dict) -> list[str]:
+    """The torch.distributed.pipelining rows, with each engine row's samples/s over theirs."""
+    peers, runs = res.get("peers") or [], res["runs"]
+    if not peers:
+        return []
+    lines = ["", f"  against torch.distributed.pipelining {peers[0]['torch']} (the same stages and batch, gloo, one "
+                 f"process per stage, one thread each, {peers[0]['microbatches']} micro-batches; samples/s on a fixed "
+                 "batch, no test accuracy):"]
+    for p in peers:
+        ratios = ", ".join(f"{s} {runs[s]['samples_per_s'] / p['samples_per_s']:.2f}x" for s in runs
+                           if s not in INPROCESS_ROWS)
+        lines.append(f"    {p['name']:<26}{p['samples_per_s']:>8.0f} samples/s   engine rows / it: {ratios}")
+    return lines
+
+
 def format_bench(res: dict) -> str:
     runs = res["runs"]
     regression = res.get("task") == "regression"          # its column: test R² (higher is better, as accuracy)
@@ -357,6 +407,7 @@ def format_bench(res: dict) -> str:
                      + "):")
         for s, v in rows.items():
             lines.append(_verdict(s, base, v, runs[s], b, tname))
+    lines += format_peers(res)
     lines += format_flops(res)
     for s in order:
         if runs[s]["per_layer"]:

@@ -61,6 +61,22 @@ def available() -> str | None:
     return None
 
 
+# the factory the bench uses for its own model: every child builds the same torch stages as
+# the engine's workers (asyncdni.torch.models.build_stages), named by these variables
+PEER_FACTORY = "asyncdni.bench.pipelining:configured_stages"
+PEER_ENV = ("ASYNCDNI_PEER_MODEL", "ASYNCDNI_PEER_SPLIT", "ASYNCDNI_PEER_SEED")
+
+
+def configured_stages(sample_shape, n_out):
+    """The stages of the model that ``ASYNCDNI_PEER_MODEL`` / ``_SPLIT`` / ``_SEED`` name (a zoo
+    name or a builder), built exactly as the engine's torch stages are."""
+    import os
+
+    from asyncdni.torch.models import build_stages
+    model, split, seed = (os.environ.get(k, "") for k in PEER_ENV)
+    return build_stages(model, split, tuple(sample_shape), n_out, int(seed or 0))
+
+
 def mlp_stages(sample_shape, n_out):
     """The 4-stage MLP 784-256-256-256-10 (input width: the product of ``sample_shape``,
     output width ``n_out``) as four ``nn.Sequential``. Seed torch before calling it
