@@ -19,7 +19,7 @@ from asyncdni.nodes import make_node  # noqa: E402
 from asyncdni.numerics.layer import LayerNode, LayerSpec, NonFiniteError, StepError  # noqa: E402
 from asyncdni.torch import pin_threads  # noqa: E402
 from asyncdni.torch.models import ZOO, ModelError, build_stages, stage_shapes  # noqa: E402
-from asyncdni.torch.node import StateError, TorchNode  # noqa: E402
+from asyncdni.torch.node import StateError, TorchNode, make_optimizer  # noqa: E402
 from asyncdni.torch.synthetic import make_sg, regression_loss  # noqa: E402
 from tests.conftest import raises_one_line  # noqa: E402
 
@@ -211,8 +211,9 @@ def test_sg_on_feature_maps_with_conditioning_uses_label_channels():
 def reference_training(stages, data, opt_name, lr, microbatches=1):
     """Plain end-to-end autograd on nn.Sequential(stages), one optimizer over everything."""
     model = nn.Sequential(*stages)
-    opt = {"adam": lambda p: torch.optim.Adam(p, lr=lr), "sgd": lambda p: torch.optim.SGD(p, lr=lr)}[opt_name](
-        model.parameters())
+    # the optimizer the nodes use (torch.optim's fused kernel where there is one): element-wise,
+    # so one optimizer over every stage does what one per stage does
+    opt = make_optimizer(opt_name, model.parameters(), lr)
     for x, y in data:
         opt.zero_grad()
         xs, ys = np.array_split(x, microbatches), np.array_split(y, microbatches)
