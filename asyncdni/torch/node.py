@@ -224,9 +224,11 @@ class TorchNode:
             # deterministic mode also fills every new tensor with NaN, a debugging aid that
             # costs a memory pass per allocation (5% of a 4-stage MLP pipeline step, measured);
             # no kernel used here reads memory it did not write
-            deterministic = getattr(torch.utils, "deterministic", None)
-            if deterministic is not None:
+            try:
+                import torch.utils.deterministic as deterministic
                 deterministic.fill_uninitialized_memory = False
+            except ImportError:           # torch before 2.1 has no such switch (and no fill)
+                pass
         stages = build_stages(spec.model, spec.split, sample_shape, spec.n_out, spec.seed)
         if len(stages) != spec.n_layers or not 0 <= spec.index < len(stages):
             raise ValueError(f"layer {spec.index + 1}: the spec says {spec.n_layers} stages, "
