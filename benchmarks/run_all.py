@@ -11,6 +11,9 @@
    FLOPs/sample at width 1024 within 1.2x backprop's, async samples/s there above
    in-process backprop on every core, MNIST accuracy within 0.5 points of linear cDNI
    (targets, for one setting)
+6. torch stages (benchmarks/torch_stages.py): the zoo's cnn on MNIST under four schedules,
+   the example model under every schedule, and the 4-stage MLP against
+   torch.distributed.pipelining (targets there); skipped without the torch extra
 
 Sections 2 and 4 also run plain backprop in one process (inprocess-backprop, on 1 BLAS
 thread and on every core), and say where the engine loses to it.
@@ -24,7 +27,7 @@ from pathlib import Path
 from asyncdni.bench import compare as bench
 from asyncdni import config
 from asyncdni.bench import transport as transport_bench
-from benchmarks import lowrank, mnist_accuracy
+from benchmarks import lowrank, mnist_accuracy, torch_stages
 
 
 def main() -> int:
@@ -86,6 +89,9 @@ def main() -> int:
     lres = lowrank.run((16, 64), (1, 2), mnist_accuracy.DEFAULT_DIR, log=lambda s: print(s, flush=True))
     print(lowrank.format_table(lres))
     print(lowrank.verdict(lres)[1], flush=True)
+
+    print("\n== torch stages (benchmarks.torch_stages)", flush=True)
+    torch_stages.main([])
     return 0 if ok else 1
 
 

@@ -351,3 +351,21 @@ def test_feeder_handlers_apply_or_count_every_message(schedule):
             assert n > 0 and math.isfinite(sum(r["metric"] * r["n"] for r in evals.values()) / n)
     finally:
         h.close()
+
+
+def test_evaluation_is_off_the_busy_clock():
+    """An EVAL message is traced but not counted as busy time: evaluations are off the training
+    clock, and busy time over training time is the figure the bench's layer balance reads."""
+    cfg = config.build(overrides={"model.width": 8, "model.layers": 2, "train.batch_size": 5, "train.steps": 10,
+                                  "data.train_size": 64, "data.test_size": 16, "train.eval_batch": 6})
+    h = InProcess(LayerWorker, cfg, 0)
+    try:
+        w = h.w
+        x = np.zeros((6, w.lspec.fan_in), np.float32)
+        y = np.zeros((6, w.lspec.n_out), np.float32)
+        w.handle_fwd(P.encode(P.EVAL, 0, [x, y], {"eid": 0}))
+        assert h.sent and h.sent[-1][0] == P.EVAL and w.busy == 0.0
+        w.handle_fwd(P.encode(P.FWD, 0, [x[:5], y[:5]]))
+        assert w.busy > 0
+    finally:
+        h.close()

@@ -240,7 +240,9 @@ def analyse(cfg, plan, runs: dict) -> dict:
     out = {"machine": {"cores": n_cores}, "task": plan.task, "layers": K, "widths": list(plan.widths),
            "batch_size": plan.batch_size, "steps": plan.steps, "samples": plan.steps * plan.batch_size,
            "target_accuracy": target, "target_auto": target_auto, "runs": runs, "flops_per_sample": flops,
-           "flops_parts": {s: flops_parts(plan, s) for s in runs}}
+           "flops_parts": {s: flops_parts(plan, s) for s in runs},
+           "torch": cfg.model.model or None, "shapes": [list(plan.in_shape)] + [list(sp.out_shape) for sp in plan.specs]
+           if cfg.model.model else None}
     # measured compute of each layer in the sequential run: the balance of the pipeline
     bound = float(min(K, n_cores))
     if "sequential" in runs and runs["sequential"]["per_layer"]:
@@ -320,7 +322,8 @@ def format_flops(res: dict) -> list[str]:
     if not parts:
         return []
     keys = ("forward", "backward", "sg_predict", "sg_repredict", "sg_update", "aux")
-    lines = ["", "  MFLOP/sample by part (analytic, all layers; SG regression averaged over --sg-every steps):",
+    how = "torch's FLOP counter on the forward, backward 2x it" if res.get("torch") else "analytic"
+    lines = ["", f"  MFLOP/sample by part ({how}, all layers; SG regression averaged over --sg-every steps):",
              f"  {'schedule':<24}" + "".join(f"{k.replace('_', ' '):>13}" for k in keys) + f"{'total':>9}{'/ backprop':>11}"]
     bp = res["flops_per_sample"].get("backprop") or res["flops_per_sample"].get(BASELINE)
     groups: dict[tuple, list[str]] = {}      # rows with the same arithmetic share a line
@@ -354,7 +357,9 @@ def format_peers(res: dict) -> list[str]:
 def format_bench(res: dict) -> str:
     runs = res["runs"]
     regression = res.get("task") == "regression"          # its column: test R² (higher is better, as accuracy)
-    lines = [f"bench: {res['layers']} layers {'-'.join(map(str, res['widths']))}, batch {res['batch_size']}, "
+    net = (f"{res['torch']}, {res['layers']} torch stages {' -> '.join('x'.join(map(str, sh)) for sh in res['shapes'])}"
+           if res.get("torch") else f"{res['layers']} layers {'-'.join(map(str, res['widths']))}")
+    lines = [f"bench: {net}, batch {res['batch_size']}, "
              f"{res['steps']} steps ({res['samples']} samples), {res['machine']['cores']} cores"
              + (f", test {'RMSE and R²' if regression else 'accuracy'} every {res['eval_every']} steps (off the clock)"
                 if res.get("eval_every") else "")]

@@ -207,7 +207,7 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
     repeats interleaved (so drifting load spreads over all of them); returns {label: aggregate}."""
     from asyncdni.launch.agents import AgentsLauncher
     log = log or (lambda line: None)
-    K = cfg.model.layers if not cfg.model.widths else len(cfg.model.widths) + 1
+    K = cfg.model.layers               # the plan's stage count (lab_bench applied with_stages)
     n_hosts = K + (1 if feeder_host == "own" else 0)
     names = [f"h{i}" for i in range(n_hosts)]
     todo = variants(schedules, windows)
@@ -256,6 +256,7 @@ def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_h
                             "runtime.max_restarts": 0})
     datasets = load_datasets(cfg)
     plan = make_plan(cfg, datasets[0])
+    cfg = C.with_stages(cfg, plan.n_layers)      # torch models: one host per stage of the model
     skipped = dict(skipped or {})
     for s, why in skipped.items():
         if log:

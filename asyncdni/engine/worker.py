@@ -495,7 +495,8 @@ class LayerWorker(Worker):
         w0 = time.time()
         out = fn(*args)
         d = time.perf_counter() - t0
-        self.busy += d
+        if code != T_EVAL:      # evaluations are off the training clock, so off busy time too
+            self.busy += d
         self.trace(code, w0, d)
         return out
 
