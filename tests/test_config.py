@@ -684,3 +684,13 @@ def test_microbatch_bounds_exhaustive_small():
             sizes = [e - s for s, e in b]
             assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
             assert math.isclose(sum(sizes) / m, batch / m)
+
+
+def test_torch_stages_take_a_lower_sg_learning_rate_unless_given():
+    """The torch preset (config.TORCH_PRESET) applies over the dataset's, is marked as a preset,
+    and never overrides a value the user gave."""
+    cfg = C.build(None, {"model.model": "cnn", "data.dataset": "idx", "data.path": "d"})
+    assert cfg.train.sg_lr == C.TORCH_PRESET["train.sg_lr"] and "train.sg_lr" in cfg.preset
+    cfg = C.build(None, {"model.model": "cnn", "data.dataset": "idx", "data.path": "d", "train.sg_lr": 2e-3})
+    assert cfg.train.sg_lr == 2e-3 and "train.sg_lr" not in cfg.preset
+    assert C.build(None, {}).train.sg_lr == 1e-3
