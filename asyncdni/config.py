@@ -333,9 +333,9 @@ def _positive(name, value, minimum=1):
 
 def stages_known(cfg: RunConfig) -> bool:
     """Whether model.layers is the number of layer processes: always for the numpy MLP and the
-    torch zoo's mlp; for other torch models the stages come from the model itself, and the
+    torch zoo's mlp without a split; for other torch models the stages come from the model itself, and the
     coordinator sets model.layers from the plan (:func:`with_stages`)."""
-    return not cfg.model.model or cfg.model.model == "mlp"
+    return not cfg.model.model or (cfg.model.model == "mlp" and not cfg.model.split)
 
 
 def check_worker_counts(cfg: RunConfig) -> RunConfig:

@@ -694,3 +694,19 @@ def test_torch_stages_take_a_lower_sg_learning_rate_unless_given():
     cfg = C.build(None, {"model.model": "cnn", "data.dataset": "idx", "data.path": "d", "train.sg_lr": 2e-3})
     assert cfg.train.sg_lr == 2e-3 and "train.sg_lr" not in cfg.preset
     assert C.build(None, {}).train.sg_lr == 1e-3
+
+
+def test_stage_count_of_torch_models():
+    """The zoo's mlp without a split has model.layers stages; with a split, or any other torch
+    model, the plan's count replaces model.layers (and a numpy MLP's count must agree)."""
+    mlp = C.build(None, {"model.model": "mlp"})
+    assert C.stages_known(mlp) and C.with_stages(mlp, 4) == mlp
+    with pytest.raises(C.ConfigError, match="model.layers: 4, but the model has 3 stages"):
+        C.with_stages(mlp, 3)
+    split = C.build(None, {"model.model": "mlp", "model.split": "3"})
+    assert not C.stages_known(split) and C.with_stages(split, 3).model.layers == 3
+    cnn = C.build(None, {"model.model": "cnn", "runtime.hosts": "a,b,c", "runtime.launcher": "agents",
+                         "runtime.listen": "127.0.0.1:5555"})
+    assert C.with_stages(cnn, 3).runtime.hosts == ("a", "a", "b", "c")   # the feeder shares layer 1's host
+    with pytest.raises(C.ConfigError, match="runtime.hosts: 3 hosts given, need 6"):
+        C.with_stages(cnn, 5)
