@@ -45,7 +45,7 @@ TRAIN_FLAGS = {
     "--sg-hidden": ("train.sg_hidden", dict(type=str, metavar="N", help="hidden width of the mlp SG model (default: the layer's width)")),
     "--sg-layers": ("train.sg_layers", dict(type=str, metavar="N", help="hidden layers of the mlp SG model (default 1)")),
     "--sg-damp": ("train.sg_damp", dict(type=str, metavar="K", help="scale an SG model's step by (K x |target| / |prediction|)^2 (running norms) while its predictions exceed K x its targets; 0: off (default 0)")),
-    "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 1e-3; torch stages 3e-4)")),
+    "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 1e-3; the torch zoo's cnn and resnet 3e-4)")),
     "--max-inflight": ("train.max_inflight", dict(type=str, metavar="N|auto", help="async, delayed, local: steps in flight (default 3); auto: sized from the measured round trip and step time, up to --max-inflight-cap")),
     "--max-inflight-cap": ("train.max_inflight_cap", dict(type=str, metavar="N", help="the largest window --max-inflight auto may choose (default 16)")),
     "--microbatches": ("train.microbatches", dict(type=str, metavar="M", help="pipeline: micro-batches per step (default 4)")),

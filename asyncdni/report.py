@@ -133,7 +133,7 @@ def format_settings(summary: dict) -> str:
             parts.append(f"{k.partition('.')[2]}={v}*")
     line = "settings: " + " ".join(parts)
     if preset:
-        line += "   (* from a preset: the dataset's, or torch stages'; flags or TOML override it)"
+        line += "   (* from a preset: the dataset's or the model's; flags or TOML override it)"
     return line
 
 

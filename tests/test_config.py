@@ -686,7 +686,7 @@ def test_microbatch_bounds_exhaustive_small():
             assert math.isclose(sum(sizes) / m, batch / m)
 
 
-def test_torch_stages_take_a_lower_sg_learning_rate_unless_given():
+def test_torch_conv_models_take_a_lower_sg_learning_rate_unless_given():
     """The torch preset (config.TORCH_PRESET) applies over the dataset's, is marked as a preset,
     and never overrides a value the user gave."""
     cfg = C.build(None, {"model.model": "cnn", "data.dataset": "idx", "data.path": "d"})
@@ -694,6 +694,7 @@ def test_torch_stages_take_a_lower_sg_learning_rate_unless_given():
     cfg = C.build(None, {"model.model": "cnn", "data.dataset": "idx", "data.path": "d", "train.sg_lr": 2e-3})
     assert cfg.train.sg_lr == 2e-3 and "train.sg_lr" not in cfg.preset
     assert C.build(None, {}).train.sg_lr == 1e-3
+    assert C.build(None, {"model.model": "mlp"}).train.sg_lr == 1e-3          # conv models only
 
 
 def test_stage_count_of_torch_models():
