@@ -639,3 +639,26 @@ def test_bench_lab_cli_writes_json_csv_and_says_how_to_get_the_plot(monkeypatch,
     monkeypatch.undo()
     assert cli.main(["bench", "--repeats", "3"]) == 2
     assert "--lab" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_bench_lab_runs_torch_stages_one_host_each(needs_lab, tmp_path, no_leftover_processes, capsys):
+    """--model over emulated links: the lab gets one namespace host per torch stage (three for
+    a cnn-like split of the zoo mlp), and the stages train across them."""
+    pytest.importorskip("torch")
+    prefix, subnet = _bench_prefix_subnet("t", tmp_path, 96)
+    out = tmp_path / "lab.json"
+    try:
+        code = cli.main(["bench", "--lab", "--links", "unshaped:0", "--model", "mlp", "--split", "3", "--steps", "30",
+                         "--schedules", "async", "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out)])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+    finally:
+        L.down(prefix)
+    assert _names(prefix) == {"links": [], "netns": []}
+    res = json.loads(out.read_text())["lab"]
+    assert res["layers"] == 3
+    run = res["links"][0]["runs"]["async"]
+    assert run["samples_per_s"] > 0 and len(run["per_layer"]) == 3
+    assert all(L_["bytes_sent"] > 0 for L_ in run["per_layer"])
