@@ -9,6 +9,8 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from asyncdni.engine.trace import TRACE_NAMES
+
 
 def metric_names(task: str) -> tuple[str, str]:
     if task == "regression":
@@ -303,8 +305,6 @@ class Progress:
 
 
 # timeline event codes, as workers record them (uint8) and as the Chrome trace names them
-TRACE_CODES = {"forward": 0, "backward": 1, "eval": 2, "wait": 3}
-TRACE_NAMES = {code: name for name, code in TRACE_CODES.items()}
 
 
 def chrome_trace(traces_by_run: dict) -> dict:

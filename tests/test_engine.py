@@ -207,7 +207,7 @@ def test_cli_train_with_toml_and_json_report(tmp_path):
     # the settings in force; only the activation came from the addition preset (width: TOML, lr: flag)
     assert "width=24 activation=tanh* optimizer=adam lr=0.002 " in proc.stdout
     assert " batch_norm=True" in proc.stdout
-    assert "from the dataset's preset" in proc.stdout
+    assert "from a preset: the dataset's or the model's" in proc.stdout
     rep = json.loads((tmp_path / "out.json").read_text())
     assert rep["config"]["preset"] == ["model.activation"] and rep["summary"]["preset"] == {"model.activation": "tanh"}
     assert rep["config"]["train"]["lr"] == 0.002 and rep["config"]["model"]["width"] == 24

@@ -334,9 +334,10 @@ def test_restore_node_refuses_non_finite_and_impossible_state():
     ck.restore_node(fresh, state)                            # the intact state still loads
 
 
-def test_feeder_keys_match_the_worker():
-    from asyncdni.engine.worker import EVAL_KEYS
-    assert ck.FEEDER_EVAL_KEYS == EVAL_KEYS
+def test_feeder_evaluations_round_trip_through_their_checkpoint_columns():
+    """checkpoint.py owns the feeder file's evaluation columns, written and read back by the same pair."""
+    assert ck.evals_from_arrays(ck.evals_to_arrays([{"step": 5, "train_time": 1.5, "loss": 0.5, "metric": 0.9,
+                                                       "metric2": 0.9, "n": 100}]))[0]["step"] == 5
 
 
 # ------------------------------------------------------------- 7. one line, exit 2

@@ -81,6 +81,17 @@ FEEDER_FILE = "feeder.npz"
 FEEDER_SERIES = ("loss", "metric", "done_at")            # float64, one value per step done
 FEEDER_SCALARS = ("train_time", "time_to_target")        # 0-d float64
 FEEDER_EVAL_KEYS = ("step", "train_time", "loss", "metric", "metric2", "n")   # eval_<k>: one per evaluation
+
+
+def evals_to_arrays(evals: list[dict]) -> dict:
+    """The feeder's evaluations as the ``eval_<key>`` columns of its checkpoint (and its BYE)."""
+    return {f"eval_{k}": np.array([e[k] for e in evals], np.float64) for k in FEEDER_EVAL_KEYS}
+
+
+def evals_from_arrays(arrays: dict) -> list[dict]:
+    cols = [arrays[f"eval_{k}"] for k in FEEDER_EVAL_KEYS]
+    return [{k: (int(v) if k in ("step", "n") else float(v)) for k, v in zip(FEEDER_EVAL_KEYS, row)}
+            for row in zip(*cols)]
 MAX_MANIFEST_BYTES = 16 << 20   # a manifest is a few hundred bytes per layer; more is not one of ours
 
 _STEP_RE = re.compile(r"^step-(\d{9,})$")

@@ -151,10 +151,10 @@ class Coordinator:
         rows = max(cfg.train.batch_size, cfg.train.eval_batch)
         self.max_message = 2 * widest * rows * 8 + (1 << 20)
         # control messages: the largest is a layer's BYE (float32 parameters, its timeline)
-        from asyncdni.engine.worker import EVAL_KEYS, TRACE_LIMIT
+        from asyncdni.engine.trace import TRACE_LIMIT
         param_bytes = 4 * max(s.param_count() for s in self.plan.specs)
         n_evals = self.plan.steps // max(1, cfg.train.eval_every) + 2
-        feeder_bytes = 8 * 3 * self.plan.steps + 8 * len(EVAL_KEYS) * n_evals   # the feeder's history
+        feeder_bytes = 8 * 3 * self.plan.steps + 8 * len(CK.FEEDER_EVAL_KEYS) * n_evals   # the feeder's history
         self.max_ctrl_message = max(param_bytes, feeder_bytes) + 17 * TRACE_LIMIT + (16 << 20)
         self.ckpt_root = self.rt.checkpoint_dir or self.rt.resume
 
@@ -434,7 +434,7 @@ class Coordinator:
         """A worker saved its part of checkpoint ``step``; commit it once all parts are in."""
         f = msg.fields
         name = f.get("file")
-        expected = CK.layer_file(w.index) if w.role == "layer" else "feeder.npz"
+        expected = CK.layer_file(w.index) if w.role == "layer" else CK.FEEDER_FILE
         if name != expected or not isinstance(f.get("sha256"), str) or not isinstance(f.get("bytes"), int):
             raise WorkerFailed(w.name, w.pid, w.host, f"malformed checkpoint report {f!r}")
         parts = self.ckpt_files.setdefault(msg.step, {})
@@ -481,9 +481,8 @@ class Coordinator:
                 names += ["trace_t", "trace_d", "trace_c"]
                 w.arrays = {n: np.array(a) for n, a in zip(names, msg.arrays)}
         self.launcher.wait(5.0)
-        from asyncdni.engine.worker import evals_from_arrays
         feeder = self.workers[0]
-        feeder.stats["evals"] = evals_from_arrays(feeder.arrays)
+        feeder.stats["evals"] = CK.evals_from_arrays(feeder.arrays)
         layers = self.workers[1:]
         params = [{k: v for k, v in w.arrays.items() if not k.startswith(("trace_", "eval_"))} for w in layers]
         series = {k: feeder.arrays[k] for k in ("loss", "metric", "done_at")}

@@ -33,11 +33,11 @@ from asyncdni import schedules as S
 from asyncdni.wire import security
 from asyncdni.wire import transport
 from asyncdni.engine.spec import RunSpec
+from asyncdni.engine.trace import TRACE_CODES, TRACE_LIMIT
 from asyncdni.numerics import losses
 from asyncdni.numerics.data import DataError
 from asyncdni.nodes import make_node
 from asyncdni.numerics.layer import NonFiniteError, StepError, all_finite
-from asyncdni.report import TRACE_CODES
 
 
 class StepLost(RuntimeError):
@@ -47,7 +47,6 @@ class StepLost(RuntimeError):
 # failures that a user causes or must act on: reported in one line, without a traceback
 USER_ERRORS = (DataError, transport.TransportError, CK.CheckpointError, NonFiniteError, StepLost)
 
-TRACE_LIMIT = 200_000           # timeline events kept per worker
 T_FWD, T_BWD, T_EVAL, T_WAIT = (TRACE_CODES[k] for k in ("forward", "backward", "eval", "wait"))
 PROGRESS_INTERVAL = 0.25        # seconds between feeder progress reports
 AUTO_WARMUP, AUTO_PROBE = 3, 8  # --max-inflight auto: steps ignored, then steps measured, per phase
@@ -668,7 +667,7 @@ def _metric_fields(m: dict) -> dict:
 # ============================================================================ feeder
 class FeederWorker(Worker):
     role = "feeder"
-    FILE = "feeder.npz"
+    FILE = CK.FEEDER_FILE
     expect_in = None            # set in setup(): the metric ranges of this run's DONE / EVAL_RESULT
 
     def setup(self) -> None:
@@ -710,7 +709,7 @@ class FeederWorker(Worker):
                 n = min(self.steps, len(st["loss"]), self.start_step)
                 self.losses[:n], self.metric[:n], self.done_at[:n] = st["loss"][:n], st["metric"][:n], st["done_at"][:n]
                 self.time_offset = float(st["train_time"])
-                self.evals = evals_from_arrays(st)
+                self.evals = CK.evals_from_arrays(st)
                 ttt = float(st["time_to_target"])
                 self.time_to_target = None if np.isnan(ttt) else ttt
 
@@ -865,7 +864,7 @@ class FeederWorker(Worker):
         marker that makes every layer save its state for the same step."""
         self.save_checkpoint_file(step, self.FILE, {
             "loss": self.losses[:step], "metric": self.metric[:step], "done_at": self.done_at[:step],
-            "train_time": np.array(train_time), **evals_to_arrays(self.evals),
+            "train_time": np.array(train_time), **CK.evals_to_arrays(self.evals),
             "time_to_target": np.array(np.nan if self.time_to_target is None else self.time_to_target)})
         self.send(self.up, P.MARKER, step, (), {"purpose": "ckpt"})
 
@@ -938,20 +937,8 @@ class FeederWorker(Worker):
 
     def bye_payload(self):
         # the evaluations travel as arrays: a long run's list would outgrow a header
-        ev = evals_to_arrays(self.evals)
+        ev = CK.evals_to_arrays(self.evals)
         return [self.losses, self.metric, self.done_at, *ev.values()], {"series": ["loss", "metric", "done_at", *ev]}
-
-
-EVAL_KEYS = ("step", "train_time", "loss", "metric", "metric2", "n")
-
-
-def evals_to_arrays(evals: list[dict]) -> dict:
-    return {f"eval_{k}": np.array([e[k] for e in evals], np.float64) for k in EVAL_KEYS}
-
-
-def evals_from_arrays(arrays: dict) -> list[dict]:
-    cols = [arrays[f"eval_{k}"] for k in EVAL_KEYS]
-    return [{k: (int(v) if k in ("step", "n") else float(v)) for k, v in zip(EVAL_KEYS, row)} for row in zip(*cols)]
 
 
 def _wait_for_spec(ctrl: zmq.Socket, timeout: float) -> dict:
