@@ -186,11 +186,109 @@ class AuxHead:
         return 3 * 2 * batch * q * n        # logits, head weight gradient, gradient into h
 
 
-class LayerNode:
+class NodeBookkeeping:
+    """What every backend's node counts and decides the same way, whatever its arithmetic:
+    the counters the worker reports, non-finite skips, the SG-target lag histogram and
+    staleness weight, the sg_clip / sg_damp scales, the delayed schedules' delay statistics.
+    ``LayerNode`` (numpy) and ``asyncdni.torch.node.TorchNode`` both build on it."""
+
+    spec: LayerSpec
+    fail_on_nonfinite: bool
+
+    def _init_bookkeeping(self) -> None:
+        self.nonfinite_skipped = 0       # updates (layer or SG) not applied because of NaN/Inf
+        self.cache: dict[int, tuple | None] = {}
+        self.version = 0                 # delayed: true gradients applied so far (the weights' version)
+        self.delay_sum = 0               # delayed: sum / max / count of observed delays (versions)
+        self.delay_max = 0
+        self.delay_n = 0
+        self.stash_bytes = 0             # delayed with weight stashing: bytes of stashed weights now / at peak
+        self.stash_peak = 0
+        self.aux_recent: list[float] = []   # local: the auxiliary head's recent training accuracy
+        self.sg_recent: list[float] = []    # synthetic: recent SG regression losses
+        self.fwd_steps = 0
+        self.updates = 0
+        self.sg_updates = 0
+        self.sg_skipped = 0              # SG targets not regressed on (--sg-every)
+        self.last_sg_loss = float("nan")
+        self.last_fwd_step = -1          # newest step this layer has run forward (DNI)
+        self.stale_dropped = 0           # SG targets discarded for their lag (sg_stale_decay 0)
+        self.sg_lags = [0] * (SG_LAG_BINS + 1)   # SG targets by lag (forward steps run since): 0..BINS-1, BINS+
+        self.target_norm = 0.0           # sg_clip: running norm of the SG targets received (0: none yet)
+        self.sg_clipped = 0              # sg_clip: predictions scaled down
+        self.pred_norm = 0.0             # sg_damp: running norm of the SG's forward predictions (0: none yet)
+        self.sg_damped = 0               # sg_damp: SG updates taken with a reduced learning rate
+
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite_skipped += 1
+        if self.fail_on_nonfinite:
+            raise NonFiniteError(f"layer {self.spec.index + 1}: non-finite {what}; stopping (fail_on_nonfinite)")
+
+    def target_weight(self, step: int) -> float | None:
+        """Count an SG target's lag (forward steps run since ``step``) and return the weight
+        ``sg_stale_decay`` gives it; None when a stale target is dropped (decay 0)."""
+        lag = max(0, self.last_fwd_step - step)
+        self.sg_lags[min(lag, SG_LAG_BINS)] += 1
+        decay = self.spec.sg_stale_decay
+        if decay == 1.0:
+            return 1.0
+        if lag and decay == 0.0:
+            self.stale_dropped += 1
+            return None
+        return decay ** lag
+
+    def clip_scale(self, n: float) -> float:
+        """``sg_clip``: the factor (<= 1) by which the layer's step from an SG prediction of
+        norm ``n`` is scaled: ``sg_clip`` x the running norm of the targets received
+        (``target_norm``) over ``n`` (per-example scale, as the SG predicts it), at most 1; 1
+        when off or before the first target. It scales the learning rate, not the gradient,
+        which Adam's normalisation would undo."""
+        k = self.spec.sg_clip
+        if k <= 0 or self.target_norm <= 0:
+            return 1.0
+        cap = k * self.target_norm
+        if not n > cap:                  # also a NaN prediction: left to the finiteness checks
+            return 1.0
+        self.sg_clipped += 1
+        return cap / n
+
+    def damp_scale(self) -> float:
+        """``sg_damp``: the factor (<= 1) on the SG model's learning rate for its next update:
+        (``sg_damp`` x running target norm / running prediction norm) squared when the SG's
+        predictions have outgrown ``sg_damp`` times its targets, else 1 (and 1 when off or
+        before both norms exist).
+
+        Why: Adam moves every SG weight by about the SG learning rate per step whatever the
+        size of the regression error, so once the true gradients have shrunk (the loss is
+        small) the SG's own steps keep its predictions at a floor far above its targets:
+        predictions that are mostly error, which under async staleness drive the layers off
+        (README, "Stability under staleness"). Scaling the SG's step by how far its
+        predictions exceed its targets brings that floor down with the targets."""
+        k = self.spec.sg_damp
+        if k <= 0 or self.target_norm <= 0 or self.pred_norm <= 0:
+            return 1.0
+        r = k * self.target_norm / self.pred_norm
+        if not r < 1.0:
+            return 1.0
+        self.sg_damped += 1
+        return r * r
+
+    def sg_backward(self, step: int, g):
+        """Synthetic gradients: the true-ish gradient trains the SG model; nothing goes down."""
+        self.sg_update(step, g)
+        return None
+
+    def _delay(self, delay: int) -> None:
+        self.version += 1
+        self.delay_sum += delay
+        self.delay_n += 1
+        self.delay_max = max(self.delay_max, delay)
+
+class LayerNode(NodeBookkeeping):
     def __init__(self, spec: LayerSpec, dtype=np.float32, fail_on_nonfinite: bool = False):
         self.spec = spec
         self.fail_on_nonfinite = fail_on_nonfinite
-        self.nonfinite_skipped = 0       # updates (layer or SG) not applied because of NaN/Inf
+        self._init_bookkeeping()
         rng = np.random.default_rng([spec.seed, spec.index])
         self.dense = Dense.create(rng, spec.fan_in, spec.fan_out, spec.activation, spec.init, dtype,
                                   batch_norm=spec.has_bn)
@@ -208,29 +306,8 @@ class LayerNode:
             self.aux = AuxHead(spec.fan_out, spec.aux_pool, spec.n_out, arng, dtype)
             self.aux_opt = make_optimizer(spec.optimizer, self.aux.params, spec.lr)
         self._fwd_name, self._bwd_name = ARITHMETIC[spec.gradient]
-        self.cache: dict[int, tuple] = {}
-        self.version = 0                 # delayed: true gradients applied so far (the weights' version)
-        self.delay_sum = 0               # delayed: sum / max / count of observed delays (versions)
-        self.delay_max = 0
-        self.delay_n = 0
-        self.stash_bytes = 0             # delayed with weight stashing: bytes of stashed weights now / at peak
-        self.stash_peak = 0
-        self.aux_recent: list[float] = []   # local: the auxiliary head's recent training accuracy
-        self.sg_recent: list[float] = []    # synthetic: recent SG regression losses
         self._acc: list | None = None   # pipeline gradient accumulator
         self._acc_count = 0
-        self.fwd_steps = 0
-        self.updates = 0
-        self.sg_updates = 0
-        self.sg_skipped = 0              # SG targets not regressed on (--sg-every)
-        self.last_sg_loss = float("nan")
-        self.last_fwd_step = -1          # newest step this layer has run forward (DNI)
-        self.stale_dropped = 0           # SG targets discarded for their lag (sg_stale_decay 0)
-        self.sg_lags = [0] * (SG_LAG_BINS + 1)   # SG targets by lag (forward steps run since): 0..BINS-1, BINS+
-        self.target_norm = 0.0           # sg_clip: running norm of the SG targets received (0: none yet)
-        self.sg_clipped = 0              # sg_clip: predictions scaled down
-        self.pred_norm = 0.0             # sg_damp: running norm of the SG's forward predictions (0: none yet)
-        self.sg_damped = 0               # sg_damp: SG updates taken with a reduced learning rate
 
     # ----------------------------------------------------------------- helpers
     def _cond(self, y):
@@ -241,11 +318,6 @@ class LayerNode:
         loss, g = losses.compute(self.spec.loss, out, y)
         metric, metric2, n = losses.metrics(self.spec.loss, out, y, self.spec.task)
         return g, {"loss": loss, "metric": metric, "metric2": metric2, "n": n}
-
-    def _nonfinite(self, what: str) -> None:
-        self.nonfinite_skipped += 1
-        if self.fail_on_nonfinite:
-            raise NonFiniteError(f"layer {self.spec.index + 1}: non-finite {what}; stopping (fail_on_nonfinite)")
 
     def _apply(self, *grads, lr_scale: float = 1.0):
         """Apply a weight update (gradients in ``dense.params`` order: gW, gb, or gW, ggamma,
@@ -316,7 +388,7 @@ class LayerNode:
                 n = float(np.sqrt(np.vdot(pred, pred)))      # per-example scale, as the SG predicts it
                 lr_scale = self.clip_scale(n)
                 if self.spec.sg_damp > 0:
-                    self.pred_norm = _running_norm(self.pred_norm, n)
+                    self.pred_norm = running_norm(self.pred_norm, n)
             # --sg-every n: only every n-th step's target trains the SG model; the others keep
             # no state (None), and their gradient, when it comes back, is dropped unused
             self.cache[step] = (ctx, pred) if step % self.spec.sg_every == 0 else None
@@ -330,42 +402,6 @@ class LayerNode:
         self._apply(*grads, lr_scale=lr_scale)
         return (None if self.spec.is_last else h), gx, metrics
 
-    def clip_scale(self, n: float) -> float:
-        """``sg_clip``: the factor (<= 1) by which the layer's step from an SG prediction of
-        norm ``n`` is scaled: ``sg_clip`` x the running norm of the targets received
-        (``target_norm``) over ``n`` (per-example scale, as the SG predicts it), at most 1; 1
-        when off or before the first target. It scales the learning rate, not the gradient,
-        which Adam's normalisation would undo."""
-        k = self.spec.sg_clip
-        if k <= 0 or self.target_norm <= 0:
-            return 1.0
-        cap = k * self.target_norm
-        if not n > cap:                  # also a NaN prediction: left to the finiteness checks
-            return 1.0
-        self.sg_clipped += 1
-        return cap / n
-
-    def damp_scale(self) -> float:
-        """``sg_damp``: the factor (<= 1) on the SG model's learning rate for its next update:
-        (``sg_damp`` x running target norm / running prediction norm) squared when the SG's
-        predictions have outgrown ``sg_damp`` times its targets, else 1 (and 1 when off or
-        before both norms exist).
-
-        Why: Adam moves every SG weight by about the SG learning rate per step whatever the
-        size of the regression error, so once the true gradients have shrunk (the loss is
-        small) the SG's own steps keep its predictions at a floor far above its targets:
-        predictions that are mostly error, which under async staleness drive the layers off
-        (README, "Stability under staleness"). Scaling the SG's step by how far its
-        predictions exceed its targets brings that floor down with the targets."""
-        k = self.spec.sg_damp
-        if k <= 0 or self.target_norm <= 0 or self.pred_norm <= 0:
-            return 1.0
-        r = k * self.target_norm / self.pred_norm
-        if not r < 1.0:
-            return 1.0
-        self.sg_damped += 1
-        return r * r
-
     def sg_update(self, step: int, g: np.ndarray) -> float:
         """Regress the SG model onto the gradient that the next layer sent back for ``step``.
 
@@ -378,20 +414,14 @@ class LayerNode:
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
         if self.spec.sg_clip > 0 or self.spec.sg_damp > 0:     # in the SG's per-example scale (B x dL/dh)
-            self.target_norm = _running_norm(self.target_norm, float(np.sqrt(np.vdot(g, g))) * g.shape[0])
+            self.target_norm = running_norm(self.target_norm, float(np.sqrt(np.vdot(g, g))) * g.shape[0])
         if entry is None:
             self.sg_skipped += 1
             return float("nan")
         ctx, pred = entry
-        decay = self.spec.sg_stale_decay
-        weight = 1.0
-        lag = max(0, self.last_fwd_step - step)          # forward steps run since this one
-        self.sg_lags[min(lag, SG_LAG_BINS)] += 1
-        if decay != 1.0:
-            if lag and decay == 0.0:
-                self.stale_dropped += 1
-                return float("nan")
-            weight = decay ** lag
+        weight = self.target_weight(step)
+        if weight is None:
+            return float("nan")
         if not self.spec.sg_reuse:
             # the regression gradient at the SG's current parameters: under async the SG has
             # moved since it made ``pred`` (measured: reusing pred costs ~1.5 points on MNIST)
@@ -407,13 +437,8 @@ class LayerNode:
             return loss
         self.sg_updates += 1
         self.last_sg_loss = loss
-        _recent(self.sg_recent, loss)
+        recent(self.sg_recent, loss)
         return loss
-
-    def sg_backward(self, step: int, g: np.ndarray):
-        """Synthetic gradients: the true-ish gradient trains the SG model; nothing goes down."""
-        self.sg_update(step, g)
-        return None
 
     def drop_step(self, step: int) -> None:
         self.cache.pop(step, None)
@@ -497,12 +522,6 @@ class LayerNode:
         self._delay(delay)
         return gx
 
-    def _delay(self, delay: int) -> None:
-        self.version += 1
-        self.delay_sum += delay
-        self.delay_n += 1
-        self.delay_max = max(self.delay_max, delay)
-
     # ------------------------------------------------------------------ local
     def local_forward(self, step: int, x: np.ndarray, y: np.ndarray):
         """Local losses: a hidden layer updates at once from its auxiliary classifier's
@@ -518,7 +537,7 @@ class LayerNode:
                 self._nonfinite("auxiliary-head update")
             elif not self.aux_opt.step(grads):
                 self._nonfinite("auxiliary-head update (the new head weights would not be finite)")
-            _recent(self.aux_recent, losses.metrics(self.spec.aux_loss, z, y, self.spec.task)[0])
+            recent(self.aux_recent, losses.metrics(self.spec.aux_loss, z, y, self.spec.task)[0])
         else:
             return h, None, None
         grads, _ = self.dense.grads(x, h, gh, bctx, need_input_grad=False)
@@ -577,7 +596,7 @@ def _scaled_step(opt, grads: list, lr_scale: float) -> bool:
         opt.lr = lr
 
 
-def _running_norm(old: float, n: float) -> float:
+def running_norm(old: float, n: float) -> float:
     """One EMA step (``TARGET_NORM_DECAY``) of a running norm; the first value sets it (``old``
     0: none yet); a non-finite ``n`` leaves it unchanged."""
     if not np.isfinite(n):
@@ -585,7 +604,8 @@ def _running_norm(old: float, n: float) -> float:
     return n if old <= 0 else TARGET_NORM_DECAY * old + (1 - TARGET_NORM_DECAY) * n
 
 
-def _recent(buf: list, v: float, n: int = 50) -> None:
+def recent(buf: list, v: float, n: int = 50) -> None:
+    """Append ``v`` to a list of the ``n`` most recent values."""
     buf.append(float(v))
     if len(buf) > n:
         del buf[0]

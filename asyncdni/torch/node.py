@@ -48,8 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from asyncdni import schedules as S
 from asyncdni.numerics import losses
-from asyncdni.numerics.layer import (ARITHMETIC, SG_LAG_BINS, TARGET_NORM_DECAY, LayerSpec, NonFiniteError,
-                                     StepError, condition_vector)
+from asyncdni.numerics.layer import (ARITHMETIC, LayerSpec, NodeBookkeeping, StepError, condition_vector, recent,
+                                     running_norm)
 from asyncdni.torch.models import build_stages, stage_shapes
 from asyncdni.torch.synthetic import is_feature_map, make_sg, regression_loss
 
@@ -172,20 +172,6 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().cpu().numpy()
 
 
-def running_norm(old: float, n: float) -> float:
-    """One EMA step (``layer.TARGET_NORM_DECAY``) of a running norm, as LayerNode's: the first
-    value sets it (``old`` 0: none yet); a non-finite ``n`` leaves it unchanged."""
-    if not math.isfinite(n):
-        return old
-    return n if old <= 0 else TARGET_NORM_DECAY * old + (1 - TARGET_NORM_DECAY) * n
-
-
-def _recent(buf: list, v: float, n: int = 50) -> None:
-    buf.append(float(v))
-    if len(buf) > n:
-        del buf[0]
-
-
 def loss_and_grad_target(name: str, out: torch.Tensor, y: np.ndarray) -> torch.Tensor:
     """The batch-mean loss of ``numerics.losses``: softmax_ce (integer labels), sigmoid_bce
     (summed over outputs), mse (summed squared error), each averaged over the batch."""
@@ -210,7 +196,7 @@ def _absmax(tensors: list) -> float:
     return float(torch.stack([t.abs().amax().to(torch.float64) for t in tensors]).amax())
 
 
-class TorchNode:
+class TorchNode(NodeBookkeeping):
     """One torch stage and its per-message arithmetic (see the module docstring)."""
 
     def __init__(self, spec: LayerSpec, fail_on_nonfinite: bool = False):
@@ -267,30 +253,9 @@ class TorchNode:
         self._flops = None
 
         self._fwd_name, self._bwd_name = ARITHMETIC[spec.gradient]
-        self.cache: dict[int, tuple | None] = {}
+        self._init_bookkeeping()
         self.sg_version = 0              # SG updates applied (sg_reuse: is the forward's graph still current?)
-        self.version = 0                 # delayed: true gradients applied so far (the weights' version)
-        self.delay_sum = 0
-        self.delay_max = 0
-        self.delay_n = 0
-        self.stash_bytes = 0             # delayed with stash: bytes of stashed parameters now / at peak
-        self.stash_peak = 0
-        self.aux_recent: list[float] = []
-        self.sg_recent: list[float] = []
         self._acc_count = 0              # pipeline: micro-batch gradients accumulated in .grad
-        self.fwd_steps = 0
-        self.updates = 0
-        self.sg_updates = 0
-        self.sg_skipped = 0
-        self.nonfinite_skipped = 0
-        self.last_sg_loss = float("nan")
-        self.last_fwd_step = -1
-        self.stale_dropped = 0
-        self.sg_lags = [0] * (SG_LAG_BINS + 1)
-        self.target_norm = 0.0
-        self.sg_clipped = 0
-        self.pred_norm = 0.0
-        self.sg_damped = 0
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -338,11 +303,6 @@ class TorchNode:
         loss = loss_and_grad_target(self.spec.loss, out, y)
         metric, metric2, n = losses.metrics(self.spec.loss, to_numpy(out), np.asarray(y))
         return loss, {"loss": loss.detach().item(), "metric": metric, "metric2": metric2, "n": n}
-
-    def _nonfinite(self, what: str) -> None:
-        self.nonfinite_skipped += 1
-        if self.fail_on_nonfinite:
-            raise NonFiniteError(f"layer {self.spec.index + 1}: non-finite {what}; stopping (fail_on_nonfinite)")
 
     @staticmethod
     def _grad_of(x: torch.Tensor) -> np.ndarray:
@@ -501,29 +461,6 @@ class TorchNode:
         self._update(lr_scale)
         return (None if s.is_last else to_numpy(h)), gx, metrics
 
-    def clip_scale(self, n: float) -> float:
-        """``sg_clip``: LayerNode.clip_scale (the factor <= 1 on the stage's learning rate for a
-        step from an SG prediction of per-example norm ``n``)."""
-        k = self.spec.sg_clip
-        if k <= 0 or self.target_norm <= 0:
-            return 1.0
-        cap = k * self.target_norm
-        if not n > cap:
-            return 1.0
-        self.sg_clipped += 1
-        return cap / n
-
-    def damp_scale(self) -> float:
-        """``sg_damp``: LayerNode.damp_scale (the factor <= 1 on the SG's next learning rate)."""
-        k = self.spec.sg_damp
-        if k <= 0 or self.target_norm <= 0 or self.pred_norm <= 0:
-            return 1.0
-        r = k * self.target_norm / self.pred_norm
-        if not r < 1.0:
-            return 1.0
-        self.sg_damped += 1
-        return r * r
-
     def sg_update(self, step: int, g: np.ndarray) -> float:
         """Regress the SG model onto the gradient that came back for ``step`` (LayerNode.sg_update:
         sg_every, sg_stale_decay, sg_clip/sg_damp norms, sg_reuse). Under ``sg_reuse`` the
@@ -543,15 +480,9 @@ class TorchNode:
             self.sg_skipped += 1
             return float("nan")
         hd, c, pred_graph, version = entry
-        decay = s.sg_stale_decay
-        weight = 1.0
-        lag = max(0, self.last_fwd_step - step)
-        self.sg_lags[min(lag, SG_LAG_BINS)] += 1
-        if decay != 1.0:
-            if lag and decay == 0.0:
-                self.stale_dropped += 1
-                return float("nan")
-            weight = decay ** lag
+        weight = self.target_weight(step)
+        if weight is None:
+            return float("nan")
         pred = pred_graph if pred_graph is not None and version == self.sg_version else self.sg(hd, c)
         loss = regression_loss(pred, gt * B)
         value = loss.detach().item()
@@ -567,13 +498,8 @@ class TorchNode:
         self.sg_updates += 1
         self.sg_version += 1
         self.last_sg_loss = value
-        _recent(self.sg_recent, value)
+        recent(self.sg_recent, value)
         return value
-
-    def sg_backward(self, step: int, g: np.ndarray):
-        """Synthetic gradients: the gradient that came back trains the SG model; nothing goes down."""
-        self.sg_update(step, g)
-        return None
 
     def drop_step(self, step: int) -> None:
         entry = self.cache.pop(step, None)
@@ -685,12 +611,6 @@ class TorchNode:
         self._delay(delay)
         return gx
 
-    def _delay(self, delay: int) -> None:
-        self.version += 1
-        self.delay_sum += delay
-        self.delay_n += 1
-        self.delay_max = max(self.delay_max, delay)
-
     # ------------------------------------------------------------------ local
     def local_forward(self, step: int, x: np.ndarray, y: np.ndarray):
         """Local losses: a hidden stage updates at once from its auxiliary head's loss (and
@@ -713,7 +633,7 @@ class TorchNode:
         reason = self._step(self.aux_opt)
         if reason is not None:
             self._nonfinite(f"auxiliary-head {reason}")
-        _recent(self.aux_recent, losses.metrics(s.aux_loss, to_numpy(z), np.asarray(y))[0])
+        recent(self.aux_recent, losses.metrics(s.aux_loss, to_numpy(z), np.asarray(y))[0])
         self._update()
         return to_numpy(h), None, None
 
