@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from asyncdni import schedules
 from asyncdni.config import RunConfig
 from asyncdni.numerics.data import Dataset, binary_addition_split, load_csv, load_idx_dir, load_npy, load_npz
+from asyncdni.numerics.data import even_ranges
 from asyncdni.numerics.layer import LayerSpec
 
 
@@ -130,10 +131,4 @@ def _torch_specs(cfg: RunConfig, train: Dataset, common: dict) -> tuple[list[Lay
 
 def microbatch_bounds(batch: int, m: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) row ranges of m near-equal micro-batches."""
-    base, extra = divmod(batch, m)
-    out, start = [], 0
-    for j in range(m):
-        stop = start + base + (1 if j < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
+    return even_ranges(batch, m)

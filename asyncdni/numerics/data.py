@@ -69,6 +69,18 @@ MAX_CLASSES = 10_000
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
+def even_ranges(n: int, k: int) -> list[tuple[int, int]]:
+    """``k`` contiguous [start, stop) ranges covering 0..n, as equal as can be (the first
+    ``n % k`` one longer): micro-batches of a batch, stages of a model's blocks."""
+    base, extra = divmod(n, k)
+    out, start = [], 0
+    for j in range(k):
+        stop = start + base + (1 if j < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
 class DataError(ValueError):
     """Bad/missing dataset; message names the file and the problem, one line."""
 

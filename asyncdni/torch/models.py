@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from asyncdni.numerics.data import even_ranges
+
 ZOO = ("mlp", "cnn", "resnet")
 MLP_WIDTH = 256
 MLP_STAGES = 4
@@ -131,13 +133,7 @@ def parse_split(split: str, n: int, what: str) -> list[tuple[int, int]]:
             k = int(s)
             if not 1 <= k <= n:
                 raise ModelError(f"split {s!r}: {what} has {n} blocks, so 1..{n} stages, not {k}")
-            base, extra = divmod(n, k)
-            out, start = [], 0
-            for j in range(k):
-                stop = start + base + (1 if j < extra else 0)
-                out.append((start, stop))
-                start = stop
-            return out
+            return even_ranges(n, k)
         cuts = [int(c) for c in s.split(",") if c.strip()]
     except ValueError as e:
         if isinstance(e, ModelError):
