@@ -16,6 +16,7 @@ Under CURVE (``keys``: a directory from ``asyncdni keys``) the agent authenticat
 """
 from __future__ import annotations
 
+import math
 import os
 import socket as _socket
 import tempfile
@@ -33,6 +34,15 @@ AGENT_HEARTBEAT = 0.25        # seconds between agent <-> coordinator heartbeats
 JOIN_RETRY = 1.0              # seconds between AGENT_HELLOs while joining
 TAIL_BYTES = 4096             # log tail sent with an exit report
 DRAIN_LIMIT = 256             # messages handled per loop turn (heartbeats always get their turn)
+# the largest values a coordinator may hand an agent: beyond them a head (or something
+# posing as one) could keep the agent, or its workers, alive long after it is gone
+MAX_DEADLINE = 600.0          # AGENT_WELCOME deadline, seconds of silence before the agent gives up
+MAX_START_TIMEOUT = 3600.0    # LAUNCH start_timeout (runtime.start_timeout's own limit)
+
+
+def bounded(value, limit: float) -> bool:
+    """A finite number in (0, limit]: NaN, infinities and absurd values are refused."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= limit
 
 
 class AgentError(RuntimeError):
@@ -126,7 +136,11 @@ class Agent:
             if sock.poll(100):
                 msg = self._recv(sock)
                 if msg is not None and msg.kind == P.AGENT_WELCOME:
-                    self.deadline = max(float(msg.fields["deadline"]), 4 * AGENT_HEARTBEAT)
+                    deadline = msg.fields["deadline"]
+                    if not bounded(deadline, MAX_DEADLINE):
+                        raise AgentError(f"the coordinator at {self.cfg.join} sent an impossible deadline "
+                                         f"{deadline!r} (expected 0 to {MAX_DEADLINE:g} s); not joining")
+                    self.deadline = max(float(deadline), 4 * AGENT_HEARTBEAT)
                     self.last_heard = time.monotonic()
                     self.state = "joined"
                     self.log(f"joined {self.cfg.join} as {self.cfg.name}; workers bind to {self.cfg.bind}")
@@ -177,7 +191,8 @@ class Agent:
         from asyncdni.launch.base import LaunchError, WorkerLaunch
         name = f["name"]
         ok_name = name == "feeder" or (name.startswith("layer") and name[5:].isdigit())
-        if not ok_name or f["role"] not in ("feeder", "layer") or not 1 <= f["blas_threads"] <= 1024:
+        if not ok_name or f["role"] not in ("feeder", "layer") or not 1 <= f["blas_threads"] <= 1024 \
+                or not bounded(f["start_timeout"], MAX_START_TIMEOUT):
             self._send(sock, P.LAUNCH_FAILED, name=name, error="malformed launch request")
             return
         try:

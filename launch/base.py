@@ -54,10 +54,12 @@ class WorkerLaunch:
     def args(self) -> list[str]:
         """Command-line arguments of the worker entry point (no secrets on argv)."""
         a = [] if self.role == "feeder" else [str(self.index)]
-        a += ["--control", self.control, "--blas-threads", str(self.blas_threads),
-              "--start-timeout", str(self.start_timeout)]
+        a += [f"--control={self.control}", f"--blas-threads={self.blas_threads}",
+              f"--start-timeout={self.start_timeout}"]
         if self.server_key:
-            a += ["--server-key", self.server_key.decode(), "--key-stdin"]
+            # --flag=VALUE: a z85 key may begin with '-' (about 1 in 80 does), which argparse
+            # would take for an option in '--server-key -x...'
+            a += [f"--server-key={self.server_key.decode()}", "--key-stdin"]
         return a
 
 

@@ -351,3 +351,100 @@ def test_agent_with_unknown_key_is_refused_and_counted(tmp_path):
         finally:
             launcher.close()
     assert launcher.refused >= 1
+
+
+@pytest.mark.parametrize("role,index", [("layer", 2), ("feeder", 0)])
+def test_a_server_key_that_starts_with_a_dash_reaches_the_worker(role, index):
+    """Issue 18.6: about 1 in 80 fresh z85 public keys begins with '-'; on argv as
+    '--server-key -...' argparse read it as an option and the CURVE start failed. Every value
+    now travels as --flag=VALUE."""
+    from asyncdni.launch.base import WorkerLaunch
+    from asyncdni.workers._entry import parse
+    key = b"-" + b"x" * 39
+    w = WorkerLaunch(f"{role}{index}", role, index, "tcp://127.0.0.1:5555", 1, 60.0,
+                     server_key=key, secret_key=b"s" * 40)
+    args = parse(role, w.args())
+    assert args.server_key == key.decode() and args.key_stdin and args.control == "tcp://127.0.0.1:5555"
+    assert all(not a.startswith("--server-key") or "=" in a for a in w.args())
+    assert key.decode() not in " ".join(a for a in w.args() if not a.startswith("--server-key="))
+
+
+# ------------------------------------------------------- a head that lies (issue 18.3)
+class FakeHead:
+    """A ROUTER on loopback that speaks the agent protocol by hand."""
+
+    def __init__(self):
+        import zmq
+        from asyncdni.wire import protocol as P
+        from asyncdni.wire import transport
+        self.P, self.transport, self.zmq = P, transport, zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+
+    def recv(self, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(100):
+                ident, *frames = self.sock.recv_multipart()
+                return ident, self.P.decode(frames)
+        raise AssertionError("the agent sent nothing")
+
+    def send(self, ident, kind, **fields):
+        self.transport.send(self.sock, kind, -1, (), fields, prefix=(ident,))
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def _agent(port, *extra):
+    return subprocess.Popen([sys.executable, "-m", "asyncdni.cli", "agent", "--join", f"tcp://127.0.0.1:{port}",
+                             "--name", "h1", "--wait", "20", *extra], env=env_with_repo(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_leftover_processes")
+@pytest.mark.parametrize("deadline", [float("nan"), float("inf"), 1e308, -1.0])
+def test_an_agent_refuses_an_impossible_deadline(deadline):
+    head = FakeHead()
+    agent = _agent(head.port)
+    try:
+        ident, msg = head.recv()
+        assert msg.kind == head.P.AGENT_HELLO
+        head.send(ident, head.P.AGENT_WELCOME, heartbeat_interval=0.5, deadline=deadline)
+        _, err = agent.communicate(timeout=30)
+        assert agent.returncode == 1
+        lines = err.strip().splitlines()
+        assert "Traceback" not in err and "impossible deadline" in lines[-1], err
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        head.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_an_agent_refuses_a_launch_that_would_outlive_the_head():
+    head = FakeHead()
+    agent = _agent(head.port)
+    try:
+        ident, msg = head.recv()
+        head.send(ident, head.P.AGENT_WELCOME, heartbeat_interval=0.5, deadline=5.0)
+        head.send(ident, head.P.LAUNCH, name="layer0", role="layer", index=0, control="tcp://127.0.0.1:1",
+                  blas_threads=1, start_timeout=1e308, server_key="", secret_key="")
+        while True:
+            ident, msg = head.recv()
+            if msg.kind != head.P.HEARTBEAT:
+                break
+        assert msg.kind == head.P.LAUNCH_FAILED and msg.fields["name"] == "layer0"
+        assert psutil.Process(agent.pid).children() == []          # no worker was started
+    finally:
+        agent.kill()
+        agent.wait()
+        head.close()
