@@ -66,6 +66,8 @@ class AgentsLauncher(Launcher):
         self.sock = None
         self.allowlist = None
         self.refused = 0
+        self.agent_keys: dict[str, str] | None = None   # CURVE: agent name -> its z85 public key
+        self.impostors = 0               # CURVE messages whose key is not their name's
         self._next_hb = 0.0
         self.endpoint = transport.endpoint(self.listen_host, self.listen_port)
 
@@ -100,6 +102,9 @@ class AgentsLauncher(Launcher):
         self.ctx = zmq.Context()
         if server is not None:
             self.allowlist = security.Allowlist(self.ctx, agent_keys.values())
+            # ZAP gives each message the z85 public key of its sender (pyzmq's default User-Id):
+            # a key speaks only for its own name, whatever routing identity it claims
+            self.agent_keys = {name: key.decode() for name, key in agent_keys.items()}
         try:
             self.sock, _ = transport.bind(self.ctx, zmq.ROUTER, self.listen_host, self.listen_port, curve=server)
         except transport.TransportError as e:
@@ -139,7 +144,11 @@ class AgentsLauncher(Launcher):
         for _ in range(DRAIN_LIMIT):
             frames = self.sock.recv_multipart(copy=False)
             if len(frames) >= 2:
-                self._handle(frames[0].bytes.decode(errors="replace"), frames[1:])
+                name = frames[0].bytes.decode(errors="replace")
+                if self.agent_keys is not None and frames[1].get("User-Id") != self.agent_keys.get(name):
+                    self.impostors += 1          # another agent's key under this name: ignored
+                else:
+                    self._handle(name, frames[1:])
             if not self.sock.poll(0):
                 break
 

@@ -448,3 +448,41 @@ def test_an_agent_refuses_a_launch_that_would_outlive_the_head():
         agent.kill()
         agent.wait()
         head.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_an_agent_key_speaks_only_for_its_own_name(tmp_path):
+    """Issue 18.1: a client holding only agent a's key pair connected with routing identity b
+    and AGENT_HELLO name=b was welcomed as b (and would have been sent b's LAUNCH messages
+    with their CURVE secret keys). ZAP's User-Id (the sender's public key) must be b's key."""
+    import zmq
+
+    from asyncdni.launch.agents import AgentsLauncher
+    from asyncdni.wire import protocol as P
+    from asyncdni.wire import security, transport
+    keys = make_keys(tmp_path, "a", "b")
+    port = free_port()
+    launcher = AgentsLauncher.from_config(cfg_of(port, "a,a,b,b,b", **{"runtime.keys": keys,
+                                                                        "runtime.security": "curve"}))
+    launcher._bind()
+    ctx = zmq.Context()
+    server = security.load_public(keys, security.COORDINATOR)
+    a_keys = security.load_secret(keys, "a")
+    socks = []
+    try:
+        for ident in ("b", "a"):                  # the impostor first, then a's rightful claim
+            s = transport.connect(ctx, zmq.DEALER, f"tcp://127.0.0.1:{port}", identity=ident.encode(),
+                                  curve=(a_keys, server))
+            socks.append(s)
+            transport.send(s, P.AGENT_HELLO, -1, (), {"name": ident, "bind": "127.0.0.1", "host": "x", "pid": 1})
+        deadline = time.monotonic() + 10
+        while "a" not in launcher.agents and time.monotonic() < deadline:
+            launcher._pump(100)
+        assert "a" in launcher.agents                           # its own name: welcomed
+        assert "b" not in launcher.agents and launcher.impostors >= 1
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+        launcher.close()
