@@ -25,7 +25,7 @@ from asyncdni.launch.agent import AGENT_HEARTBEAT, DRAIN_LIMIT
 
 from asyncdni.launch.base import HostLost, LaunchError, Launcher, WorkerLaunch
 
-AGENT_MISSES = 6              # agent heartbeats missed before the agent is declared lost (1.5 s)
+AGENT_MISSES = 6              # agent heartbeats missed before an agent is declared lost, at least (1.5 s)
 
 
 @dataclass
@@ -186,7 +186,9 @@ class AgentsLauncher(Launcher):
 
     def _check_agents(self) -> None:
         now = time.monotonic()
-        limit = AGENT_HEARTBEAT * AGENT_MISSES
+        # the deadline the agents are told to keep for our silence (runtime.heartbeat_interval x
+        # heartbeat_misses) judges them too, never less than AGENT_MISSES of our own beats
+        limit = max(AGENT_HEARTBEAT * AGENT_MISSES, self.heartbeat_deadline)
         for a in self.agents.values():
             if a.lost or not any(w.agent == a.name for w in self.workers.values()):
                 continue

@@ -486,3 +486,22 @@ def test_an_agent_key_speaks_only_for_its_own_name(tmp_path):
             s.close(0)
         ctx.term()
         launcher.close()
+
+
+def test_an_agent_is_judged_on_the_configured_heartbeat_deadline():
+    """Issue 18.7: the head declared an agent lost after a fixed 1.5 s of silence while telling
+    the agent to wait runtime.heartbeat_interval x heartbeat_misses (8 s with an interval of 2);
+    a 1.8 s SIGSTOP of one agent ended a run whose workers were still training."""
+    from types import SimpleNamespace
+
+    from asyncdni.launch.agents import AgentInfo, AgentsLauncher
+    from asyncdni.launch.base import HostLost
+    cfg = cfg_of(free_port(), "a,a,a,a,a", **{"runtime.heartbeat_interval": 2.0, "runtime.security": "insecure"})
+    launcher = AgentsLauncher.from_config(cfg)
+    assert launcher.heartbeat_deadline == 8.0
+    launcher.workers = {"layer0": SimpleNamespace(agent="a")}
+    launcher.agents = {"a": AgentInfo("a", "127.0.0.1", "h", 1, time.monotonic() - 1.8)}
+    launcher._check_agents()                                  # 1.8 s of silence: still there
+    launcher.agents["a"].last_seen = time.monotonic() - 8.5
+    with pytest.raises(HostLost, match="agent a .* lost: no heartbeat for 8.5 s"):
+        launcher._check_agents()
