@@ -205,6 +205,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="CURVE keys: DIR/NAME.key_secret (or agent.key_secret) and DIR/coordinator.key")
     a.add_argument("--wait", default="120", metavar="S", help="seconds to wait for the coordinator (default 120)")
     a.add_argument("--log-dir", default="", metavar="DIR", help="keep worker logs here (default: a temporary directory)")
+    a.add_argument("--insecure", action="store_true",
+                   help="without --keys, let workers bind off loopback anyway (a trusted network only)")
+    a.add_argument("--max-workers", default="16", metavar="N",
+                   help="workers this agent runs at once; more launch requests are refused (default 16)")
     k = sub.add_parser("keys", help="make CURVE key pairs: the coordinator's and one per agent name")
     k.add_argument("dir", metavar="DIR", help="directory for the key files (created, mode 700)")
     k.add_argument("names", nargs="*", metavar="NAME", help="agent names (default: one shared key named 'agent')")
@@ -429,7 +433,12 @@ def cmd_agent(args) -> int:
     except ValueError:
         return fail(f"--wait: expected a number of seconds, got {args.wait!r}", 2)
     try:
-        agent = Agent(AgentConfig(args.join, args.name, args.bind, args.keys, wait, args.log_dir), log=log)
+        max_workers = int(args.max_workers)
+    except ValueError:
+        return fail(f"--max-workers: expected a number of workers, got {args.max_workers!r}", 2)
+    try:
+        agent = Agent(AgentConfig(args.join, args.name, args.bind, args.keys, wait, args.log_dir,
+                                  insecure=args.insecure, max_workers=max_workers), log=log)
     except (AgentError, KeyError_) as e:
         return fail(str(e), 2)
     try:

@@ -33,6 +33,7 @@ from asyncdni.wire import transport
 AGENT_HEARTBEAT = 0.25        # seconds between agent <-> coordinator heartbeats
 JOIN_RETRY = 1.0              # seconds between AGENT_HELLOs while joining
 TAIL_BYTES = 4096             # log tail sent with an exit report
+MAX_WORKERS = 16              # workers one agent runs at once by default (--max-workers)
 DRAIN_LIMIT = 256             # messages handled per loop turn (heartbeats always get their turn)
 # the largest values a coordinator may hand an agent: beyond them a head (or something
 # posing as one) could keep the agent, or its workers, alive long after it is gone
@@ -57,6 +58,8 @@ class AgentConfig:
     keys: str = ""                   # CURVE key directory ("" : plain TCP)
     wait: float = 120.0              # seconds to wait for the coordinator to answer
     log_dir: str = ""                # worker logs ("" : a temporary directory)
+    insecure: bool = False           # no keys, yet workers bound off loopback: allowed only when asked
+    max_workers: int = MAX_WORKERS   # workers this agent runs at once; further LAUNCHes are refused
 
 
 def _check(cfg: AgentConfig) -> None:
@@ -68,12 +71,17 @@ def _check(cfg: AgentConfig) -> None:
         raise AgentError("--bind: must not be empty")
     if not 0 < cfg.wait <= 86400:
         raise AgentError(f"--wait: must be between 0 and 86400 seconds, got {cfg.wait}")
+    if not 1 <= cfg.max_workers <= 1024:
+        raise AgentError(f"--max-workers: must be between 1 and 1024, got {cfg.max_workers}")
     # the bind address must belong to this host: try it once
     try:
         with _socket.socket(_socket.AF_INET6 if ":" in cfg.bind else _socket.AF_INET) as s:
             s.bind((cfg.bind.strip("[]"), 0))
     except OSError as e:
         raise AgentError(f"--bind {cfg.bind}: not an address of this host ({e.strerror})") from None
+    if not cfg.keys and not cfg.insecure and not security.is_loopback(cfg.bind):
+        raise AgentError(f"--bind {cfg.bind}: workers off loopback without --keys would take orders from whatever "
+                         f"answers at --join; pass --keys DIR (CURVE), or --insecure on a trusted network")
 
 
 class Agent:
@@ -95,6 +103,8 @@ class Agent:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.workers = LocalLauncher(log_dir)          # children die with this agent (PDEATHSIG)
         self.reported: set[str] = set()                # exits already reported
+        if not cfg.keys:
+            log("no --keys: this agent does not authenticate the coordinator, and its traffic is not encrypted")
         self.state = "joining"
         self.deadline = 2.0
         self.last_heard = time.monotonic()
@@ -194,6 +204,12 @@ class Agent:
         if not ok_name or f["role"] not in ("feeder", "layer") or not 1 <= f["blas_threads"] <= 1024 \
                 or not bounded(f["start_timeout"], MAX_START_TIMEOUT):
             self._send(sock, P.LAUNCH_FAILED, name=name, error="malformed launch request")
+            return
+        running = [n for n in self.workers.procs if n != name and n not in self.workers.exited()]
+        if len(running) >= self.cfg.max_workers:
+            self._send(sock, P.LAUNCH_FAILED, name=name,
+                       error=f"agent {self.cfg.name} runs {len(running)} workers already (--max-workers "
+                             f"{self.cfg.max_workers})")
             return
         try:
             w = WorkerLaunch(name, f["role"], f["index"], f["control"], f["blas_threads"], f["start_timeout"],

@@ -186,9 +186,7 @@ class AgentsLauncher(Launcher):
 
     def _check_agents(self) -> None:
         now = time.monotonic()
-        # the deadline the agents are told to keep for our silence (runtime.heartbeat_interval x
-        # heartbeat_misses) judges them too, never less than AGENT_MISSES of our own beats
-        limit = max(AGENT_HEARTBEAT * AGENT_MISSES, self.heartbeat_deadline)
+        limit = self.agent_deadline
         for a in self.agents.values():
             if a.lost or not any(w.agent == a.name for w in self.workers.values()):
                 continue
@@ -196,6 +194,13 @@ class AgentsLauncher(Launcher):
                 a.lost = True
                 raise HostLost(f"agent {a.name} ({a.bind}) lost: no heartbeat for {now - a.last_seen:.1f} s; "
                                f"its workers are gone and the run cannot go on without that host")
+
+    @property
+    def agent_deadline(self) -> float:
+        """Seconds of silence after which an agent is lost: the deadline the agents are told to
+        keep for ours (runtime.heartbeat_interval x heartbeat_misses), never less than
+        AGENT_MISSES of our own beats."""
+        return max(AGENT_HEARTBEAT * AGENT_MISSES, self.heartbeat_deadline)
 
     def check_hosts(self) -> None:
         """Every agent that runs workers shows a sign of life after now, within its deadline."""
@@ -208,7 +213,7 @@ class AgentsLauncher(Launcher):
             silent = [a for a in busy if self.agents[a].last_seen <= t0 and not self.agents[a].lost]
             if not silent:
                 return
-            if time.monotonic() - t0 > AGENT_HEARTBEAT * AGENT_MISSES:
+            if time.monotonic() - t0 > self.agent_deadline:
                 self._check_agents()
                 return
 

@@ -505,3 +505,50 @@ def test_an_agent_is_judged_on_the_configured_heartbeat_deadline():
     launcher.agents["a"].last_seen = time.monotonic() - 8.5
     with pytest.raises(HostLost, match="agent a .* lost: no heartbeat for 8.5 s"):
         launcher._check_agents()
+
+
+def test_an_agent_without_keys_says_so_and_stays_on_loopback(tmp_path):
+    """Issue 18.2: without --keys an agent trusts whatever answers at --join. It says so in one
+    line at start, and refuses to bind its workers off loopback unless --insecure is given."""
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "agent", "--join", f"tcp://127.0.0.1:{free_port()}",
+                          "--name", "a", "--wait", "1"], env=env_with_repo(), capture_output=True, text=True, timeout=30)
+    assert "does not authenticate the coordinator" in out.stderr.splitlines()[0]
+    addrs = [a.address for nic in psutil.net_if_addrs().values() for a in nic
+             if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    if not addrs:
+        pytest.skip("this host has no address off loopback to try")
+    addr = addrs[0]
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "agent", "--join", "tcp://127.0.0.1:5", "--name", "a",
+                          "--bind", addr, "--wait", "1"], env=env_with_repo(), capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "--insecure" in out.stderr, out.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_an_agent_caps_the_workers_it_runs():
+    """Issue 18.2: a fake head sent 100 LAUNCH messages and got 100 workers. --max-workers caps
+    them; the launch past the cap is refused with a reason."""
+    head = FakeHead()
+    agent = _agent(head.port, "--max-workers", "2")
+    try:
+        ident, _ = head.recv()
+        head.send(ident, head.P.AGENT_WELCOME, heartbeat_interval=0.5, deadline=5.0)
+        for i in range(3):
+            head.send(ident, head.P.LAUNCH, name=f"layer{i}", role="layer", index=i,
+                      control=f"tcp://127.0.0.1:{free_port()}", blas_threads=1, start_timeout=30.0,
+                      server_key="", secret_key="")
+        answers = {}
+        while len(answers) < 3:
+            _, msg = head.recv()
+            if msg.kind in (head.P.STARTED, head.P.LAUNCH_FAILED):
+                answers[msg.fields["name"]] = msg
+        assert [answers[f"layer{i}"].kind for i in range(3)] == [head.P.STARTED, head.P.STARTED,
+                                                                   head.P.LAUNCH_FAILED]
+        assert "--max-workers 2" in answers["layer2"].fields["error"]
+    finally:
+        agent.kill()
+        agent.wait()
+        head.close()

@@ -114,7 +114,8 @@ def _start_agents(lab: Lab, names: list[str], port: int, log_dir: Path) -> None:
     for i, name in enumerate(names):
         log = open(log_dir / f"agent-{name}.log", "wb")
         lab.run_in(i, [sys.executable, "-m", "asyncdni.cli", "agent", "--join", f"tcp://{lab.bridge_ip}:{port}",
-                       "--name", name, "--bind", lab.addresses[i], "--wait", str(int(AGENT_WAIT))],
+                       "--name", name, "--bind", lab.addresses[i], "--wait", str(int(AGENT_WAIT)),
+                       "--insecure"],          # the lab's own namespaces, and the run says --insecure too
                    stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
