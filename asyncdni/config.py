@@ -467,6 +467,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError("runtime.listen: the agents launcher needs ADDR:PORT to wait for agents on (--listen)")
         if not r.hosts:
             raise ConfigError("runtime.hosts: the agents launcher needs the agent name of every worker (--hosts)")
+        from asyncdni.wire.security import KeyError_, check_agent_name
+        for i, name in enumerate(r.hosts):
+            try:
+                check_agent_name(name, f"runtime.hosts[{i}]")
+            except KeyError_ as e:       # a name no agent can take (agent --name refuses it)
+                raise ConfigError(str(e)) from None
     if r.listen:
         host, sep, port = r.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:

@@ -63,10 +63,13 @@ class AgentConfig:
 
 
 def _check(cfg: AgentConfig) -> None:
-    if not cfg.join.startswith("tcp://") or ":" not in cfg.join[6:]:
-        raise AgentError(f"--join {cfg.join!r}: expected tcp://HOST:PORT")
-    if not cfg.name or not all(c.isalnum() or c in "-_." for c in cfg.name):
-        raise AgentError(f"--name {cfg.name!r}: use letters, digits, '-', '_' and '.'")
+    host, _, port = cfg.join[6:].rpartition(":") if cfg.join.startswith("tcp://") else ("", "", "")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in cfg.join):
+        raise AgentError(f"--join {cfg.join[:80]!r}: expected tcp://HOST:PORT (a port 1-65535, no spaces)")
+    try:
+        security.check_agent_name(cfg.name, "--name")
+    except security.KeyError_ as e:
+        raise AgentError(str(e)) from None
     if not cfg.bind:
         raise AgentError("--bind: must not be empty")
     if not 0 < cfg.wait <= 86400:
@@ -100,7 +103,13 @@ class Agent:
         from asyncdni.launch.local import LocalLauncher
         self._tmp = None if cfg.log_dir else tempfile.mkdtemp(prefix=f"asyncdni-agent-{cfg.name}-")
         log_dir = Path(cfg.log_dir or self._tmp)
-        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            probe = log_dir / f".asyncdni-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise AgentError(f"--log-dir {log_dir}: not a writable directory ({e.strerror or e})") from None
         self.workers = LocalLauncher(log_dir)          # children die with this agent (PDEATHSIG)
         self.reported: set[str] = set()                # exits already reported
         if not cfg.keys:

@@ -552,3 +552,33 @@ def test_an_agent_caps_the_workers_it_runs():
         agent.kill()
         agent.wait()
         head.close()
+
+
+@pytest.mark.parametrize("args, want", [
+    (["agent", "--join", "tcp://:", "--name", "a"], "expected tcp://HOST:PORT"),
+    (["agent", "--join", "tcp://127.0.0.1:abc", "--name", "a"], "expected tcp://HOST:PORT"),
+    (["agent", "--join", "tcp://127.0.0.1 :5555", "--name", "a"], "no spaces"),
+    (["agent", "--join", "tcp://127.0.0.1:5", "--name", "n" * 300], "1 to 64 letters"),
+    (["keys", "KEYDIR", "x" * 300], "1 to 64 letters"),
+    (["keys", "KEYDIR", "coordinator"], "the coordinator's own"),
+    (["keys", "KEYDIR", "a", "a"], "given twice"),
+    (["train", "--launcher", "agents", "--listen", "127.0.0.1:5", "--hosts", "a,b/../x,a,a,a"], "runtime.hosts[1]"),
+])
+def test_bad_agent_and_key_input_is_one_line_and_writes_nothing(tmp_path, args, want):
+    """Issue 18.9: these gave tracebacks or wrote keys (a second 'a', or a 'coordinator' agent
+    that would hold the coordinator's secret key)."""
+    args = [str(tmp_path / "keys") if a == "KEYDIR" else a for a in args]
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", *args], env=env_with_repo(), capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and want in err, err
+    assert not (tmp_path / "keys").exists()
+
+
+def test_agent_log_dir_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    out = subprocess.run([sys.executable, "-m", "asyncdni.cli", "agent", "--join", "tcp://127.0.0.1:5", "--name", "a",
+                          "--log-dir", str(f)], env=env_with_repo(), capture_output=True, text=True, timeout=30)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and "Traceback" not in err and "--log-dir" in err.splitlines()[-1], err

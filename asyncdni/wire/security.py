@@ -72,10 +72,32 @@ def valid_public_key(key) -> bool:
 
 
 # ------------------------------------------------------------------ key files
+MAX_NAME = 64                  # characters in an agent (and key) name
+
+
+def check_agent_name(name, what: str = "agent name") -> None:
+    """An agent's name: also a file name (NAME.key) and a ZeroMQ identity, so letters, digits,
+    '-', '_' and '.', not starting with '.', at most MAX_NAME characters."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or name.startswith(".") \
+            or not all(c.isalnum() or c in "-_." for c in name):
+        shown = name if isinstance(name, str) and len(name) <= MAX_NAME else f"{str(name)[:20]}... ({len(str(name))} characters)"
+        raise KeyError_(f"{what} {shown!r}: use 1 to {MAX_NAME} letters, digits, '-', '_' and '.' "
+                        f"(not starting with '.')")
+
+
 def make_keys(directory: str | os.PathLike, names: list[str]) -> list[Path]:
     """``asyncdni keys DIR [NAME ...]``: the coordinator's key pair plus one per name.
     Existing files are never overwritten."""
     d = Path(directory)
+    # every name is checked before anything is written: a bad one leaves no keys behind
+    for name in names:
+        check_agent_name(name, "key name")
+        if name == COORDINATOR:
+            raise KeyError_(f"key name {name!r} is the coordinator's own; an agent of that name would hold "
+                            f"the coordinator's secret key")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise KeyError_(f"key name {dup[0]!r} given twice")
     try:
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
@@ -83,8 +105,6 @@ def make_keys(directory: str | os.PathLike, names: list[str]) -> list[Path]:
         raise KeyError_(f"cannot create key directory {d}: {e.strerror or e}") from None
     made = []
     for name in [COORDINATOR, *names]:
-        if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-            raise KeyError_(f"key name {name!r}: use letters, digits, '-', '_' and '.'")
         if (d / f"{name}.key_secret").exists() or (d / f"{name}.key").exists():
             raise KeyError_(f"{d / name}.key already exists; remove it first or choose another directory")
     for name in [COORDINATOR, *names]:
