@@ -27,3 +27,13 @@ def open_regular(path):
         os.close(fd)
         raise NotRegularFile(path, stat.S_ISDIR(mode))
     return os.fdopen(fd, "rb")
+
+
+def make_writable_dir(directory) -> None:
+    """Create ``directory`` (and its parents) if needed and prove it writable by writing and
+    removing a probe file, before a run depends on it. Raises OSError."""
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".asyncdni-probe-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    os.unlink(probe)

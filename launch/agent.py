@@ -26,6 +26,7 @@ from pathlib import Path
 
 import zmq
 
+from asyncdni import files
 from asyncdni.wire import protocol as P
 from asyncdni.wire import security
 from asyncdni.wire import transport
@@ -104,10 +105,7 @@ class Agent:
         self._tmp = None if cfg.log_dir else tempfile.mkdtemp(prefix=f"asyncdni-agent-{cfg.name}-")
         log_dir = Path(cfg.log_dir or self._tmp)
         try:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            probe = log_dir / f".asyncdni-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            files.make_writable_dir(log_dir)
         except OSError as e:
             raise AgentError(f"--log-dir {log_dir}: not a writable directory ({e.strerror or e})") from None
         self.workers = LocalLauncher(log_dir)          # children die with this agent (PDEATHSIG)

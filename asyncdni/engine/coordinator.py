@@ -10,7 +10,6 @@ A worker that exits, reports an error, or stays silent for
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import tempfile
@@ -26,6 +25,7 @@ from asyncdni.wire import protocol as P
 from asyncdni.wire import security
 from asyncdni.wire import transport
 from asyncdni import config as C
+from asyncdni import files
 from asyncdni.config import RunConfig
 from asyncdni.engine.spec import NodeAddress, ResumePoint, RunSpec
 from asyncdni.engine.plan import Plan, load_datasets, make_plan
@@ -519,10 +519,7 @@ def prepare_checkpoint_dir(cfg: RunConfig) -> None:
         raise CK.CheckpointError(f"checkpoint directory {root} already holds checkpoints; continue them with "
                                  f"--resume {root}, or choose an empty directory")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".asyncdni-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        files.make_writable_dir(root)
     except OSError as e:
         raise CK.CheckpointError(f"checkpoint directory {root} is not writable: {e.strerror or e}") from None
 
