@@ -35,6 +35,7 @@ AGENT_HEARTBEAT = 0.25        # seconds between agent <-> coordinator heartbeats
 JOIN_RETRY = 1.0              # seconds between AGENT_HELLOs while joining
 TAIL_BYTES = 4096             # log tail sent with an exit report
 MAX_WORKERS = 16              # workers one agent runs at once by default (--max-workers)
+SEND_TIMEOUT_MS = 200         # a send to the coordinator gives up after this (the loop goes on)
 DRAIN_LIMIT = 256             # messages handled per loop turn (heartbeats always get their turn)
 # the largest values a coordinator may hand an agent: beyond them a head (or something
 # posing as one) could keep the agent, or its workers, alive long after it is gone
@@ -122,6 +123,9 @@ class Agent:
         ctx = zmq.Context()
         sock = transport.connect(ctx, zmq.DEALER, self.cfg.join, identity=self.cfg.name.encode(),
                                  curve=(self.keys, self.server_key) if self.keys else None)
+        # a DEALER with no connected peer blocks in send: after a failed CURVE handshake libzmq
+        # drops the connection, and a blocking HELLO would outlast --wait. Sends time out instead.
+        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         try:
             return self._run(sock)
         finally:
@@ -146,7 +150,8 @@ class Agent:
             now = time.monotonic()
             if now - t0 > self.cfg.wait:
                 raise AgentError(f"no answer from a coordinator at {self.cfg.join} within {self.cfg.wait:.0f} s"
-                                 + ("" if self.keys else " (if it uses CURVE, pass --keys DIR)"))
+                                 + (" (a key mismatch? with --keys, the coordinator must use the same key "
+                                    "directory and CURVE)" if self.keys else " (if it uses CURVE, pass --keys DIR)"))
             if now >= next_hello:
                 self._send(sock, P.AGENT_HELLO, **hello)
                 next_hello = now + JOIN_RETRY

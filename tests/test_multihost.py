@@ -582,3 +582,26 @@ def test_agent_log_dir_that_is_a_file_is_one_line(tmp_path):
                           "--log-dir", str(f)], env=env_with_repo(), capture_output=True, text=True, timeout=30)
     err = out.stderr.strip()
     assert out.returncode == 2 and "Traceback" not in err and "--log-dir" in err.splitlines()[-1], err
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_an_agent_with_keys_against_a_plain_head_honours_wait(tmp_path):
+    """Issue 18.5: the CURVE handshake fails, libzmq drops the connection, and the agent's
+    blocking HELLO never returned: still running at 40 s with --wait 5. Now it gives up at
+    --wait, in one line that names the likely cause."""
+    keys = make_keys(tmp_path, "h1")
+    head = FakeHead()                                     # plain TCP: no CURVE
+    t0 = time.monotonic()
+    agent = _agent(head.port, "--keys", keys, "--wait", "2")
+    try:
+        _, err = agent.communicate(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        head.close()
+    assert agent.returncode == 1 and time.monotonic() - t0 < 15
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "within 2 s" in last and "key mismatch" in last, err
