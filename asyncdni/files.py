@@ -37,3 +37,53 @@ def make_writable_dir(directory) -> None:
     with open(probe, "wb"):
         pass
     os.unlink(probe)
+
+
+def private_tempdir(kind: str) -> str:
+    """A new private directory ``asyncdni-KIND-PID-XXXX`` in the system's temporary directory.
+    The owner's pid in the name lets the next one clean up after a process that could not
+    (SIGKILL, power loss): the ``asyncdni-KIND-PID-*`` of this user whose process is gone are
+    removed first."""
+    import tempfile
+    remove_stale_tempdirs(kind)
+    return tempfile.mkdtemp(prefix=f"asyncdni-{kind}-{os.getpid()}-")
+
+
+def remove_stale_tempdirs(kind: str | None = None) -> list[str]:
+    """Remove this user's ``asyncdni-KIND-PID-XXXX`` directories (any kind when ``kind`` is None)
+    whose process is gone; returns their paths."""
+    import re
+    import shutil
+    import tempfile
+    base = tempfile.gettempdir()
+    # KIND, then exactly PID-SUFFIX (mkdtemp's suffix has no '-'), so that agent "h" never
+    # takes agent "h-1"'s directory for its own
+    pattern = re.compile(r"asyncdni-(%s)-(\d+)-[A-Za-z0-9_]+" % (re.escape(kind) if kind else r"run|logs|agent-.+"))
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if not m:
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not _alive(int(m.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import socket as _socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +102,7 @@ class Agent:
                 self.keys = security.load_secret(cfg.keys, "agent")
             self.server_key = security.load_public(cfg.keys, security.COORDINATOR)
         from asyncdni.launch.local import LocalLauncher
-        self._tmp = None if cfg.log_dir else tempfile.mkdtemp(prefix=f"asyncdni-agent-{cfg.name}-")
+        self._tmp = None if cfg.log_dir else files.private_tempdir(f"agent-{cfg.name}")
         log_dir = Path(cfg.log_dir or self._tmp)
         try:
             files.make_writable_dir(log_dir)

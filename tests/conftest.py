@@ -87,3 +87,14 @@ def env_with_repo():
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_tempdirs():
+    """Tests that SIGKILL a coordinator or an agent on purpose leave its private temporary
+    directory behind (a killed process cannot clean up; the next one of its kind does). At the
+    end of the session every such directory whose process is gone is removed, so the suite
+    leaves nothing in the temporary directory."""
+    yield
+    from asyncdni import files
+    files.remove_stale_tempdirs()

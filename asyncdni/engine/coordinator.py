@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +124,7 @@ class Coordinator:
         self.plan = make_plan(cfg, train)
         self.on_progress = on_progress
         self._own_dir = run_dir is None
-        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="asyncdni-"))
+        self.run_dir = Path(run_dir or files.private_tempdir("run"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if launcher is None:
             from asyncdni.launch.registry import make_launcher
@@ -552,7 +551,7 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
     logs = None
     if own:
         from asyncdni.launch.registry import make_launcher
-        logs = tempfile.mkdtemp(prefix="asyncdni-logs-")
+        logs = files.private_tempdir("logs")
         kw["launcher"] = make_launcher(cfg, logs)
     try:
         return _attempts(cfg, kw, log, resume, restarts, first_resume, lineage)
