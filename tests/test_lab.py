@@ -403,22 +403,28 @@ def _bench_prefix_subnet(tag: str, tmp_path, salt: int):
     raise AssertionError("no free 10.78.x.0/24 subnet")
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(240)
-def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_leftover_processes, capsys):
-    from asyncdni import schedules as S
-    prefix, subnet = _bench_prefix_subnet("b", tmp_path, 97)
+def _bench_lab(tmp_path, capsys, letter: str, start: int, *args):
+    """``asyncdni bench --lab ARGS`` on a lab of its own, taken down whatever happens; returns
+    the JSON report's lab section and what was printed. Nothing of the lab may be left."""
+    prefix, subnet = _bench_prefix_subnet(letter, tmp_path, start)
     out = tmp_path / "lab.json"
-    try:                                   # no --schedules: every schedule of the table
-        code = cli.main(["bench", "--lab", "--links", "100mbit:3", "--layers", "2", "--width", "16", "--steps", "30",
-                         "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out),
-                         "--csv", str(tmp_path / "lab.csv")])
+    try:
+        code = cli.main(["bench", "--lab", *args, "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out)])
         printed = capsys.readouterr()
         assert code == 0, printed.err
     finally:
         L.down(prefix)
     assert _names(prefix) == {"links": [], "netns": []}
-    res = json.loads(out.read_text())["lab"]
+    return json.loads(out.read_text())["lab"], printed
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_leftover_processes, capsys):
+    from asyncdni import schedules as S
+    # no --schedules: every schedule of the table
+    res, printed = _bench_lab(tmp_path, capsys, "b", 97, "--links", "100mbit:3", "--layers", "2", "--width", "16",
+                              "--steps", "30", "--csv", str(tmp_path / "lab.csv"))
     assert [row["link"] for row in res["links"]] == ["100mbit/3ms"]
     for row in res["links"]:
         assert set(row["runs"]) == set(S.TABLE)
@@ -437,18 +443,9 @@ def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_le
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_bench_lab_repeats_and_windows(needs_lab, tmp_path, no_leftover_processes, capsys):
-    prefix, subnet = _bench_prefix_subnet("w", tmp_path, 151)
-    out = tmp_path / "lab.json"
-    try:
-        code = cli.main(["bench", "--lab", "--links", "unshaped:2", "--schedules", "async", "--windows", "1,6",
-                         "--repeats", "2", "--layers", "3", "--width", "16", "--steps", "40",
-                         "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out)])
-        printed = capsys.readouterr()
-        assert code == 0, printed.err
-    finally:
-        L.down(prefix)
-    assert _names(prefix) == {"links": [], "netns": []}
-    runs = json.loads(out.read_text())["lab"]["links"][0]["runs"]
+    res, printed = _bench_lab(tmp_path, capsys, "w", 151, "--links", "unshaped:2", "--schedules", "async",
+                              "--windows", "1,6", "--repeats", "2", "--layers", "3", "--width", "16", "--steps", "40")
+    runs = res["links"][0]["runs"]
     assert list(runs) == ["async w1", "async w6"]
     for w, r in ((1, runs["async w1"]), (6, runs["async w6"])):
         assert r["repeats"] == 2 and len(r["runs"]) == 2 and r["windows_used"] == [w]
@@ -647,17 +644,8 @@ def test_bench_lab_runs_torch_stages_one_host_each(needs_lab, tmp_path, no_lefto
     """--model over emulated links: the lab gets one namespace host per torch stage (three for
     a cnn-like split of the zoo mlp), and the stages train across them."""
     pytest.importorskip("torch")
-    prefix, subnet = _bench_prefix_subnet("t", tmp_path, 96)
-    out = tmp_path / "lab.json"
-    try:
-        code = cli.main(["bench", "--lab", "--links", "unshaped:0", "--model", "mlp", "--split", "3", "--steps", "30",
-                         "--schedules", "async", "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out)])
-        printed = capsys.readouterr()
-        assert code == 0, printed.err
-    finally:
-        L.down(prefix)
-    assert _names(prefix) == {"links": [], "netns": []}
-    res = json.loads(out.read_text())["lab"]
+    res, _ = _bench_lab(tmp_path, capsys, "t", 96, "--links", "unshaped:0", "--model", "mlp", "--split", "3",
+                        "--steps", "30", "--schedules", "async")
     assert res["layers"] == 3
     run = res["links"][0]["runs"]["async"]
     assert run["samples_per_s"] > 0 and len(run["per_layer"]) == 3
