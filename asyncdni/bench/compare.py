@@ -38,22 +38,24 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def flops_per_sample(plan, schedule: str) -> float:
-    """Arithmetic of one training sample under a schedule (multiply-adds count 2)."""
+def flops_per_sample(plan, schedule: str, nodes=None) -> float:
+    """Arithmetic of one training sample under a schedule (multiply-adds count 2). ``nodes``:
+    the plan's nodes if already built (a torch stage builds its model and counts its FLOPs)."""
     total = 0
     B = plan.batch_size
     s = INPROCESS_ROWS[schedule][0] if schedule in INPROCESS_ROWS else schedule
-    for spec in plan.specs:
-        total += make_node(spec).flops_per_batch(B, s)
+    for node in nodes or [make_node(spec) for spec in plan.specs]:
+        total += node.flops_per_batch(B, s)
     return total / B
 
 
-def flops_parts(plan, schedule: str) -> list[dict]:
+def flops_parts(plan, schedule: str, nodes=None) -> list[dict]:
     """Per layer, the FLOPs per sample by part (the node's ``flops_parts``: analytic for numpy
     layers, counted once by torch's FlopCounterMode for torch stages)."""
     B = plan.batch_size
     s = INPROCESS_ROWS[schedule][0] if schedule in INPROCESS_ROWS else schedule
-    return [{k: v / B for k, v in make_node(spec).flops_parts(B, s).items()} for spec in plan.specs]
+    return [{k: v / B for k, v in node.flops_parts(B, s).items()}
+            for node in nodes or [make_node(spec) for spec in plan.specs]]
 
 
 def default_eval_every(steps: int) -> int:
@@ -228,7 +230,8 @@ def analyse(cfg, plan, runs: dict) -> dict:
     n_cores = cores()
     K = plan.n_layers
     M = cfg.train.microbatches
-    flops = {s: flops_per_sample(plan, s) for s in runs}
+    nodes = [make_node(spec) for spec in plan.specs]      # once: every row's FLOPs read them
+    flops = {s: flops_per_sample(plan, s, nodes) for s in runs}
     target = cfg.train.target_accuracy or None
     target_auto = target is None
     if target_auto and plan.task != "regression":      # a regression has no accuracy to reach
@@ -240,7 +243,7 @@ def analyse(cfg, plan, runs: dict) -> dict:
     out = {"machine": {"cores": n_cores}, "task": plan.task, "layers": K, "widths": list(plan.widths),
            "batch_size": plan.batch_size, "steps": plan.steps, "samples": plan.steps * plan.batch_size,
            "target_accuracy": target, "target_auto": target_auto, "runs": runs, "flops_per_sample": flops,
-           "flops_parts": {s: flops_parts(plan, s) for s in runs},
+           "flops_parts": {s: flops_parts(plan, s, nodes) for s in runs},
            "torch": cfg.model.model or None, "shapes": [list(plan.in_shape)] + [list(sp.out_shape) for sp in plan.specs]
            if cfg.model.model else None}
     # measured compute of each layer in the sequential run: the balance of the pipeline
