@@ -38,8 +38,6 @@ def configure(config_file: str | None = None, fields: dict | None = None, **keyw
     """A checked RunConfig from an optional TOML file, a ``{dotted: value}`` mapping and keywords."""
     overrides = {field_of(k): v for k, v in (fields or {}).items()}
     overrides.update({field_of(k): v for k, v in keywords.items()})
-    if "data.path" in overrides and "data.dataset" not in overrides:
-        overrides["data.dataset"] = "idx"
     overrides.setdefault("runtime.progress", False)
     return C.build(config_file, overrides)
 

@@ -13,6 +13,13 @@ def test_keywords_name_fields():
     assert api.field_of("data_path") == "data.path" and api.field_of("train.seed") == "train.seed"
 
 
+def test_a_data_path_names_its_kind_by_suffix():
+    """As on the command line: an .npz, .npy or .csv path is that format, anything else IDX."""
+    assert api.configure(data_path="d/x.npz").data.dataset == "npz"
+    assert api.configure(data_path="d/table.CSV").data.dataset == "csv"
+    assert api.configure(data_path="../shared/data/mnist").data.dataset == "idx"
+
+
 def test_ambiguous_or_unknown_keywords_are_one_clear_error():
     with pytest.raises(C.ConfigError, match="seed: several fields"):
         api.configure(seed=1)
