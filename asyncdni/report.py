@@ -31,6 +31,21 @@ def _mean(a) -> float:
     return float(a.mean()) if a.size else float("nan")
 
 
+def plan_shapes(plan) -> list | None:
+    """Torch stages: the per-sample shapes from the input through every stage's output; None
+    for the numpy MLP, whose widths say it."""
+    if plan.specs[0].backend != "torch":
+        return None
+    return [list(plan.in_shape)] + [list(sp.out_shape) for sp in plan.specs]
+
+
+def network_label(layers: int, widths, shapes) -> str:
+    """'3 torch stages 1x28x28 -> 32x14x14 -> ..' or '4 layers 784-256-..-10'."""
+    if shapes:
+        return f"{layers} torch stages {' -> '.join('x'.join(map(str, sh)) for sh in shapes)}"
+    return f"{layers} layers {'-'.join(map(str, widths))}"
+
+
 def run_summary(result) -> dict:
     """Plain-data summary of one run (what the JSON report holds, minus the config)."""
     loss = result.series["loss"]
@@ -59,8 +74,7 @@ def run_summary(result) -> dict:
     return {
         "schedule": result.config.train.schedule, "task": result.plan.task,
         "layers": result.plan.n_layers, "widths": list(result.plan.widths),
-        "shapes": ([list(result.plan.in_shape)] + [list(sp.out_shape) for sp in result.plan.specs]
-                   if result.plan.specs[0].backend == "torch" else None),
+        "shapes": plan_shapes(result.plan),
         "steps": result.plan.steps, "batch_size": result.plan.batch_size,
         "samples": result.feeder["samples"],
         "train_time_s": train_time, "wall_s": result.wall,
@@ -150,9 +164,7 @@ def _merge_counts(dicts) -> dict:
 def format_summary(summary: dict) -> str:
     s = summary
     lines = []
-    shapes = s.get("shapes")
-    net = (f"{s['layers']} torch stages {' -> '.join('x'.join(map(str, sh)) for sh in shapes)}" if shapes
-           else f"{s['layers']} layers {'-'.join(map(str, s['widths']))}")
+    net = network_label(s["layers"], s["widths"], s.get("shapes"))
     lines.append(f"schedule {s['schedule']}: {net}, {s['steps']} steps of {s['batch_size']}")
     if s.get("in_force"):
         lines.append(format_settings(s))

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from asyncdni import config as C
+from asyncdni import report
 from asyncdni.engine import coordinator
 from asyncdni.engine import reference
 from asyncdni import schedules as S
@@ -179,7 +180,6 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
     ``eval_every``: test-set evaluations (off the clock) every so many steps; None: the
     config's ``train.eval_every``, or :func:`default_eval_every` where that is 0, so that
     every row has an accuracy curve and a time to the target accuracy; 0: at the end only."""
-    from asyncdni import report
     # one bench runs several schedules on the same config: checkpoints, resume and restarts
     # would mix their files in one directory, and are not what is being measured
     cfg = C.replace(cfg, **{"runtime.checkpoint_every": 0, "runtime.checkpoint_dir": "", "runtime.resume": "",
@@ -244,8 +244,7 @@ def analyse(cfg, plan, runs: dict) -> dict:
            "batch_size": plan.batch_size, "steps": plan.steps, "samples": plan.steps * plan.batch_size,
            "target_accuracy": target, "target_auto": target_auto, "runs": runs, "flops_per_sample": flops,
            "flops_parts": {s: flops_parts(plan, s, nodes) for s in runs},
-           "torch": cfg.model.model or None, "shapes": [list(plan.in_shape)] + [list(sp.out_shape) for sp in plan.specs]
-           if cfg.model.model else None}
+           "torch": cfg.model.model or None, "shapes": report.plan_shapes(plan)}
     # measured compute of each layer in the sequential run: the balance of the pipeline
     bound = float(min(K, n_cores))
     if "sequential" in runs and runs["sequential"]["per_layer"]:
@@ -360,8 +359,8 @@ def format_peers(res: dict) -> list[str]:
 def format_bench(res: dict) -> str:
     runs = res["runs"]
     regression = res.get("task") == "regression"          # its column: test R² (higher is better, as accuracy)
-    net = (f"{res['torch']}, {res['layers']} torch stages {' -> '.join('x'.join(map(str, sh)) for sh in res['shapes'])}"
-           if res.get("torch") else f"{res['layers']} layers {'-'.join(map(str, res['widths']))}")
+    net = report.network_label(res["layers"], res["widths"], res.get("shapes"))
+    net = f"{res['torch']}, {net}" if res.get("torch") else net
     lines = [f"bench: {net}, batch {res['batch_size']}, "
              f"{res['steps']} steps ({res['samples']} samples), {res['machine']['cores']} cores"
              + (f", test {'RMSE and R²' if regression else 'accuracy'} every {res['eval_every']} steps (off the clock)"
@@ -425,8 +424,7 @@ def format_bench(res: dict) -> str:
                 lines.append(f"  {'':<{len(s)}}  {L['layer']:>5} {L['busy_s']:>7.2f} {L['wait_s']:>7.2f} {L['comm_s']:>7.2f}"
                              f" {100 * L['busy_fraction']:>5.1f}% {L['msgs_sent']:>6} {L['bytes_sent'] / 2**20:>9.1f}"
                              f" {L['cpu_percent']:>5.0f} {L['peak_rss_mb']:>7.1f}")
-            from asyncdni.report import layer_extras
-            extra = layer_extras(runs[s]["per_layer"], res.get("task"))
+            extra = report.layer_extras(runs[s]["per_layer"], res.get("task"))
             if extra:
                 lines += [f"  {'':<{len(s)}}  {x}" for x in extra]
     return "\n".join(lines)
