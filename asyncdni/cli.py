@@ -62,6 +62,7 @@ TRAIN_FLAGS = {
     "--blas-threads": ("runtime.blas_threads", dict(type=str, metavar="N", help="BLAS and torch threads per worker (default 1)")),
     "--device": ("runtime.device", dict(type=str, help="torch stages: cpu, cuda or cuda:N (default cpu)")),
     "--heartbeat-interval": ("runtime.heartbeat_interval", dict(type=str, metavar="S", help="seconds between heartbeats")),
+    "--stall-timeout": ("runtime.stall_timeout", dict(type=str, metavar="S", help="end (or restart) the run when no worker receives a data message for S seconds (default 0: auto, at least 15 s)")),
     "--checkpoint-every": ("runtime.checkpoint_every", dict(type=str, metavar="N", help="checkpoint every N steps")),
     "--checkpoint-dir": ("runtime.checkpoint_dir", dict(type=str, metavar="DIR", help="where checkpoints are written")),
     "--keep-checkpoints": ("runtime.keep_checkpoints", dict(type=str, metavar="N", help="complete checkpoints kept (default 3)")),

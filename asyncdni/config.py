@@ -139,6 +139,8 @@ class RuntimeConfig:
     heartbeat_interval: float = HEARTBEAT_INTERVAL   # seconds between heartbeats
     heartbeat_misses: int = HEARTBEAT_MISSES         # missed intervals before a peer is declared dead
     start_timeout: float = 60.0         # seconds for all workers to come up
+    stall_timeout: float = 0.0          # seconds with no data-plane message anywhere before the run is
+                                        # declared stalled (0: auto, see engine.coordinator.stall_limit)
     progress: bool = True               # progress bar on stderr
     checkpoint_every: int = 0           # steps between checkpoints (0: none)
     checkpoint_dir: str = ""            # where checkpoints go (every worker must see the same path)
@@ -477,6 +479,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         host, sep, port = r.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError(f"runtime.listen: {r.listen!r} is not ADDR:PORT")
+        if host.strip("[]") in ("0.0.0.0", "::", "*"):
+            raise ConfigError(f"runtime.listen: {host} listens on every address, but each worker is told this "
+                              f"address to connect back to, and cannot reach {host}; give an address of this "
+                              f"host that the agents reach (the one in their --join)")
     if r.ports:
         for i, p in enumerate(r.ports):
             if not 1 <= p <= 65535:
@@ -491,6 +497,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not (0 < r.heartbeat_interval <= 60):
         raise ConfigError(f"runtime.heartbeat_interval: must be between 0 and 60 seconds, got {r.heartbeat_interval}")
     _positive("runtime.heartbeat_misses", r.heartbeat_misses, 1)
+    if not (0 <= r.stall_timeout <= 86400):      # (NaN fails the comparison too)
+        raise ConfigError(f"runtime.stall_timeout: must be 0 (auto) or up to 86400 seconds, got {r.stall_timeout}")
     if not (0 < r.start_timeout <= 3600):
         raise ConfigError(f"runtime.start_timeout: must be between 0 and 3600 seconds, got {r.start_timeout}")
     _positive("runtime.checkpoint_every", r.checkpoint_every, 0)

@@ -67,6 +67,11 @@ def _check(cfg: AgentConfig) -> None:
     host, _, port = cfg.join[6:].rpartition(":") if cfg.join.startswith("tcp://") else ("", "", "")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in cfg.join):
         raise AgentError(f"--join {cfg.join[:80]!r}: expected tcp://HOST:PORT (a port 1-65535, no spaces)")
+    try:                              # a name that never resolves would wait out --wait, then blame keys
+        _socket.getaddrinfo(host.strip("[]"), int(port), type=_socket.SOCK_STREAM)
+    except (_socket.gaierror, UnicodeError) as e:
+        raise AgentError(f"--join {cfg.join[:80]}: cannot resolve {host[:64]!r} "
+                         f"({getattr(e, 'strerror', None) or e})") from None
     try:
         security.check_agent_name(cfg.name, "--name")
     except security.KeyError_ as e:

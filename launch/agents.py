@@ -36,6 +36,7 @@ class AgentInfo:
     pid: int
     last_seen: float
     lost: bool = False
+    peer: str = ""                # the address its connection to us comes from ("" if unknown)
 
 
 @dataclass
@@ -148,11 +149,11 @@ class AgentsLauncher(Launcher):
                 if self.agent_keys is not None and frames[1].get("User-Id") != self.agent_keys.get(name):
                     self.impostors += 1          # another agent's key under this name: ignored
                 else:
-                    self._handle(name, frames[1:])
+                    self._handle(name, frames[1:], _peer_address(frames[1]))
             if not self.sock.poll(0):
                 break
 
-    def _handle(self, name: str, frames) -> None:
+    def _handle(self, name: str, frames, peer: str = "") -> None:
         try:
             msg = P.decode(frames)
         except P.ProtocolError:
@@ -165,7 +166,7 @@ class AgentsLauncher(Launcher):
                 return
             if a is not None and not a.lost and a.pid != f["pid"]:
                 return                 # a second agent under a name already taken: ignored
-            self.agents[name] = AgentInfo(name, f["bind"], f["host"], f["pid"], now)
+            self.agents[name] = AgentInfo(name, f["bind"], f["host"], f["pid"], now, peer=peer)
             self._send(name, P.AGENT_WELCOME, heartbeat_interval=AGENT_HEARTBEAT,
                        deadline=float(self.heartbeat_deadline))
             return
@@ -237,12 +238,28 @@ class AgentsLauncher(Launcher):
                 raise HostLost(f"agent {a.name} ({a.bind}) was lost earlier in this run")
             waiting = [n for n in need if n not in self.agents]
             if not waiting:
+                self._check_binds(need)
                 return
             if time.monotonic() > deadline:
                 raise LaunchError(f"start-up timed out after {timeout:.0f} s: no agent named "
                                   f"{', '.join(waiting)} joined at {self.endpoint} "
                                   f"(start it there with: asyncdni agent --join {self.endpoint} "
                                   f"--name {waiting[0]} --bind ADDR)")
+
+    def _check_binds(self, need: list[str]) -> None:
+        """Workers on one host must reach those on another: refuse, in one line, an agent whose
+        workers bind loopback or a wildcard address when the run's agents are on different
+        hosts (they connect from different addresses, or name different machines)."""
+        agents = [self.agents[n] for n in need]
+        peers = {a.peer for a in agents if a.peer}
+        if len(peers) < 2 and len({a.host for a in agents}) < 2:
+            return                     # one host: loopback reaches every worker
+        for a in agents:
+            if security.is_loopback(a.bind) or a.bind.strip("[]") in ("0.0.0.0", "::", "*"):
+                others = ", ".join(f"{b.name} ({b.peer or b.host})" for b in agents if b is not a)
+                raise LaunchError(f"agent {a.name} (connecting from {a.peer or a.host}) has its workers bind to "
+                                  f"{a.bind}, which the workers on the other hosts ({others}) cannot reach; "
+                                  f"restart it with --bind ADDR, an address of its host that they can reach")
 
     def bind_host(self, name: str, default: str) -> str:
         return self.agents[self.placements[name]].bind
@@ -339,3 +356,11 @@ class AgentsLauncher(Launcher):
                     self._send(a.name, P.RELEASE, reason="run over")
             self.sock.setsockopt(zmq.LINGER, 1000)     # let the releases leave
             self._close_socket()
+
+
+def _peer_address(frame) -> str:
+    """The address a message's connection comes from (libzmq's Peer-Address), or ""."""
+    try:
+        return frame.get("Peer-Address") or ""
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return ""

@@ -488,3 +488,86 @@ def test_forged_ack_to_the_feeder_is_counted_not_obeyed():
 def test_pipeline_reports_steps_not_micro_steps():
     res = coordinator.run(cfg_of(**{"train.schedule": "pipeline", "train.microbatches": 3, "train.steps": 30}))
     assert all(L["steps"] == 30 and L["updates"] == 30 for L in res.layers)
+
+
+# ------------------------------------------------------------------ the data plane stalls
+class RelayedInbox:
+    """A route that puts a fresh loopback relay (asyncdni.lab.relay, no delay) in front of
+    layer 2's forward inbox at each attempt, so that a test can kill the relay mid-run: the
+    data plane breaks while every worker still answers the coordinator."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def __call__(self, peers):
+        target = peers[2]["fwd"][len("tcp://"):]
+        p = subprocess.Popen([sys.executable, "-m", "asyncdni.lab.relay", "--listen", "127.0.0.1:0",
+                              "--target", target, "--delay-ms", "0", "--parent-pid", str(os.getpid())],
+                             stdout=subprocess.PIPE, env=env_with_repo())
+        self.procs.append(p)
+        listen = json.loads(p.stdout.readline())["listen"]
+        p.stdout.close()
+        out = [dict(x) for x in peers]
+        out[2]["fwd"] = f"tcp://{listen}"
+        return out
+
+    def kill_first_at(self, c, step, box):
+        if box:
+            return                      # only the first attempt is sabotaged
+
+        def killer():
+            while c.progress_done < step:
+                time.sleep(0.005)
+            box["t"] = time.monotonic()
+            self.procs[0].kill()
+        box["armed"] = True
+        threading.Thread(target=killer, daemon=True).start()
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+
+
+def test_a_dead_relay_ends_the_run_in_one_line_naming_the_link():
+    """Before progress detection this run waited forever: the heartbeats stayed healthy."""
+    relay, box = RelayedInbox(), {}
+    cfg = cfg_of(**{"train.steps": 100000, "runtime.stall_timeout": 3.0})
+    try:
+        with pytest.raises(coordinator.Stalled) as exc:
+            coordinator.run(cfg, route=relay, on_started=lambda c: relay.kill_first_at(c, 50, box))
+    finally:
+        relay.close()
+    waited = time.monotonic() - box["t"]
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("data plane stalled: no worker received a data message for 3.")
+    assert "the first break is the forward link layer 1 (127.0.0.1) -> layer 2 (127.0.0.1)" in msg
+    assert "--max-restarts" in msg               # says how a run recovers from it
+    assert 3.0 < waited < 8.0
+
+
+def test_a_stall_is_replayed_from_the_last_checkpoint_under_max_restarts(tmp_path):
+    relay, box = RelayedInbox(), {}
+    cfg = cfg_of(**{"train.steps": 1500, "runtime.stall_timeout": 3.0, "runtime.checkpoint_every": 100,
+                    "runtime.checkpoint_dir": str(tmp_path), "runtime.max_restarts": 1})
+    try:
+        res = coordinator.run(cfg, route=relay, on_started=lambda c: relay.kill_first_at(c, 250, box))
+    finally:
+        relay.close()
+    (r,) = res.restarts
+    assert r["error"].startswith("data plane stalled") and r["resumed_from_step"] >= 200
+    assert res.feeder["completed"] == 1500 and all(L["updates"] == 1500 for L in res.layers)
+
+
+def test_stall_limit_is_the_flag_or_an_automatic_bound():
+    rt = config.build(overrides={"runtime.heartbeat_interval": 0.5}).runtime
+    assert coordinator.stall_limit(rt, 0.0) == coordinator.STALL_MIN
+    assert coordinator.stall_limit(rt, 2.0) == 40.0                  # 20 x the longest pause seen
+    assert coordinator.stall_limit(rt, 1e6) == coordinator.STALL_MAX_AUTO
+    slow = config.build(overrides={"runtime.heartbeat_interval": 5.0}).runtime
+    assert coordinator.stall_limit(slow, 0.0) == 4 * 5.0 * slow.heartbeat_misses
+    fixed = config.build(overrides={"runtime.stall_timeout": 7.5}).runtime
+    assert coordinator.stall_limit(fixed, 1e6) == 7.5
+    for bad in ("-1", "nan", "1e9"):
+        with pytest.raises(config.ConfigError, match="runtime.stall_timeout"):
+            config.build(overrides={"runtime.stall_timeout": bad})

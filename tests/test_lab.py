@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,6 +119,22 @@ def test_flags_are_validated_in_one_line():
     raises_one_line(L.LabError, lab.run_in, 0, ["true"], match_all=("not up",))
 
 
+def test_labs_aq_and_aq_dash_keep_separate_state(tmp_path):
+    """`lab down --prefix aq-` removed lab `aq`: both shared aq.json."""
+    assert L.state_path("aq", tmp_path) != L.state_path("aq-", tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lab up/down need root before they read --state-dir")
+@pytest.mark.parametrize("cmd", ["up", "down", "status"])
+def test_a_state_dir_that_is_a_file_is_one_line(tmp_path, capsys, cmd):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli.main(["lab", cmd, "--prefix", "zq-", "--state-dir", str(f)]) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a directory" in err and "Traceback" not in err, err
+    assert f.read_text() == "x" and _names("zq-") == {"links": [], "netns": []}
+
+
 def test_cli_refuses_without_root_and_bad_flags(monkeypatch, capsys):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     for argv in (["lab", "up"], ["lab", "down"], ["lab", "up", "--hosts", "3", "--rate", "1gbit"]):
@@ -151,6 +168,49 @@ def _start_relay(target: str, delay_ms: float, stats: Path, local: str | None = 
     line = L._read_line(p.stdout, time.monotonic() + 20)
     p.stdout.close()
     return p, json.loads(line)["listen"]
+
+
+def test_relay_bounds_its_connections_and_stops_at_once_on_sigterm(tmp_path, no_leftover_processes):
+    """Issue 18.8: 3,000 idle connections made 12,001 threads and SIGTERM took minutes; at the
+    usual 1,024-file limit the relay died with a traceback. Now: at most --max-connections
+    open, the rest closed at once and counted; out of descriptors it goes on."""
+    import resource
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(512)
+    stats = tmp_path / "st.json"
+    argv = [PY, "-m", "asyncdni.lab.relay", "--listen", "127.0.0.1:0", "--target",
+            f"127.0.0.1:{srv.getsockname()[1]}", "--delay-ms", "0", "--stats", str(stats),
+            "--max-connections", "8", "--parent-pid", str(os.getpid())]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_with_repo(),
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
+    clients = []
+    try:
+        host, port = parse_hostport(json.loads(L._read_line(p.stdout, time.monotonic() + 20))["listen"])
+        for _ in range(60):
+            clients.append(socket.create_connection((host, port), timeout=5))
+        time.sleep(1.0)
+        assert p.poll() is None                                # alive, under the file limit too
+        assert psutil.Process(p.pid).num_threads() <= 4 * 8 + 4
+        p.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (stats.exists() and json.loads(stats.read_text())["over_limit"]):
+            time.sleep(0.05)
+        st = json.loads(stats.read_text())
+        assert st["connections"] == 8 and st["over_limit"] >= 1
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        p.wait(10)
+        assert time.monotonic() - t0 < 3.0 and p.returncode == 0
+        assert b"Traceback" not in p.stderr.read()
+    finally:
+        for c in clients:
+            c.close()
+        srv.close()
+        p.kill()
+        p.wait(10)
+        p.stdout.close()
+        p.stderr.close()
 
 
 def _probe(kind: str, *args, **kw):

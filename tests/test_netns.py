@@ -16,6 +16,7 @@ from asyncdni import config
 from asyncdni.engine import coordinator
 from asyncdni.engine import reference
 from asyncdni.engine.plan import load_datasets, make_plan
+from asyncdni.launch.base import LaunchError
 from tests.conftest import env_with_repo, pids_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.usefixtures("no_leftover_processes")]
@@ -164,3 +165,134 @@ def test_killed_coordinator_leaves_nothing_in_any_namespace(lab, tmp_path):
         if cli.poll() is None:
             cli.kill()
         end(agents)
+
+
+# ---------------------------------------------------------------- a broken data plane
+def small_cfg(lab, port, **ov):
+    base = {"model.width": 64, "data.train_size": 4096, "data.test_size": 512, "runtime.progress": False,
+            "runtime.launcher": "agents", "runtime.listen": f"{lab.bridge_ip}:{port}",
+            "runtime.hosts": "h0,h1,h2,h3,h4", "runtime.keys": lab.keys, "runtime.start_timeout": 60.0,
+            "runtime.stall_timeout": 4.0}
+    return config.build(overrides={**base, **ov})
+
+
+def run_and_break(lab, cfg, port, breaker, at_step=100, **kw):
+    """Run ``cfg`` through the lab's agents; once the feeder reports ``at_step``, call
+    ``breaker()`` (once, first attempt only). Returns (result or exception, seconds from the
+    break to the end of the run, what breaker returned)."""
+    box = {}
+
+    def on_started(c):
+        if box:
+            return
+        box["armed"] = True
+
+        def go():
+            while c.progress_done < at_step:
+                time.sleep(0.005)
+            box["t"] = time.monotonic()
+            box["out"] = breaker()
+        threading.Thread(target=go, daemon=True).start()
+
+    agents = start_agents(lab, port)
+    try:
+        try:
+            out = coordinator.run(cfg, on_started=on_started, **kw)
+        except coordinator.RunError as e:
+            out = e
+    finally:
+        end(agents)
+    return out, time.monotonic() - box["t"], box.get("out")
+
+
+def ns_run(lab, host, argv):
+    return subprocess.run(["ip", "netns", "exec", lab.names[host], *argv], capture_output=True, text=True, timeout=30)
+
+
+def test_a_partitioned_data_plane_ends_the_run_naming_the_link(lab):
+    """Layer 1's host loses its route to layer 2's host; both still reach the head, so the
+    heartbeats stay healthy. Before progress detection: no output, ever."""
+    port, a1, a2 = PORT + 5, lab.addresses[1], lab.addresses[2]
+    cut = ["ip", "route", "add", "blackhole", f"{a2}/32"]
+    try:
+        out, waited, _ = run_and_break(lab, small_cfg(lab, port, **{"train.steps": 100000}), port,
+                                       lambda: ns_run(lab, 1, cut))
+    finally:
+        ns_run(lab, 1, ["ip", "route", "del", "blackhole", f"{a2}/32"])
+    assert isinstance(out, coordinator.Stalled), out
+    assert f"the first break is the forward link layer 1 ({a1}) -> layer 2 ({a2})" in str(out)
+    assert 4.0 < waited < 15.0
+
+
+def test_a_short_cut_of_the_data_plane_recovers(lab):
+    port, a2 = PORT + 6, lab.addresses[2]
+
+    def cut_for_two_seconds():
+        ns_run(lab, 1, ["ip", "route", "add", "blackhole", f"{a2}/32"])
+        time.sleep(2.0)
+        ns_run(lab, 1, ["ip", "route", "del", "blackhole", f"{a2}/32"])
+    out, _, _ = run_and_break(lab, small_cfg(lab, port, **{"train.steps": 1500, "runtime.stall_timeout": 12.0}),
+                              port, cut_for_two_seconds)
+    assert not isinstance(out, Exception), out
+    assert out.feeder["completed"] == 1500 and not out.restarts
+
+
+def test_reset_connections_are_replayed_from_a_checkpoint(lab, tmp_path):
+    """TCP resets on every connection between layer 1's and layer 2's hosts, several times:
+    a message in flight is lost; the run must end, here by replaying from its checkpoint."""
+    port, a1 = PORT + 7, lab.addresses[1]
+
+    def reset_five_times():
+        killed = 0
+        for _ in range(5):
+            r = ns_run(lab, 2, ["ss", "-K", "dst", a1])
+            killed += max(0, len(r.stdout.strip().splitlines()) - 1)      # one line per socket, after the header
+            time.sleep(0.2)
+        return killed
+    cfg = small_cfg(lab, port, **{"train.steps": 1500, "runtime.checkpoint_every": 100, "runtime.max_restarts": 5,
+                                  "runtime.checkpoint_dir": str(tmp_path / "ck")})
+    out, waited, killed = run_and_break(lab, cfg, port, reset_five_times)
+    assert killed >= 1, "ss -K reset no connection"
+    assert not isinstance(out, Exception), out
+    assert out.feeder["completed"] == 1500 and all(L["updates"] == 1500 for L in out.layers)
+    assert all(r["error"].startswith("data plane stalled") for r in out.restarts), out.restarts
+
+
+def test_a_dead_relay_between_hosts_ends_the_run(lab):
+    port = PORT + 8
+    relays = []
+
+    def route(peers):                   # layer 2's forward inbox behind a relay on the bridge
+        out = [dict(p) for p in peers]
+        out[2]["fwd"] = "tcp://" + lab.relay(peers[2]["fwd"], delay_ms=1.0)
+        relays.append(lab._relays[-1]["proc"])
+        return out
+
+    try:
+        out, waited, _ = run_and_break(lab, small_cfg(lab, port, **{"train.steps": 100000}), port,
+                                       lambda: relays[0].kill(), route=route)
+    finally:
+        lab.stop_relays(refill=False)
+    assert isinstance(out, coordinator.Stalled), out
+    assert f"-> layer 2 ({lab.addresses[2]})" in str(out) and 4.0 < waited < 15.0
+
+
+def test_agents_on_loopback_across_hosts_are_refused_in_one_line(lab):
+    port = PORT + 9
+    procs = [lab.run_in(i, [sys.executable, "-m", "asyncdni.cli", "agent", "--join", f"tcp://{lab.bridge_ip}:{port}",
+                            "--name", f"h{i}", "--bind", bind, "--wait", "30", "--insecure"],
+                        env=env_with_repo(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, bind in ((0, "127.0.0.1"), (1, "0.0.0.0"))]
+    cfg = config.build(overrides={"model.width": 32, "runtime.progress": False, "runtime.launcher": "agents",
+                                  "runtime.listen": f"{lab.bridge_ip}:{port}", "runtime.hosts": "h0,h1,h1,h1,h1",
+                                  "runtime.security": "insecure", "runtime.start_timeout": 30.0})
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(LaunchError) as exc:
+            coordinator.run(cfg)
+    finally:
+        end(procs)
+    msg = str(exc.value)
+    assert "\n" not in msg and "cannot reach" in msg and "--bind ADDR" in msg
+    assert ("agent h0" in msg and "127.0.0.1" in msg) or ("agent h1" in msg and "0.0.0.0" in msg)
+    assert time.monotonic() - t0 < 25

@@ -45,8 +45,34 @@ class WorkerFailed(RunError):
         super().__init__(f"{name} (pid {pid} on {host}): {message}")
 
 
+class Stalled(WorkerFailed):
+    """No worker received a data-plane message for the stall limit while every worker still
+    answered the coordinator: the data plane is broken somewhere between them. A
+    WorkerFailed, so that ``--max-restarts`` replays the run from the last checkpoint."""
+
+    def __init__(self, message: str):
+        self.name, self.pid, self.host, self.tb = "data plane", None, "", ""
+        RunError.__init__(self, message)
+
+
 class Interrupted(RunError):
     pass
+
+
+STALL_MIN = 15.0     # seconds: the least an automatic stall limit allows
+STALL_GAPS = 20      # the automatic limit: this many times the longest pause in progress seen so far
+STALL_MAX_AUTO = 600.0   # ... but never more than this (a run that once recovered from a long cut)
+
+
+def stall_limit(rt, longest_gap: float) -> float:
+    """Seconds without any data-plane message (anywhere) after which a run is stalled:
+    ``runtime.stall_timeout`` when set; else the largest of STALL_MIN, four heartbeat
+    deadlines, and STALL_GAPS times the longest pause in progress this run has shown (a slow
+    model's long steps, a first step's warm-up), so that a slow run is not taken for a stall."""
+    if rt.stall_timeout > 0:
+        return rt.stall_timeout
+    return max(STALL_MIN, 4 * rt.heartbeat_interval * rt.heartbeat_misses,
+               min(STALL_MAX_AUTO, STALL_GAPS * longest_gap))
 
 
 @dataclass
@@ -64,6 +90,8 @@ class WorkerInfo:
     last_seen: float = 0.0
     state: str = "starting"
     step: int = -1
+    data: int = 0                 # data-plane messages it has received (its heartbeats say)
+    sent: int = 0                 # the feeder: steps it has sent into the pipeline
     stats: dict | None = None
     arrays: dict = field(default_factory=dict)
 
@@ -339,6 +367,8 @@ class Coordinator:
                 w.state = state
             # the worker's current step is the header's step (a "step" field, if any, is older)
             w.step = msg.step if msg.step >= 0 else msg.fields.get("step", w.step)
+            w.data = msg.fields.get("data", w.data)
+            w.sent = msg.fields.get("sent", w.sent)
             return True
         return False
 
@@ -401,8 +431,47 @@ class Coordinator:
                                    f"no heartbeat for {now - w.last_seen:.1f} s (hung or unreachable) "
                                    f"while {w.state}" + (f" (last reported step {w.step})" if w.step >= 0 else ""))
 
+    def _check_progress(self, now: float) -> None:
+        """Progress detection: heartbeats say each worker's count of data-plane messages
+        received. When no count moves for the stall limit, the data plane is broken (a cut
+        link, a dead relay, a message lost to a connection reset) though every worker still
+        answers: raise Stalled with one line naming the first break in the chain."""
+        total = sum(w.data for w in self.workers)
+        if total != self._data_seen:
+            self._longest_gap = max(self._longest_gap, now - self._last_progress)
+            self._data_seen, self._last_progress = total, now
+            return
+        silent = now - self._last_progress
+        limit = stall_limit(self.rt, self._longest_gap)
+        if silent > limit:
+            raise Stalled(self._stall_line(silent, limit))
+
+    def _stall_line(self, silent: float, limit: float) -> str:
+        feeder, layers = self.workers[0], self.workers[1:]
+        # how far forward each worker got: the feeder's last step sent, each layer's last step
+        # handled; the first drop along the chain is where the forward data stopped
+        pos = [feeder.sent - 1] + [w.step for w in layers]
+        steps = ", ".join([f"feeder sent {feeder.sent} and completed {max(feeder.step, 0)}"]
+                          + [f"{w.name} at {w.step}" for w in layers])
+        where = ("every layer has handled the steps sent, so the break is on the way back "
+                 "(gradients down the layers, or the last layer's results to the feeder)")
+        for i in range(len(pos) - 1):
+            if pos[i] > pos[i + 1]:
+                a, b = self.workers[i], self.workers[i + 1]
+                where = f"the first break is the forward link {a.name} ({a.bind}) -> {b.name} ({b.bind})"
+                break
+        how = "" if self.rt.max_restarts else (
+            "; with --checkpoint-every N and --max-restarts N the run is replayed from its last checkpoint")
+        return (f"data plane stalled: no worker received a data message for {silent:.1f} s (limit {limit:.0f} s, "
+                f"--stall-timeout) though every worker still answers the coordinator: a link between hosts is "
+                f"cut, a delay relay is gone, or a message was lost when a connection reset. Steps: {steps}; "
+                f"{where}{how}")
+
     def _watch(self) -> None:
         self._next_hb = 0.0
+        self._data_seen = -1               # none seen yet: the first count starts the clock
+        self._last_progress = time.monotonic()
+        self._longest_gap = 0.0
         poll_ms = max(10, int(self.rt.heartbeat_interval * 250))
         while True:
             w, msg = self._recv_ctrl(poll_ms)
@@ -413,7 +482,9 @@ class Coordinator:
                     break
                 w, msg = self._recv_ctrl(0)
             self._check_exits()
-            self._heartbeats(time.monotonic())
+            now = time.monotonic()
+            self._heartbeats(now)
+            self._check_progress(now)
 
     def _dispatch(self, w, msg) -> bool:
         """Handle one message of the training phase; True when the feeder has finished."""

@@ -123,6 +123,7 @@ class Worker:
         self.bytes_sent = 0
         self.msgs_recv = 0
         self.bytes_recv = 0
+        self.data_in = 0             # data-plane messages received (heartbeats carry it: progress)
         self.rejected: dict[str, int] = {}
         self.last_reject: P.ProtocolError | None = None   # why the latest message was refused
         self.trace_t = np.zeros(TRACE_LIMIT, np.float64)
@@ -195,10 +196,14 @@ class Worker:
     def heartbeat(self, now: float) -> None:
         if now >= self.next_hb:
             # the step travels in the header's step, where the coordinator reads it
-            self.send_ctrl(P.HEARTBEAT, self.reported_step(), state=self.state)
+            self.send_ctrl(P.HEARTBEAT, self.reported_step(), state=self.state, data=self.data_in,
+                           **self.heartbeat_extra())
             self.next_hb = now + self.hb_interval
         if now - self.last_coord > self.hb_deadline:
             raise CoordinatorLost(f"{self.label}: no word from the coordinator for {now - self.last_coord:.1f} s")
+
+    def heartbeat_extra(self) -> dict:
+        return {}
 
     def reported_step(self) -> int:
         """The step named in heartbeats (and so in a failure line): the latest this worker handled."""
@@ -454,6 +459,7 @@ class LayerWorker(Worker):
         t0 = time.perf_counter()
         frames = transport.recv_frames(sock)
         self.comm += time.perf_counter() - t0
+        self.data_in += 1
         return frames
 
     def handle_bwd(self, frames) -> None:
@@ -699,11 +705,12 @@ class FeederWorker(Worker):
         self.time_to_target = None
         self.start_step = 0
         self.completed = 0
+        self.sent_steps = 0          # steps sent into the pipeline (heartbeats carry it)
         self.time_offset = 0.0                       # training time already spent before a resume
         resume = self.spec.resume
         if resume:
             ck = CK.validate(resume.directory, None, None)
-            self.start_step = self.completed = ck.step
+            self.start_step = self.completed = self.sent_steps = ck.step
             if self.FILE in ck.files:
                 st = CK.read_arrays(ck.directory / self.FILE, ck.files[self.FILE])
                 n = min(self.steps, len(st["loss"]), self.start_step)
@@ -744,6 +751,7 @@ class FeederWorker(Worker):
             t0 = time.perf_counter()
             frames = transport.recv_frames(self.inbox)
             self.comm += time.perf_counter() - t0
+            self.data_in += 1
             return frames
         return None
 
@@ -784,6 +792,9 @@ class FeederWorker(Worker):
         got[s] |= bit
         return s if got[s] == need else None
 
+    def heartbeat_extra(self) -> dict:
+        return {"sent": self.sent_steps}
+
     def _pause_point(self, step: int) -> bool:
         """Steps at which the pipeline drains: periodic evaluation and checkpoints."""
         t = self.cfg.train
@@ -814,6 +825,7 @@ class FeederWorker(Worker):
                     for j, (a, b) in enumerate(self.bounds):
                         self.send(self.up, P.FWD, sent * self.M + j, (x[a:b], y[a:b]))
                 sent += 1
+                self.sent_steps = sent
             s = self.on_inbox(self._pump_frames(timeout), sent, got, need)
             if s is None:
                 continue

@@ -184,13 +184,20 @@ def _netns_pids(ns: str) -> list[int]:
 
 # ---------------------------------------------------------------- state file
 def state_path(prefix: str, state_dir: Path | str = STATE_DIR) -> Path:
-    return Path(state_dir) / f"{prefix.rstrip('-') or 'lab'}.json"
+    # the prefix verbatim: labs "aq" and "aq-" are different labs (their devices are named
+    # aqbr and aq-br), so they must not share a state file
+    return Path(state_dir) / f"{prefix}.json"
 
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lf:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lf = open(path.with_suffix(".lock"), "w")
+    except OSError as e:
+        why = "not a directory" if isinstance(e, (FileExistsError, NotADirectoryError)) else (e.strerror or e)
+        raise LabError(f"lab state directory {path.parent}: {why} (--state-dir takes a writable directory)") from None
+    with lf:
         fcntl.flock(lf, fcntl.LOCK_EX)
         try:
             yield
@@ -203,6 +210,9 @@ def _read_state(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise LabError(f"lab state directory {path.parent}: not a directory (--state-dir takes a "
+                       f"writable directory)") from None
     except (OSError, ValueError) as e:
         raise LabError(f"cannot read lab state {path}: {e}") from None
 

@@ -44,6 +44,7 @@ MAX_LAG = 0.001                   # the writer this far behind the oldest due ch
 SAMPLES = 20000                   # delay samples kept (reservoir) for the statistics
 STATS_EVERY = 2.0                 # seconds between periodic statistics writes while busy
 CONNECT_TIMEOUT = 3.0
+MAX_CONNECTIONS = 64              # open connections (4 threads each); more are accepted and closed at once
 OVERSLEEP_CAP = 0.0005            # at most this much early wake-up to make up for timer lateness
 
 
@@ -77,6 +78,8 @@ class Stats:
         self.connections = 0
         self.local_connections = 0
         self.refused = 0
+        self.over_limit = 0          # clients closed at once: MAX_CONNECTIONS were open
+        self.accept_errors = 0       # accept() failures (out of file descriptors): retried
         self.backlogged = 0
         self.lock = threading.Lock()
         self._rng = random.Random(0)
@@ -104,7 +107,8 @@ class Stats:
             out = {"delay_ms": self.delay * 1e3, "chunks": self.chunks, "bytes": self.bytes,
                    "backlogged": self.backlogged,
                    "connections": self.connections, "local_connections": self.local_connections,
-                   "refused": self.refused, "samples": len(raw)}
+                   "refused": self.refused, "over_limit": self.over_limit,
+                   "accept_errors": self.accept_errors, "samples": len(raw)}
         out.update(summarize([int(round(v * 1e6)) for v in raw]))
         # the samples themselves (microseconds; negative: backlogged) so a lab can pool relays
         out["added_us"] = [int(round(v * 1e6)) for v in raw]
@@ -272,8 +276,9 @@ class Relay:
     added in each direction."""
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay_s: float,
-                 local: str | None = None, max_buffer: int = MAX_BUFFER):
+                 local: str | None = None, max_buffer: int = MAX_BUFFER, max_connections: int = MAX_CONNECTIONS):
         self.target = target
+        self.max_connections = max_connections
         self.delay = delay_s
         self.local = local
         self.max_buffer = max_buffer
@@ -300,7 +305,19 @@ class Relay:
         except OSError:
             if self.stop.is_set():
                 return
-            raise
+            # out of file descriptors (EMFILE/ENFILE) or a connection aborted before accept:
+            # count it and go on; the client's connect times out or is retried
+            with self.stats.lock:
+                self.stats.accept_errors += 1
+            self.stop.wait(0.05)
+            return
+        with self.lock:
+            full = len(self.conns) >= self.max_connections
+        if full:
+            with self.stats.lock:
+                self.stats.over_limit += 1
+            client.close()
+            return
         local = self.local is not None and peer[0] == self.local
         try:
             server = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT)
@@ -395,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local", metavar="ADDR", help="peers from this address get no added delay")
     ap.add_argument("--stats", metavar="FILE", help="write statistics here (SIGUSR1, periodically, at exit)")
     ap.add_argument("--max-buffer", type=int, default=MAX_BUFFER, help="bytes queued per direction")
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                    help=f"open connections at most (default {MAX_CONNECTIONS}); more are closed at once")
     ap.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     args = ap.parse_args(argv)
     try:
@@ -402,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         target = None if args.target == "-" else parse_hostport(args.target)
         if not 0 <= args.delay_ms <= 10000:
             raise ValueError(f"--delay-ms {args.delay_ms}: expected 0..10000")
-        relay = Relay(listen, target, args.delay_ms / 1e3, args.local, args.max_buffer)
+        if not 1 <= args.max_connections <= 4096:
+            raise ValueError(f"--max-connections {args.max_connections}: expected 1..4096")
+        relay = Relay(listen, target, args.delay_ms / 1e3, args.local, args.max_buffer, args.max_connections)
     except (ValueError, OSError) as e:
         print(f"relay: error: {e}", file=sys.stderr)
         return 2

@@ -185,7 +185,10 @@ KINDS: dict[str, KindSpec] = {
     READY: _kind(free=True),
     SPEC: _kind(free=True),                  # validated by the worker (engine.spec.RunSpec.from_wire)
     START: _kind(free=True),                 # {"peers": [{"fwd": ep, "bwd": ep}, ...]}
-    HEARTBEAT: _kind(optional={"state": str, "step": int}, ranges={"step": (-1, None)}),  # the step: header "s"
+    # the step: header "s"; "data": data-plane messages received so far; "sent": the feeder's
+    # steps sent (the coordinator's progress detection and its stalled-link line)
+    HEARTBEAT: _kind(optional={"state": str, "step": int, "data": int, "sent": int},
+                     ranges={"step": (-1, None), "data": (0, None), "sent": (0, None)}),
     PROGRESS: _kind(required={"done": int, "total": int},
                     optional={"loss": float, "metric": float, "elapsed": float},
                     ranges={"done": _INDEX, "total": _INDEX}),
