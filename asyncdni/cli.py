@@ -44,6 +44,7 @@ TRAIN_FLAGS = {
     "--sg-every": ("train.sg_every", dict(type=str, metavar="N", help="regress the SG models on every N-th step only (default 1)")),
     "--sg-hidden": ("train.sg_hidden", dict(type=str, metavar="N", help="hidden width of the mlp SG model (default: the layer's width)")),
     "--sg-layers": ("train.sg_layers", dict(type=str, metavar="N", help="hidden layers of the mlp SG model (default 1)")),
+    "--sg-clip": ("train.sg_clip", dict(type=str, metavar="K", help="scale a layer's step from its SG by min(1, K x running |target| / |prediction|); 0: off (default 1)")),
     "--sg-damp": ("train.sg_damp", dict(type=str, metavar="K", help="scale an SG model's step by (K x |target| / |prediction|)^2 (running norms) while its predictions exceed K x its targets; 0: off (default 0)")),
     "--sg-lr": ("train.sg_lr", dict(type=str, help="learning rate of the SG models (default 1e-3; the torch zoo's cnn and resnet 3e-4)")),
     "--max-inflight": ("train.max_inflight", dict(type=str, metavar="N|auto", help="async, delayed, local: steps in flight (default 3); auto: sized from the measured round trip and step time, up to --max-inflight-cap")),
@@ -119,6 +120,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cond", dest="cond", action="store_const", const=True, default=None,
                    help="label-conditioned synthetic gradients (cDNI, default on)")
     g.add_argument("--no-cond", dest="cond", action="store_const", const=False, help="unconditioned synthetic gradients")
+    t = groups["synthetic gradients"].add_mutually_exclusive_group()
+    t.add_argument("--sg-trust", dest="sg_trust", action="store_const", const=True, default=None,
+                   help="scale a layer's SG step by the running cosine of its SG's predictions with their targets "
+                        "(deep nets, plain DNI; default off)")
+    t.add_argument("--no-sg-trust", dest="sg_trust", action="store_const", const=False, help="no SG trust scaling")
     bn = groups["model"].add_mutually_exclusive_group()
     bn.add_argument("--batch-norm", dest="batch_norm", action="store_const", const=True, default=None,
                     help="batch normalisation of the hidden layers' pre-activations (default off)")
@@ -152,6 +158,8 @@ def overrides_from_args(args) -> dict:
         ov["train.cond"] = args.cond
     if args.batch_norm is not None:
         ov["model.batch_norm"] = args.batch_norm
+    if args.sg_trust is not None:
+        ov["train.sg_trust"] = args.sg_trust
     if args.no_progress:
         ov["runtime.progress"] = False
     if args.fail_on_nonfinite:

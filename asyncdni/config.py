@@ -105,7 +105,10 @@ class TrainConfig:
     sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
     sg_layers: int = 1                  # hidden layers of the mlp SG model
     sg_stale_decay: float = 1.0         # weight of an SG target per step of lag (async); 0 drops stale targets
-    sg_clip: float = 0.0                # >0: a layer's SG step is scaled by min(1, sg_clip x running |target| / |prediction|)
+    sg_clip: float = 1.0                # >0: a layer's SG step is scaled by min(1, sg_clip x running |target| / |prediction|)
+                                        # (default 1: without it deep nets collapse under async, docs/results/depth.md)
+    sg_trust: bool = False              # a layer's SG step is scaled by the running cosine of its SG's predictions
+                                        # with the targets that come back for them (0 when they disagree)
     sg_damp: float = 0.0                # >0: the SG model's step is scaled by min(1, sg_damp x running |target| / running |prediction|)^2
     sg_lr: float = 1e-3
     sg_reuse_prediction: bool = False   # SG regression reuses the forward prediction (faster, less accurate under async)
@@ -184,7 +187,7 @@ RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "max_inf
                          "lr_step_size", "lr_gamma")
 # fields added after checkpoints existed, with the value that reproduces the older behaviour
 DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False,
-                          "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0,
+                          "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0, "train.sg_trust": False,
                           "train.sg_damp": 0.0, "model.model": "", "model.split": "", "train.weight_decay": 0.0,
                           "data.labels_path": "", "data.label_column": "", "data.task": "auto"}
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}

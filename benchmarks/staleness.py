@@ -53,10 +53,18 @@ def diagnose(nodes, loss_name, x, y) -> list[dict]:
     """Per non-last layer on one batch: cosine and norm ratio of the SG prediction against the
     true gradient (backprop through the current weights), and the fraction of dead units."""
     from asyncdni.numerics import losses
-    xs, hs = [x], []
+    from asyncdni.numerics.nn import activate
+    xs, hs, ctxs = [x], [], []
     for node in nodes:
-        hs.append(node.dense.forward(xs[-1]))
-        xs.append(hs[-1])
+        d = node.dense
+        if d.bn is None:
+            h, ctx = d.forward(xs[-1]), None
+        else:                       # the batch's statistics, as in training, running ones untouched
+            z, ctx = d.bn.forward_train(xs[-1] @ d.W, update=False)
+            h = activate(d.activation, z, inplace=True)
+        hs.append(h)
+        ctxs.append(ctx)
+        xs.append(h)
     _, g = losses.compute(loss_name, hs[-1], y)
     out = []
     for i in range(len(nodes) - 1, -1, -1):
@@ -67,14 +75,17 @@ def diagnose(nodes, loss_name, x, y) -> list[dict]:
             cos = float(np.vdot(pred, g) / (np.linalg.norm(pred) * np.linalg.norm(g) + 1e-30))
             out.append({"layer": i + 1, "cos": cos, "norm_ratio": float(np.linalg.norm(pred) / (np.linalg.norm(g) + 1e-30)),
                         "dead": float((hs[i].max(axis=0) <= 0).mean()), "h_rms": float(np.sqrt((hs[i] ** 2).mean()))})
-        _, _, g = node.dense.backward(xs[i], hs[i], g)
+        _, g = node.dense.grads(xs[i], hs[i], g, ctxs[i])
     return out[::-1]
 
 
-def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, datasets=None) -> dict:
+def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, datasets=None, keep_nodes: bool = False) -> dict:
+    """``steps`` of DNI with SG targets delayed by lags drawn from ``lags``; with ``keep_nodes``
+    the result holds the trained ``LayerNode``s too (``nodes``; not for JSON)."""
     train, test = datasets or load_datasets(cfg)
     plan = make_plan(cfg, train)
-    nodes = [LayerNode(s) for s in plan.specs]
+    from asyncdni.nodes import make_node
+    nodes = [make_node(s) for s in plan.specs]       # numpy LayerNodes, or torch stages (model.model)
     stream = BatchStream(train, plan.batch_size, cfg.train.seed, in_shape=plan.in_shape)
     rng = np.random.default_rng([lag_seed, cfg.train.seed])
     probs = np.asarray(lags, float) / np.sum(lags)
@@ -98,11 +109,15 @@ def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, dataset
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             ev = evaluate(nodes, plan.loss, test, 1000, plan.in_shape)
             evals.append((step + 1, ev["metric"], ev["metric2"]))
-            diags.append(diagnose(nodes, plan.loss, *stream.batch(0)))
+            if all(isinstance(n, LayerNode) for n in nodes):        # the numpy MLP's diagnostics
+                diags.append(diagnose(nodes, plan.loss, *stream.batch(0)))
     train_time = time.perf_counter() - t0
     acc = np.array([e[1] for e in evals])
-    return {"final": evals[-1][1], "final2": evals[-1][2], "max_drop_pts": max_drop_pts(acc),
-            "min_after_90pct": float(acc[len(acc) // 10:].min()), "evals": evals, "diag": diags, "time_s": train_time}
+    out = {"final": evals[-1][1], "final2": evals[-1][2], "max_drop_pts": max_drop_pts(acc),
+           "min_after_90pct": float(acc[len(acc) // 10:].min()), "evals": evals, "diag": diags, "time_s": train_time}
+    if keep_nodes:
+        out["nodes"] = nodes
+    return out
 
 
 def main(argv=None) -> int:

@@ -207,3 +207,71 @@ def test_sg_damp_flag_reaches_the_config_and_a_bad_value_is_one_line(capsys):
     assert cli.main(["train", "--sg-damp", "-1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train.sg_damp" in err, err
+
+
+# ---------------------------------------------------------------------------- sg_trust
+def test_trust_is_a_running_cosine_of_predictions_with_their_targets():
+    from asyncdni.numerics.layer import TRUST_DECAY
+    node = LayerNode(spec(sg_trust=True), dtype=F64)
+    randomise_sg(node)
+    x, y, g = batch()
+    _, _, _ = node.dni_forward(0, x, y)
+    pred = node.cache[0][1].copy()                       # what the layer stepped on
+    node.sg_update(0, pred / x.shape[0])                 # a target in the same direction: cosine 1
+    assert node.trust == pytest.approx(1 - TRUST_DECAY, rel=1e-12)
+    node.dni_forward(1, x, y)
+    pred = node.cache[1][1].copy()
+    node.sg_update(1, -pred)                             # the opposite direction: cosine -1
+    assert node.trust == pytest.approx(TRUST_DECAY * (1 - TRUST_DECAY) - (1 - TRUST_DECAY), rel=1e-12)
+    assert node.trust_scale() == 0.0                     # disagreement: the layer does not move
+    off = LayerNode(spec(), dtype=F64)
+    assert off.trust_scale() == 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_trust_scales_the_layer_step_only(optimizer):
+    """The layer's step is its untrusted step times max(0, trust), under Adam too; what it
+    sends down and the SG's own step are unchanged; trust 0 (a fresh layer) means no move."""
+    x, y, g = batch()
+    moves, sent, sg_moves = {}, {}, {}
+    for t in (None, 0.3, 0.0):
+        node = LayerNode(spec(optimizer=optimizer, sg_trust=t is not None), dtype=F64)
+        randomise_sg(node)
+        if t is not None:
+            node.trust = t
+        W0 = node.dense.W.copy()
+        _, sent[t], _ = node.dni_forward(0, x, y)
+        moves[t] = node.dense.W - W0
+        A0 = node.sg.A.copy()
+        node.sg_update(0, g)
+        sg_moves[t] = node.sg.A - A0
+    np.testing.assert_allclose(moves[0.3], 0.3 * moves[None], rtol=1e-9, atol=1e-14)
+    np.testing.assert_array_equal(moves[0.0], 0 * moves[None])
+    np.testing.assert_array_equal(sent[0.3], sent[None])
+    np.testing.assert_allclose(sg_moves[0.3], sg_moves[None], rtol=1e-10, atol=1e-14)
+
+
+def test_checkpoint_keeps_the_trust_and_refuses_an_impossible_one():
+    node = LayerNode(spec(sg_trust=True), dtype=F64)
+    node.trust = 0.42
+    state = node_state(node)
+    other = LayerNode(spec(sg_trust=True), dtype=F64)
+    restore_node(other, state)
+    assert other.trust == 0.42
+    with pytest.raises(CheckpointError, match="sgtrust"):
+        restore_node(other, dict(state, sgtrust=np.array([1.5])))
+    assert "sgtrust" not in node_state(LayerNode(spec(), dtype=F64))   # off: layout unchanged
+
+
+def test_sg_trust_and_sg_clip_flags_reach_the_config(capsys):
+    from asyncdni import cli
+    ap = cli.make_parser()
+    for argv, want in ((["train", "--sg-trust"], True), (["train", "--no-sg-trust"], False), (["train"], False)):
+        assert config.build(overrides=cli.overrides_from_args(ap.parse_args(argv))).train.sg_trust is want
+    args = ap.parse_args(["train", "--sg-clip", "0"])
+    assert config.build(overrides=cli.overrides_from_args(args)).train.sg_clip == 0.0
+    assert config.build().train.sg_clip == 1.0            # the default since 2026-12-05 (deep nets)
+    assert config.DIGEST_OMIT_AT_DEFAULT["train.sg_trust"] is False
+    with pytest.raises(SystemExit):
+        ap.parse_args(["train", "--sg-trust", "--no-sg-trust"])
+    capsys.readouterr()

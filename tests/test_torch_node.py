@@ -316,6 +316,32 @@ def test_sg_options_count():
     assert sum(n.sg_lags) == 2 and not n.cache
 
 
+def test_sg_trust_scales_a_stage_step_and_tracks_the_cosine():
+    """The numpy rule (tests/test_stability.py) on a torch stage: the step is the untrusted
+    one times the trust; a target along the prediction the stage stepped on adds
+    (1 - TRUST_DECAY) x cosine 1; what goes down is unchanged."""
+    from asyncdni.numerics.layer import TRUST_DECAY
+    (x, y), = batches(1)
+    moves, sent, nodes = {}, {}, {}
+    for t in (None, 0.25):
+        n = TorchNode(spec(0, schedule="sequential", optimizer="sgd", lr=0.1, sg_trust=t is not None))
+        randomize(n.sg, seed=1)
+        if t is not None:
+            n.trust = t
+        before = [p.detach().clone() for p in n.stage.parameters()]
+        _, sent[t], _ = n.dni_forward(0, x, y)
+        moves[t] = [p.detach() - b for p, b in zip(n.stage.parameters(), before)]
+        nodes[t] = n
+    for a, b in zip(moves[0.25], moves[None]):
+        torch.testing.assert_close(a, 0.25 * b, rtol=1e-5, atol=1e-7)
+    assert sent[0.25] is None and sent[None] is None            # the first stage sends nothing down
+    n = nodes[0.25]
+    used = n.cache[0][4]
+    n.sg_update(0, used.numpy() / B)
+    assert n.trust == pytest.approx(TRUST_DECAY * 0.25 + (1 - TRUST_DECAY), rel=1e-9)
+    assert nodes[None].cache[0][4] is None                      # off: nothing kept for it
+
+
 # ------------------------------------------------------------------- delayed
 def grads_at(stage, x, g):
     s = copy.deepcopy(stage)
@@ -436,7 +462,7 @@ def test_nonfinite_gradient_is_skipped_or_stops():
 
 
 # ---------------------------------------------------------------- checkpoints
-CKPT = dict(schedule="sequential", sg_model="mlp", cond=True, sg_clip=2.0, sg_damp=1.0, lr_schedule="cosine",
+CKPT = dict(schedule="sequential", sg_model="mlp", cond=True, sg_clip=2.0, sg_damp=1.0, sg_trust=True, lr_schedule="cosine",
             total_steps=10, weight_decay=1e-3, optimizer="adamw")
 
 

@@ -294,9 +294,12 @@ def _load_npz(path: Path, data: bytes) -> dict:
 def _running_norms(node) -> dict[str, str]:
     """Entry name -> ``LayerNode`` attribute of the running norms in this layer's state: the SG
     targets' under ``sg_clip`` or ``sg_damp`` (entry ``sgclip``, the name from when only
-    ``sg_clip`` used it), and the SG predictions' under ``sg_damp``. Each is one float64."""
+    ``sg_clip`` used it), the SG predictions' under ``sg_damp``, and the running cosine under
+    ``sg_trust``. Each is one float64."""
     clip, damp = getattr(node.spec, "sg_clip", 0.0) > 0, getattr(node.spec, "sg_damp", 0.0) > 0
-    return {**({"sgclip": "target_norm"} if clip or damp else {}), **({"sgdamp": "pred_norm"} if damp else {})}
+    trust = getattr(node.spec, "sg_trust", False)
+    return {**({"sgclip": "target_norm"} if clip or damp else {}), **({"sgdamp": "pred_norm"} if damp else {}),
+            **({"sgtrust": "trust"} if trust else {})}
 
 
 def _expected_layout(node) -> dict:
@@ -441,6 +444,8 @@ def check_layer_state(where, state: dict) -> None:
     for key in ("sgclip", "sgdamp"):
         if key in state and (np.asarray(state[key]) < 0).any():
             raise CheckpointError(f"{where}: impossible state: {key!r} (a running norm) is negative")
+    if "sgtrust" in state and (np.abs(np.asarray(state["sgtrust"])) > 1).any():
+        raise CheckpointError(f"{where}: impossible state: 'sgtrust' (a running cosine) is outside -1..1")
     for key, v in state.items():          # Adam's second moment is a running mean of squares
         if key.startswith(("opt.v", "sgopt.v", "auxopt.v")) and f"{key.split('.')[0]}.m0" in state and (np.asarray(v) < 0).any():
             raise CheckpointError(f"{where}: impossible optimizer state: Adam's {key!r} has negative entries")

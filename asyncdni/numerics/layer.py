@@ -8,6 +8,7 @@ implementation of the arithmetic is what makes the multi-process ``sequential`` 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from asyncdni.numerics.synthetic import make_sg_model, param_count as sg_param_c
 
 SG_LAG_BINS = 16      # SG-target lags counted one by one up to this; larger ones share the last bin
 TARGET_NORM_DECAY = 0.99   # sg_clip, sg_damp: EMA factor of the running SG target / prediction norms (~100 steps)
+TRUST_DECAY = 0.9          # sg_trust: EMA factor of the running cosine of predictions with targets (~10 targets)
 
 
 class StepError(RuntimeError):
@@ -61,6 +63,7 @@ class LayerSpec:
     sg_every: int = 1       # the SG model is regressed on steps that are a multiple of this only
     sg_clip: float = 0.0          # >0: layer step x min(1, sg_clip x running |SG target| / |SG prediction|)
     sg_damp: float = 0.0          # >0: SG step x min(1, sg_damp x running |SG target| / running |SG prediction|)^2
+    sg_trust: bool = False        # layer step x max(0, running cosine of SG predictions with their targets)
     # torch stages (asyncdni/torch); the numpy node ignores all but weight_decay and the lr_* schedule
     backend: str = "numpy"        # "numpy" (LayerNode) or "torch" (asyncdni.torch.node.TorchNode)
     model: str = ""               # torch: a zoo name (mlp, cnn, resnet) or a builder "file.py:fn" / "pkg.module:fn"
@@ -218,6 +221,7 @@ class NodeBookkeeping:
         self.sg_clipped = 0              # sg_clip: predictions scaled down
         self.pred_norm = 0.0             # sg_damp: running norm of the SG's forward predictions (0: none yet)
         self.sg_damped = 0               # sg_damp: SG updates taken with a reduced learning rate
+        self.trust = 0.0                 # sg_trust: running cosine of the SG's predictions with their targets
 
     def _nonfinite(self, what: str) -> None:
         self.nonfinite_skipped += 1
@@ -272,6 +276,24 @@ class NodeBookkeeping:
             return 1.0
         self.sg_damped += 1
         return r * r
+
+    def trust_scale(self) -> float:
+        """``sg_trust``: the factor (0..1) on the layer's learning rate for a step from its SG:
+        the running cosine (``trust``) between the predictions the layer stepped on and the
+        targets that later came back for them, 0 when they disagree; 1 when off.
+
+        Why (docs/results/depth.md): a layer moves by about its learning rate per step under
+        Adam whatever its gradient's quality, so a layer whose SG has not learned its targets
+        (the lower layers of a deep net, whose targets are themselves synthetic) takes
+        full-size steps in directions unrelated to the loss. The SG is zero-initialised, so a
+        layer waits until its SG agrees with its targets."""
+        return max(0.0, self.trust) if self.spec.sg_trust else 1.0
+
+    def note_alignment(self, cos: float) -> None:
+        """``sg_trust``: one target came back; ``cos`` is its cosine with the prediction the
+        layer stepped on (0 for a zero prediction). A non-finite cosine is ignored."""
+        if math.isfinite(cos):
+            self.trust = TRUST_DECAY * self.trust + (1 - TRUST_DECAY) * cos
 
     def sg_backward(self, step: int, g):
         """Synthetic gradients: the true-ish gradient trains the SG model; nothing goes down."""
@@ -389,6 +411,7 @@ class LayerNode(NodeBookkeeping):
                 lr_scale = self.clip_scale(n)
                 if self.spec.sg_damp > 0:
                     self.pred_norm = running_norm(self.pred_norm, n)
+            lr_scale *= self.trust_scale()
             # --sg-every n: only every n-th step's target trains the SG model; the others keep
             # no state (None), and their gradient, when it comes back, is dropped unused
             self.cache[step] = (ctx, pred) if step % self.spec.sg_every == 0 else None
@@ -419,6 +442,8 @@ class LayerNode(NodeBookkeeping):
             self.sg_skipped += 1
             return float("nan")
         ctx, pred = entry
+        if self.spec.sg_trust:                   # the prediction the layer stepped on, against its target
+            self.note_alignment(cosine(pred, g))
         weight = self.target_weight(step)
         if weight is None:
             return float("nan")
@@ -602,6 +627,13 @@ def running_norm(old: float, n: float) -> float:
     if not np.isfinite(n):
         return old
     return n if old <= 0 else TARGET_NORM_DECAY * old + (1 - TARGET_NORM_DECAY) * n
+
+
+def cosine(a, b) -> float:
+    """Cosine of two arrays (float64 accumulation); 0 when either is zero."""
+    a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    den = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+    return float(a64 @ b64) / den if den > 0 else 0.0
 
 
 def recent(buf: list, v: float, n: int = 50) -> None:

@@ -454,7 +454,9 @@ class TorchNode(NodeBookkeeping):
                 lr_scale = self.clip_scale(n)
                 if s.sg_damp > 0:
                     self.pred_norm = running_norm(self.pred_norm, n)
-            self.cache[step] = (hd, c, pred_graph, self.sg_version) if keep else None
+            lr_scale *= self.trust_scale()
+            # sg_trust keeps the prediction the layer steps on, to compare with its target
+            self.cache[step] = (hd, c, pred_graph, self.sg_version, pred if s.sg_trust else None) if keep else None
             self.last_fwd_step = max(self.last_fwd_step, step)
             h.backward(pred * (1.0 / h.shape[0]))
         gx = None if s.is_first else self._grad_of(xt)
@@ -479,7 +481,10 @@ class TorchNode(NodeBookkeeping):
         if entry is None:
             self.sg_skipped += 1
             return float("nan")
-        hd, c, pred_graph, version = entry
+        hd, c, pred_graph, version, used = entry
+        if used is not None:                     # sg_trust: the prediction the layer stepped on, against its target
+            self.note_alignment(float(torch.nn.functional.cosine_similarity(
+                used.double().flatten(), gt.double().flatten(), dim=0, eps=1e-300)))
         weight = self.target_weight(step)
         if weight is None:
             return float("nan")
@@ -732,6 +737,8 @@ class TorchNode(NodeBookkeeping):
         out["counters"] = np.array([getattr(self, c) for c in COUNTERS], dtype=np.int64)
         out["lags"] = np.array(self.sg_lags, dtype=np.int64)
         out["norms"] = np.array([self.target_norm, self.pred_norm], dtype=np.float64)
+        if self.spec.sg_trust:
+            out["sgtrust"] = np.array([self.trust], dtype=np.float64)
         out["rng"] = self._rng.numpy()
         return out
 
@@ -752,7 +759,7 @@ class TorchNode(NodeBookkeeping):
         per-parameter state (``opt.<param>.<key>``, ``sgopt.*``, ``auxopt.*``: exp_avg,
         exp_avg_sq, step, momentum_buffer) and learning rates (``opt.lr``...), the LR schedule
         (``sched``: last_epoch, step count), ``counters`` (int64, :data:`COUNTERS`), ``lags``,
-        ``norms`` (float64: the sg_clip/sg_damp running norms) and ``rng`` (uint8: the stage's
+        ``norms`` (float64: the sg_clip/sg_damp running norms), ``sgtrust`` (under sg_trust) and ``rng`` (uint8: the stage's
         own torch CPU generator state). No pickle: arrays only.
         Must be taken between steps (no partly accumulated pipeline step)."""
         if self._acc_count:
@@ -784,6 +791,8 @@ class TorchNode(NodeBookkeeping):
             if a.dtype.kind in "fc" and not np.isfinite(a).all():
                 i = int(np.flatnonzero(~np.isfinite(a))[0])
                 raise StateError(f"{who}: checkpoint entry {key!r} holds {a.reshape(-1)[i]} at flat index {i}")
+            if key == "sgtrust" and (np.abs(a) > 1).any():
+                raise StateError(f"{who}: checkpoint entry 'sgtrust' (a running cosine) is outside -1..1")
             if _counts(key) and a.size and (a < 0).any():
                 raise StateError(f"{who}: checkpoint entry {key!r} holds a negative value ({a.min()})")
         items = self._state_items()
@@ -801,6 +810,8 @@ class TorchNode(NodeBookkeeping):
             setattr(self, name, int(v))
         self.sg_lags = [int(v) for v in np.asarray(d["lags"])]
         self.target_norm, self.pred_norm = (float(v) for v in np.asarray(d["norms"]))
+        if self.spec.sg_trust:
+            self.trust = float(np.asarray(d["sgtrust"])[0])
         self._rng = torch.from_numpy(np.array(d["rng"], dtype=np.uint8))
         self.cache.clear()
         self.stash_bytes = 0
