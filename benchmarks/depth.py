@@ -45,7 +45,7 @@ MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 WINDOW3_LAGS = (0.27, 0.58, 0.15)       # benchmarks.staleness.MEASURED_LAGS
 WINDOW2_LAGS = (0.54, 0.46)
 METHODS = {
-    "backprop": {},
+    "backprop": {"train.schedule": "backprop"},   # (a layer's arithmetic follows its spec's schedule)
     "cdni": {"train.cond": True},
     "cdni+trust": {"train.cond": True, "train.sg_trust": True},
     "cdni noclip": {"train.cond": True, "train.sg_clip": 0.0},
@@ -53,6 +53,10 @@ METHODS = {
     "dni": {"train.cond": False},
     "dni+trust": {"train.cond": False, "train.sg_trust": True},
     "dni noclip": {"train.cond": False, "train.sg_clip": 0.0},
+    # plain DNI's gap: SG capacity, SG learning rate, no staleness (lag 0: the sequential order)
+    "dni mlp-sg": {"train.cond": False, "train.sg_model": "mlp"},
+    "dni sg-lr 3e-4": {"train.cond": False, "train.sg_lr": 3e-4},
+    "dni sequential": {"train.cond": False},
 }
 BACKENDS = {"numpy": {}, "torch": {"model.model": "mlp"}}   # torch: the zoo's mlp, one stage per layer (no BN)
 DEFAULT_METHODS = "backprop,cdni,cdni+trust,cdni noclip,dni,dni+trust,dni noclip"
@@ -90,7 +94,7 @@ def one_run(job: dict) -> dict:
         train_loss = float(np.mean(res.losses[-100:]))
         nodes = res.nodes
     else:
-        lags = WINDOW2_LAGS if "damp" in job["method"] else WINDOW3_LAGS
+        lags = WINDOW2_LAGS if "damp" in job["method"] else (1.0,) if "sequential" in job["method"] else WINDOW3_LAGS
         r = replay(cfg, plan.steps, lags, job["eval_every"], datasets=(train, test), keep_nodes=True)
         evals = [(s, m) for s, m, _ in r["evals"]]
         train_loss = float("nan")

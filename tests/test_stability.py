@@ -34,6 +34,16 @@ def randomise_sg(node, seed=7):
         p[...] = rng.normal(0, 1, p.shape)
 
 
+def one_step(node, x, y, g):
+    """One DNI step and its SG update: (the layer's move, the gradient sent down, the SG's move)."""
+    W0 = node.dense.W.copy()
+    _, sent, _ = node.dni_forward(0, x, y)
+    move = node.dense.W - W0
+    A0 = node.sg.A.copy()
+    node.sg_update(0, g)
+    return move, sent, node.sg.A - A0
+
+
 def test_target_norm_is_a_running_mean_of_per_example_target_norms():
     node = LayerNode(spec(sg_clip=2.0), dtype=F64)
     x, y, g = batch()
@@ -61,12 +71,7 @@ def test_clip_scales_the_layer_step_not_the_gradients(clip, optimizer):
     for c, node in nodes.items():
         randomise_sg(node)
         node.target_norm = 1.0                       # as if targets of per-example norm 1 had come in
-        W0 = node.dense.W.copy()
-        _, sent[c], _ = node.dni_forward(0, x, y)
-        moves[c] = node.dense.W - W0
-        A0 = node.sg.A.copy()
-        node.sg_update(0, g)
-        sg_moves[c] = node.sg.A - A0
+        moves[c], sent[c], sg_moves[c] = one_step(node, x, y, g)
     fresh = LayerNode(spec(), dtype=F64)             # the prediction both made, from the same state
     randomise_sg(fresh)
     pn = np.linalg.norm(fresh.sg.predict(fresh.dense.forward(x), fresh._cond(y)))
@@ -239,12 +244,7 @@ def test_trust_scales_the_layer_step_only(optimizer):
         randomise_sg(node)
         if t is not None:
             node.trust = t
-        W0 = node.dense.W.copy()
-        _, sent[t], _ = node.dni_forward(0, x, y)
-        moves[t] = node.dense.W - W0
-        A0 = node.sg.A.copy()
-        node.sg_update(0, g)
-        sg_moves[t] = node.sg.A - A0
+        moves[t], sent[t], sg_moves[t] = one_step(node, x, y, g)
     np.testing.assert_allclose(moves[0.3], 0.3 * moves[None], rtol=1e-9, atol=1e-14)
     np.testing.assert_array_equal(moves[0.0], 0 * moves[None])
     np.testing.assert_array_equal(sent[0.3], sent[None])
