@@ -20,7 +20,7 @@ $(BASE): pyproject.toml
 
 $(FULL): $(BASE)
 	$(PY) -m pip install -q '$(TORCH)'
-	$(PY) -m pip install -q -e '.[dev,ray,torch,plot,docs]'
+	$(PY) -m pip install -q -e '.[dev,ray,torch,plot,docs,tensorboard]'
 	touch $(FULL)
 
 run: $(BASE)

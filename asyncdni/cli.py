@@ -67,7 +67,7 @@ TRAIN_FLAGS = {
     "--checkpoint-every": ("runtime.checkpoint_every", dict(type=str, metavar="N", help="checkpoint every N steps")),
     "--checkpoint-dir": ("runtime.checkpoint_dir", dict(type=str, metavar="DIR", help="where checkpoints are written")),
     "--keep-checkpoints": ("runtime.keep_checkpoints", dict(type=str, metavar="N", help="complete checkpoints kept (default 3)")),
-    "--resume": ("runtime.resume", dict(type=str, metavar="DIR", help="continue from the newest complete checkpoint in DIR")),
+    "--resume": ("runtime.resume", dict(type=str, metavar="DIR", help="continue a run directory from its newest complete checkpoint (flags may change steps, epochs, the learning rate and its schedule, and the schedule); or a checkpoint directory, every flag given again")),
     "--launcher": ("runtime.launcher", dict(type=str, help="local, agents (asyncdni agent on each host) or ray (default local)")),
     "--listen": ("runtime.listen", dict(type=str, metavar="ADDR:PORT", help="agents: where the coordinator waits for agents")),
     "--keys": ("runtime.keys", dict(type=str, metavar="DIR", help="CURVE keys from 'asyncdni keys DIR' (agents launcher)")),
@@ -111,7 +111,8 @@ def help_group(field: str) -> str:
     return section
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_train_flags(p: argparse.ArgumentParser) -> dict:
+    """The flags of train and bench, in their --help groups; returns the groups by name."""
     groups = {name: p.add_argument_group(name) for name in HELP_GROUPS}
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model] [data] [train] [runtime]")
     for flag, (field, kw) in TRAIN_FLAGS.items():
@@ -141,6 +142,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                      help="no CURVE encryption even where workers bind off loopback")
     sec.add_argument("--curve", dest="security", action="store_const", const="curve",
                      help="CURVE encryption and authentication even on loopback")
+    return groups
 
 
 def overrides_from_args(args) -> dict:
@@ -179,7 +181,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"asyncdni {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     t = sub.add_parser("train", help="train one network under one schedule and print a summary")
-    _add_train_flags(t)
+    t_groups = _add_train_flags(t)
+    t_groups["output"].add_argument(
+        "--tensorboard", action="store_true",
+        help="also write the run's curves as TensorBoard event files in RUN_DIR/tensorboard "
+             "(needs the tensorboard package: pip install '.[tensorboard]')")
+    t_groups["output"].add_argument(
+        "--run-dir", metavar="DIR", default=None,
+        help="the run's directory: config.toml, report.json, evals.csv and checkpoints/ (default "
+             "runs/<UTC time>-<schedule>; with --resume RUN_DIR, that run's); refused if it exists and is not empty")
+    ev = sub.add_parser("eval", help="test loss and accuracy of a trained checkpoint, in this process")
+    ev.add_argument("target", metavar="RUN_OR_CHECKPOINT",
+                    help="a run directory (its newest complete checkpoint), a checkpoint directory or one "
+                         "checkpoint's step directory")
+    ev.add_argument("--data-path", default=None, metavar="PATH", help="the data, if it is elsewhere now (default: "
+                    "the run's data.path)")
+    ev.add_argument("--labels-path", default=None, metavar="Y.npy", help="npy: the labels' file, if elsewhere now")
+    ev.add_argument("--eval-batch", default=None, metavar="N", help="evaluation batch size (default: the run's)")
+    ev.add_argument("--config", default=None, metavar="FILE.toml",
+                    help="the run's configuration, for a checkpoint that does not record one")
+    ev.add_argument("--json", default=None, metavar="FILE.json", help="also write the result as JSON")
     b = sub.add_parser("bench", help="same model, data and seed under every schedule; speedups and bounds")
     _add_train_flags(b)
     b.add_argument("--schedules", default=None,
@@ -187,6 +208,9 @@ def make_parser() -> argparse.ArgumentParser:
                         f"{','.join(S.BENCH_ORDER)}; with --lab, those the lab runs)")
     b.add_argument("--peer", action="store_true",
                    help="torch stages: also run torch.distributed.pipelining (GPipe, 1F1B) on the same stages")
+    b.add_argument("--run-dir", metavar="DIR", default=None,
+                   help="the bench's directory: config.toml, bench.json, bench.csv, trace.json and plots/ (default "
+                        "runs/<UTC time>-bench; not for --sweep, --transport, --lab); refused if it exists and is not empty")
     b.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     b.add_argument("--csv", metavar="FILE", help="write one row per schedule and layer as CSV")
     b.add_argument("--trace", metavar="FILE", help="write a Chrome Trace Event file (Perfetto, chrome://tracing)")
@@ -199,8 +223,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "10gbit, 1gbit, 100mbit, ..) and one-way delay per link (default unshaped:0,unshaped:5,1gbit:0,100mbit:0)")
     b.add_argument("--feeder-host", default="shared", choices=("shared", "own"),
                    help="--lab: the feeder shares layer 1's host (default) or has its own")
-    b.add_argument("--repeats", default="1", metavar="N",
-                   help="--lab: run every cell N times (interleaved) and report medians and min-max (default 1)")
+    b.add_argument("--repeats", default=None, metavar="N",
+                   help="run every schedule N times, interleaved (all once, then all again), and report medians "
+                        "(default 2; --lab: every cell, default 1; --sweep: every point, default 1)")
     b.add_argument("--windows", default=None, metavar="W,..", help="--lab: run each schedule with an in-flight "
                    "window (async, delayed, local) once per window, e.g. 2,4,8,16; prints the staleness table")
     b.add_argument("--lab-prefix", default="adb-", metavar="P", help="--lab: name prefix of its devices (default adb-)")
@@ -218,6 +243,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="without --keys, let workers bind off loopback anyway (a trusted network only)")
     a.add_argument("--max-workers", default="16", metavar="N",
                    help="workers this agent runs at once; more launch requests are refused (default 16)")
+    a.add_argument("--persist", action="store_true",
+                   help="serve run after run: after each run, wait for the next coordinator at --join "
+                        "(--wait then only delays a notice); SIGTERM or SIGINT ends it, code 0")
     k = sub.add_parser("keys", help="make CURVE key pairs: the coordinator's and one per agent name")
     k.add_argument("dir", metavar="DIR", help="directory for the key files (created, mode 700)")
     k.add_argument("names", nargs="*", metavar="NAME", help="agent names (default: one shared key named 'agent')")
@@ -272,35 +300,139 @@ def guarded(fn):
         return None, fail("out of memory in the coordinator (a smaller model, dataset or --steps may fit)", 1)
 
 
+def _train_config(args, made: dict):
+    """The run's configuration, its data and plan, and its run directory (claimed, recorded
+    in ``made``). ``--resume RUN_DIR`` reads RUN_DIR/config.toml under the flags, and refuses
+    a flag that changes what determines the model's state, naming the field."""
+    from pathlib import Path
+    from asyncdni.engine import rundir as R
+    from asyncdni.engine.checkpoint import CheckpointError
+    from asyncdni.engine.plan import load_datasets, make_plan
+    ov = overrides_from_args(args)
+    resume_dir = R.run_dir_of(args.resume) if args.resume else None
+    config_path, base, defaults = args.config, None, {}
+    out_arg = Path(args.run_dir) if args.run_dir else None
+    if resume_dir is not None:
+        if args.config:
+            raise C.ConfigError(f"--config: --resume {args.resume} continues a run directory, whose {R.CONFIG} "
+                                "is the configuration; give what changes as flags")
+        config_path = str(resume_dir / R.CONFIG)
+        base = C.build(config_path)
+        ck_root = R.checkpoints_of(resume_dir, base)
+        if ck_root is None:
+            raise CheckpointError(f"--resume {args.resume}: the run has no checkpoints to continue from (it ran "
+                                  "without --checkpoint-every, or stopped before its first)")
+        ov["runtime.resume"] = str(ck_root)
+        if "runtime.checkpoint_dir" not in ov and ck_root == resume_dir / R.CHECKPOINTS:
+            ov["runtime.checkpoint_dir"] = str((out_arg or resume_dir) / R.CHECKPOINTS)
+    elif not args.resume:
+        defaults = {"runtime.checkpoint_dir": R.PLACEHOLDER}    # the run directory's, once it is chosen
+        if args.config:
+            ov = {**R.fresh_from(args.config), **ov}           # another run's config.toml: not its checkpoints
+    cfg = C.build(config_path, ov, defaults=defaults)
+    if base is not None:                       # a refused change: one line naming it, before any data is read
+        C.resume_changes(base, cfg, f"--resume {args.resume}")
+    train, test = load_datasets(cfg)
+    plan = make_plan(cfg, train)
+    cfg = C.with_stages(cfg, plan.n_layers)
+    run_dir, made["created"] = R.claim(out_arg, cfg.train.schedule, resume_dir)
+    made["dir"] = run_dir
+    if cfg.runtime.checkpoint_dir == R.PLACEHOLDER:
+        cfg = C.replace(cfg, **{"runtime.checkpoint_dir": str(run_dir / R.CHECKPOINTS)
+                                if cfg.runtime.checkpoint_every else ""})
+    return cfg, (train, test), plan, run_dir
+
+
 def cmd_train(args) -> int:
+    from asyncdni import files
     from asyncdni import report
-    from asyncdni.engine.coordinator import run
+    from asyncdni.engine import rundir as R
+    from asyncdni.engine.coordinator import RunError, run
+    made: dict = {}
+
+    if args.tensorboard and not report.tensorboard_available():
+        return fail("--tensorboard needs the tensorboard package: .venv/bin/pip install -e '.[tensorboard]'", 2)
 
     def train():
-        cfg = C.build(args.config, overrides_from_args(args))
-        progress = report.Progress(cfg.train.schedule, enabled=cfg.runtime.progress)
+        cfg, datasets, plan, run_dir = _train_config(args, made)
+        progress = report.Progress(cfg.train.schedule, enabled=cfg.runtime.progress, task=plan.task)
 
         def log(line):
             progress.interject(f"asyncdni: {line}")
 
+        def started(_coordinator):          # the workers are up: the run describes itself from now on
+            if not made.get("config"):
+                try:
+                    R.write_config(run_dir, cfg)
+                except OSError as e:
+                    raise RunError(f"cannot write {run_dir / R.CONFIG}: {e.strerror or e}") from None
+                made["config"] = True
+
         try:
-            result = run(cfg, on_progress=progress, log=log)
+            result = run(cfg, on_progress=progress, log=log, datasets=datasets, on_started=started)
         finally:
             progress.close()                # before the summary, or the one-line error
-        return cfg, result
+        return cfg, result, run_dir
 
     out, code = guarded(train)
     if code is not None:
+        if made.get("created"):
+            R.discard(made["dir"])          # nothing half-made is left behind; a checkpoint is kept
         return code
-    cfg, result = out
+    cfg, result, run_dir = out
     summary = report.run_summary(result)
+    summary["run_dir"] = str(run_dir)
+    payload = {"config": cfg.to_dict(), "summary": summary}
+    try:
+        report.write_json(str(run_dir / R.REPORT), payload)
+        files.atomic_write(run_dir / R.EVALS, report.evals_csv(summary["evals"]))
+        report.write_trace(str(run_dir / R.TRACE), {cfg.train.schedule: result.traces})
+        # plots when matplotlib is there (the `plot` extra); nothing otherwise
+        report.write_plots(str(run_dir / R.PLOTS), report.run_plot_input(cfg.train.schedule, result.series, summary))
+        if args.tensorboard:
+            import time as _time
+            report.write_tensorboard(str(run_dir / "tensorboard"), result.series, summary["evals"],
+                                     (summary["metric_name"], summary["metric2_name"]), _time.time() - result.wall)
+    except OSError as e:
+        print(report.format_summary(summary))
+        return fail(f"cannot write to run directory {run_dir}: {e.strerror or e}", 1)
     print(report.format_summary(summary))
     if args.report:
         try:
-            report.write_json(args.report, {"config": cfg.to_dict(), "summary": summary})
+            report.write_json(args.report, payload)
         except OSError as e:
             return fail(f"cannot write report {args.report}: {e.strerror}", 1)
         print(f"report written to {args.report}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from asyncdni import report
+    from asyncdni.engine import rundir as R
+    ov = {}
+    if args.data_path is not None:
+        ov["data.path"] = args.data_path
+    if args.labels_path is not None:
+        ov["data.labels_path"] = args.labels_path
+    if args.eval_batch is not None:
+        ov["train.eval_batch"] = args.eval_batch
+    out, code = guarded(lambda: R.evaluate_checkpoint(args.target, ov, args.config))
+    if code is not None:
+        return code
+    task = out["task"]
+    m1, m2 = report.metric_names(task)
+    d = out["data"]
+    data = f"addition, {d['bits']} bits" if d["dataset"] == "addition" else f"{d['dataset']} {d['path']}"
+    metrics = f"test {m1} {report.format_metric(task, out['test_metric'])}"
+    if m2 != m1:
+        metrics += f", test {m2} {report.format_metric(task, out['test_metric2'])}"
+    print(f"{out['checkpoint']}: step {out['step']}, test loss {out['test_loss']:.4f}, {metrics} "
+          f"({out['n']} test examples of {data})")
+    if args.json:
+        try:
+            report.write_json(args.json, {**out, "metric_name": m1, "metric2_name": m2})
+        except OSError as e:
+            return fail(f"cannot write {args.json}: {e.strerror or e}", 1)
     return 0
 
 
@@ -313,9 +445,11 @@ def cmd_bench(args) -> int:
 
     if args.lab:
         return _bench_lab(args, log)
-    if args.repeats != "1" or args.windows:
-        return fail("bench: --repeats and --windows go with --lab", 2)
+    if args.windows:
+        return fail("bench: --windows goes with --lab", 2)
     if args.transport:
+        if args.repeats is not None:
+            return fail("bench: --repeats does not go with --transport (it takes medians of its own trials)", 2)
         from asyncdni.bench import transport as transport_bench
         log("transport: protocol vs raw pyzmq, same sockets, loopback TCP (medians of 41 short paired trials)")
         rows = transport_bench.run(log=log)
@@ -323,13 +457,22 @@ def cmd_bench(args) -> int:
             report.write_json(args.json, {"transport": rows})
         return 0
 
+    from pathlib import Path
+    from asyncdni.engine import rundir as R
+    made: dict = {}
+
     def measure():
         ov = overrides_from_args(args)
         ov.setdefault("runtime.progress", False)
         cfg = C.build(args.config, ov)
+        repeats = bench.parse_repeats(args.repeats if args.repeats is not None else 1 if args.sweep else bench.REPEATS)
+        if args.run_dir and args.sweep:
+            raise C.ConfigError("--run-dir: not for --sweep (use --json / --csv)")
+        if not args.sweep:        # claimed before anything runs: a bad directory fails at once
+            made["dir"], made["created"] = R.claim(Path(args.run_dir) if args.run_dir else None, "bench")
         if args.sweep:
             log("sweep: samples/s of sequential, async and backprop")
-            return cfg, None, bench.sweep(cfg, log=log)
+            return cfg, None, bench.sweep(cfg, log=log, repeats=repeats)
         schedules = [s.strip() for s in (args.schedules or ",".join(S.BENCH_ORDER)).split(",") if s.strip()]
         for s in schedules:
             if s not in bench.BENCH_CHOICES:
@@ -339,10 +482,12 @@ def cmd_bench(args) -> int:
         every = cfg.train.eval_every if "train.eval_every" in ov else None
         if args.peer and not cfg.model.model:
             raise C.ConfigError("--peer: torch.distributed.pipelining runs torch stages; give --model")
-        return cfg, bench.bench(cfg, schedules, log=log, eval_every=every, peers=args.peer), None
+        return cfg, bench.bench(cfg, schedules, log=log, eval_every=every, peers=args.peer, repeats=repeats), None
 
     out, code = guarded(measure)
     if code is not None:
+        if made.get("created"):
+            R.discard(made["dir"])          # nothing half-made is left behind
         return code
     cfg, res, sweep_rows = out
     if sweep_rows is not None:
@@ -353,31 +498,40 @@ def cmd_bench(args) -> int:
         return 0
     print(bench.format_bench(res))
     public = {k: v for k, v in res.items() if not k.startswith("_")}
+    run_dir = made["dir"]
+    rows = []
+    for s, r in res["runs"].items():
+        base = {k: v for k, v in r.items() if k not in ("per_layer", "evals", "load", "repeat_runs")}
+        rows.append({**base, "other_share": (r.get("load") or {}).get("other_share"), "layer": ""})
+        for L in r["per_layer"]:
+            rows.append({"schedule": s, **L})
     try:
+        # the bench's own directory first: it describes the bench whatever else was asked for
+        R.write_config(run_dir, cfg)
+        report.write_json(str(run_dir / "bench.json"), {"config": cfg.to_dict(), "bench": public})
+        report.write_csv(str(run_dir / "bench.csv"), rows)
+        report.write_trace(str(run_dir / R.TRACE), res["_traces"])
+        plotted = report.write_plots(str(run_dir / R.PLOTS), res)
         if args.json:
             report.write_json(args.json, {"config": cfg.to_dict(), "bench": public})
         if args.csv:
-            rows = []
-            for s, r in res["runs"].items():
-                base = {k: v for k, v in r.items() if k not in ("per_layer", "evals")}
-                rows.append({**base, "layer": ""})
-                for L in r["per_layer"]:
-                    rows.append({"schedule": s, **L})
             report.write_csv(args.csv, rows)
         if args.trace:
             report.write_trace(args.trace, res["_traces"])
         if args.plots:
-            files = report.write_plots(args.plots, res)
-            if not files:
-                print("plots skipped: matplotlib is not installed (pip install '.[plot]')", file=sys.stderr)
+            plotted = report.write_plots(args.plots, res)
+        if args.plots and not plotted:
+            print("plots skipped: matplotlib is not installed (pip install '.[plot]')", file=sys.stderr)
     except OSError as e:
         return fail(f"cannot write output: {e}", 1)
+    print(f"run directory: {run_dir}")
     return 0
 
 
 def _bench_lab(args, log) -> int:
     from asyncdni.lab import namespaces as L
     from asyncdni.bench import lab as labbench
+    from asyncdni.bench.compare import parse_repeats
     from asyncdni import report
     try:
         L.require_root()
@@ -392,12 +546,7 @@ def _bench_lab(args, log) -> int:
         cfg = C.build(args.config, ov)
         links = labbench.parse_links(args.links or labbench.DEFAULT_LINKS)
         schedules, skipped = labbench.parse_schedules(args.schedules)
-        try:
-            repeats = int(args.repeats)
-        except ValueError:
-            repeats = 0
-        if not 1 <= repeats <= 100:
-            raise C.ConfigError(f"--repeats {args.repeats!r}: expected a whole number from 1 to 100")
+        repeats = parse_repeats("1" if args.repeats is None else args.repeats)
         windows = labbench.parse_windows(args.windows)
         return cfg, labbench.lab_bench(cfg, schedules, links, feeder_host=args.feeder_host, prefix=args.lab_prefix,
                                        subnet=args.lab_subnet, repeats=repeats, windows=windows, skipped=skipped,
@@ -447,7 +596,7 @@ def cmd_agent(args) -> int:
         return fail(f"--max-workers: expected a number of workers, got {args.max_workers!r}", 2)
     try:
         agent = Agent(AgentConfig(args.join, args.name, args.bind, args.keys, wait, args.log_dir,
-                                  insecure=args.insecure, max_workers=max_workers), log=log)
+                                  insecure=args.insecure, max_workers=max_workers, persist=args.persist), log=log)
     except (AgentError, KeyError_) as e:
         return fail(str(e), 2)
     try:
@@ -455,6 +604,9 @@ def cmd_agent(args) -> int:
     except AgentError as e:
         return fail(str(e), 1)
     except KeyboardInterrupt:
+        if args.persist:               # the way a persistent agent is meant to end
+            log("stopped; workers ended")
+            return 0
         log("interrupted; workers ended")
         return 130
 
@@ -516,6 +668,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "eval":
+        return cmd_eval(args)
     if args.command == "bench":
         return cmd_bench(args)
     if args.command == "agent":

@@ -166,25 +166,41 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def digest(self) -> str:
+    def digest(self, legacy: bool = False) -> str:
         """Hash of what determines the model's state: architecture, data, optimizer and seeds.
-        Not the placement ([runtime]), nor how long or in which order training runs, so a
-        checkpoint can be resumed with more steps or under another schedule."""
+        Not the placement ([runtime]), nor how long or in which order training runs, nor the
+        learning rate and its schedule, so a checkpoint can be resumed with more steps, under
+        another schedule or at another learning rate. ``legacy``: the digest as it was before
+        the learning rate could change on resume (it included ``train.lr``), which the
+        checkpoints written then carry (:meth:`digests`)."""
         d = self.to_dict()
         d.pop("runtime")
         d.pop("preset")
         for k in RUN_ONLY_TRAIN_FIELDS:
-            d["train"].pop(k)
+            if not (legacy and f"train.{k}" in DIGEST_DROPPED):
+                d["train"].pop(k)
         for dotted, default in DIGEST_OMIT_AT_DEFAULT.items():
             section, _, key = dotted.partition(".")
             if d[section][key] == default:     # fields added later: at their default they do not
                 d[section].pop(key)           # change the digest, so older checkpoints still load
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def digests(self) -> tuple[str, str]:
+        """The digests a checkpoint of this configuration may carry: today's, and the one
+        written before the learning rate left the digest (:data:`DIGEST_DROPPED`)."""
+        return self.digest(), self.digest(legacy=True)
+
 
 RUN_ONLY_TRAIN_FIELDS = ("schedule", "steps", "epochs", "max_inflight", "max_inflight_cap", "microbatches", "eval_every",
                          "eval_batch", "target_accuracy", "stash_weights", "delay_remedy", "lr_schedule",
-                         "lr_step_size", "lr_gamma")
+                         "lr_step_size", "lr_gamma", "lr")
+# fields that were in the digest until they were allowed to change on resume: the legacy
+# digest (RunConfig.digest(legacy=True)) keeps them, so that older checkpoints still resume
+DIGEST_DROPPED = ("train.lr",)
+# what a resumed run may change (and the report records); everything else in the digest
+# determines the model's state and is refused on resume (resume_changes)
+RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.schedule", "train.lr", "train.lr_schedule",
+                     "train.lr_step_size", "train.lr_gamma")
 # fields added after checkpoints existed, with the value that reproduces the older behaviour
 DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False,
                           "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0, "train.sg_trust": False,
@@ -635,17 +651,200 @@ def infer_dataset(d: dict) -> dict:
     return merge(d, {"data.dataset": infer_format(data["path"])})
 
 
-def build(config_path: str | None = None, overrides: dict | None = None, preset: bool = True) -> RunConfig:
+def build(config_path: str | None = None, overrides: dict | None = None, preset: bool = True,
+          defaults: dict | None = None) -> RunConfig:
     """TOML file (optional) + dotted overrides -> validated RunConfig. A ``data.path`` without
     a ``data.dataset`` names its kind by suffix (:func:`infer_dataset`). With ``preset`` (the
-    default) the dataset's :data:`PRESETS` fill in what neither the file nor the overrides set."""
-    d = infer_dataset(merge(load_toml(config_path) if config_path else {}, overrides or {}))
+    default) the dataset's :data:`PRESETS` fill in what neither the file nor the overrides set.
+    ``defaults`` (dotted) fill in, beneath both, what neither sets (``asyncdni train`` puts
+    the checkpoints in its run directory that way); unlike a preset's, they are not marked.
+    A file written by :func:`to_toml` names its preset fields; one that an override sets is
+    no longer the preset's."""
+    overrides = overrides or {}
+    d = infer_dataset(merge(load_toml(config_path) if config_path else {}, overrides))
+    if isinstance(d.get("preset"), list):
+        d["preset"] = [k for k in d["preset"] if k not in overrides]
+    for dotted, value in (defaults or {}).items():
+        section, _, key = dotted.partition(".")
+        given = d.get(section)
+        if not isinstance(given, dict) or key not in given:
+            d = merge(d, {dotted: value})
     applied: tuple[str, ...] = ()
     if preset:
         d, applied = apply_preset(d)
     if applied:
         d["preset"] = list(applied)
     return validate(from_dict(d))
+
+
+# ------------------------------------------------------------------ TOML writing
+def _toml_string(name: str, s: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif o < 0x20 or o == 0x7F:
+            out.append(f"\\u{o:04x}")
+        elif 0xD800 <= o <= 0xDFFF:      # a lone surrogate (undecodable bytes of a path): no TOML for it
+            raise ConfigError(f"{name}: {s!r} holds bytes that are not UTF-8 and cannot be written to TOML")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(name: str, v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)                   # '0.001', '1e-05', '1e+16': each a TOML float, read back exactly
+    if isinstance(v, str):
+        return _toml_string(name, v)
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(f"{name}[{i}]", x) for i, x in enumerate(v)) + "]"
+    raise TypeError(f"{name}: no TOML form for {type(v).__name__}")   # programming error
+
+
+def to_toml(cfg: RunConfig, header: str = "") -> str:
+    """The whole configuration as TOML, every field of every section (what was in force,
+    presets applied), and ``preset``: the fields the preset filled in. ``build(path)`` reads
+    it back to an equal RunConfig, provenance included. ``header``: comment lines on top."""
+    lines = [f"# {h}" if h else "#" for h in header.splitlines()]
+    lines.append(f"preset = {_toml_value('preset', list(cfg.preset))}")
+    for section, cls in _SECTION_CLASSES.items():
+        lines += ["", f"[{section}]"]
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            lines.append(f"{f.name} = {_toml_value(f'{section}.{f.name}', getattr(values, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ resuming
+def value_of(cfg: RunConfig, dotted: str):
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def state_fields() -> list[str]:
+    """The dotted fields that determine a model's state: those in the digest."""
+    return [f for f in field_names() if not f.startswith("runtime.")
+            and not (f.startswith("train.") and f.partition(".")[2] in RUN_ONLY_TRAIN_FIELDS)]
+
+
+def show_value(v) -> str:
+    """A configuration value as a message prints it."""
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) or "()"
+    if isinstance(v, str):
+        return v or "''"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _keeps(dotted: str) -> str:
+    section, _, key = dotted.partition(".")
+    if section == "model":
+        return "its architecture"
+    if section == "data":
+        return "its data"
+    if key == "seed":
+        return "its seeds"
+    if key.startswith("sg_") or key == "cond":
+        return "its synthetic-gradient models"
+    if key in ("optimizer", "weight_decay"):
+        return "its optimizer"
+    return f"its {key.replace('_', ' ')}"
+
+
+def _differ(a, b) -> bool:
+    return a != b and not (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def state_difference(old: RunConfig, new: RunConfig) -> tuple[str, object, object] | None:
+    """The first field that determines the model's state and differs: (field, old, new)."""
+    for dotted in state_fields():
+        a, b = value_of(old, dotted), value_of(new, dotted)
+        if _differ(a, b):
+            return dotted, a, b
+    return None
+
+
+def explain_mismatch(recorded, cfg: RunConfig, where: str = "in the checkpoint") -> str | None:
+    """Why a checkpoint whose manifest records configuration ``recorded`` (a ``to_dict()``) is
+    not one of ``cfg``'s, naming the field, e.g. 'model.width is 256 in the checkpoint, 128
+    here'; None when the record is missing or unreadable."""
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        old = from_dict(recorded)
+    except (ConfigError, TypeError, ValueError):
+        return None
+    diff = state_difference(old, cfg)
+    if diff is None:
+        return None
+    dotted, a, b = diff
+    return f"{dotted} is {show_value(a)} {where}, {show_value(b)} here"
+
+
+def resume_changes(old: RunConfig, new: RunConfig, where: str, step: int | None = None,
+                   old_name: str = "in the run") -> list[dict]:
+    """What a resumed run changes against the run it continues, as ``{"field", "old", "new",
+    "step"}`` for each field of [model], [data] and [train] that differs (the placement,
+    [runtime], is not recorded). A field that determines the model's state (architecture,
+    data, optimizer, SG models, seeds) may not change: a ConfigError names it and both
+    values in one line. Nor may a change of schedule add or drop state: the local schedule's
+    auxiliary heads, or torch stages' SG models (built only under the DNI schedules) and
+    their LR scheduler (a torch stage resumes its optimizer's own learning rate under a
+    schedule, so lr changes only under ``lr_schedule = "constant"``)."""
+    diff = state_difference(old, new)
+    if diff is not None:
+        dotted, a, b = diff
+        raise ConfigError(f"{where}: {dotted} is {show_value(a)} {old_name}, {show_value(b)} here; "
+                          f"a resumed run keeps {_keeps(dotted)}")
+    to, tn = old.train, new.train
+    go, gn = _schedules.get(to.schedule).gradient, _schedules.get(tn.schedule).gradient
+    sched = f"{where}: train.schedule is {to.schedule} {old_name}, {tn.schedule} here"
+    if (go == _schedules.LOCAL) != (gn == _schedules.LOCAL):
+        raise ConfigError(f"{sched}; the local schedule's auxiliary heads are part of each layer's state, so a "
+                          "resumed run does not switch into or out of local")
+    if go == _schedules.LOCAL and to.aux_features != tn.aux_features:
+        raise ConfigError(f"{where}: train.aux_features is {to.aux_features} {old_name}, {tn.aux_features} here; "
+                          "a resumed run keeps its auxiliary heads")
+    if new.model.model:
+        if (go == _schedules.SYNTHETIC) != (gn == _schedules.SYNTHETIC):
+            raise ConfigError(f"{sched}; torch stages hold SG models only under the DNI schedules "
+                              f"({', '.join(n for n in SCHEDULES if _schedules.get(n).gradient == _schedules.SYNTHETIC)}), "
+                              "so a resumed torch run stays with them or without them")
+        for k in ("lr_schedule", "lr_step_size", "lr_gamma"):
+            if _differ(getattr(to, k), getattr(tn, k)):
+                raise ConfigError(f"{where}: train.{k} is {show_value(getattr(to, k))} {old_name}, "
+                                  f"{show_value(getattr(tn, k))} here; torch stages resume their LR scheduler's "
+                                  "own state, so a resumed torch run keeps its LR schedule")
+        if _differ(to.lr, tn.lr) and tn.lr_schedule != "constant":
+            raise ConfigError(f"{where}: train.lr is {to.lr:g} {old_name}, {tn.lr:g} here; torch stages under an LR "
+                              f"schedule ({tn.lr_schedule}) resume the scheduler's learning rate, so lr changes on "
+                              "resume only with lr_schedule constant")
+    out = []
+    for dotted in field_names():
+        if dotted.startswith("runtime."):
+            continue
+        a, b = value_of(old, dotted), value_of(new, dotted)
+        if _differ(a, b):
+            out.append({"field": dotted, "old": list(a) if isinstance(a, tuple) else a,
+                        "new": list(b) if isinstance(b, tuple) else b, "step": step})
+    return out
 
 
 def replace(cfg: RunConfig, **dotted) -> RunConfig:

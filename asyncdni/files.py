@@ -39,6 +39,36 @@ def make_writable_dir(directory) -> None:
     os.unlink(probe)
 
 
+def atomic_write(path, data) -> None:
+    """Write ``data`` (str: UTF-8, or bytes) to ``path`` atomically (:func:`write_atomically`)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    write_atomically(path, lambda f: f.write(raw))
+
+
+def write_atomically(path, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path`` (created with the usual
+    permissions, 0666 less the umask), flush and fsync it, then rename it over ``path``. A
+    reader sees the old file or the new one, never half of one; on failure the temporary
+    file is removed. Raises OSError."""
+    import secrets
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def private_tempdir(kind: str) -> str:
     """A new private directory ``asyncdni-KIND-PID-XXXX`` in the system's temporary directory.
     The owner's pid in the name lets the next one clean up after a process that could not

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from asyncdni import files
+from asyncdni import schedules as S
 from asyncdni.engine.trace import TRACE_NAMES
 
 
@@ -101,6 +103,10 @@ def run_summary(result) -> dict:
         "per_layer": layers,
         "preset": preset_values(result.config),
         "in_force": in_force(result.config),
+        "uses_sg": uses_sg(result.config),
+        "seed": result.config.train.seed,
+        "data": dict(getattr(result, "data", None) or {}),
+        "changes": list(getattr(result, "changes", None) or []),
     }
 
 
@@ -113,24 +119,83 @@ def preset_values(cfg) -> dict:
     return out
 
 
+def uses_sg(cfg) -> bool:
+    """Whether the run's schedule trains with synthetic gradients (``schedules``: gradient)."""
+    return S.get(cfg.train.schedule).gradient == S.SYNTHETIC
+
+
 def in_force(cfg) -> dict:
-    """The learning settings a reader needs to reproduce the run's accuracy."""
+    """The learning settings a reader needs to reproduce the run's accuracy: the SG model's
+    only under a schedule that uses synthetic gradients, the in-flight window only under one
+    that has it, the micro-batches only under one that splits the batch."""
     m, t = cfg.model, cfg.train
+    sched = S.get(t.schedule)
     if m.model:          # torch stages: the model is the architecture; the numpy MLP's fields do not apply
         out = {"model.model": m.model, **({"model.split": m.split} if m.split else {})}
     else:
         out = {"model.width": m.width if not m.widths else list(m.widths), "model.activation": m.activation}
-    out |= {"train.optimizer": t.optimizer, "train.lr": t.lr, "train.sg_model": t.sg_model}
+    out |= {"train.optimizer": t.optimizer, "train.lr": t.lr}
     if t.weight_decay:
         out["train.weight_decay"] = t.weight_decay
     if t.lr_schedule != "constant":
         out["train.lr_schedule"] = t.lr_schedule
-    if t.sg_model == "lowrank":
-        out["train.sg_rank"] = t.sg_rank
-    if t.sg_every != 1:
-        out["train.sg_every"] = t.sg_every
-    out |= {"train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.max_inflight": t.max_inflight}
+    if uses_sg(cfg):
+        out["train.sg_model"] = t.sg_model
+        if t.sg_model == "lowrank":
+            out["train.sg_rank"] = t.sg_rank
+        if t.sg_every != 1:
+            out["train.sg_every"] = t.sg_every
+        out |= {"train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.sg_clip": t.sg_clip}
+        if t.sg_trust:
+            out["train.sg_trust"] = True
+        if t.sg_damp:
+            out["train.sg_damp"] = t.sg_damp
+    if sched.window == "max_inflight":
+        out["train.max_inflight"] = t.max_inflight if t.max_inflight else "auto"
+    if sched.microbatches:
+        out["train.microbatches"] = t.microbatches
     return out if m.model else out | {"model.batch_norm": m.batch_norm}
+
+
+SG_FIELDS_PREFIX = ("train.sg_", "train.cond")
+
+
+def format_data(summary: dict) -> str | None:
+    """One line: the dataset (and its path), how the test set was split off, the sizes and
+    the seeds; None when the summary does not say (a result from before it did)."""
+    d = summary.get("data") or {}
+    if not d:
+        return None
+    if d["dataset"] == "addition":
+        what = f"addition of {d.get('bits')}-bit numbers (built in)"
+    else:
+        what = f"{d['dataset']} {d['path']}" + (f" + {d['labels_path']}" if d.get("labels_path") else "") \
+            + f", {d['task']}"
+    split = {"files": "from separate test files",
+             "generated": f"drawn apart with data seed {d['data_seed']}",
+             "fraction": f"with test fraction {d.get('test_fraction', 0):g} held out by data seed {d['data_seed']}",
+             }.get(d.get("split"), f"(data seed {d['data_seed']})")
+    return f"data: {what}: {d['train']} train / {d['test']} test {split}; seed {d['seed']}"
+
+
+def format_changes(changes: list[dict]) -> list[str]:
+    """One line per resume that changed something: 'changed on resume at step 200: lr 0.001 -> 0.0005'."""
+    by_step: dict = {}
+    for c in changes:
+        by_step.setdefault(c.get("step"), []).append(c)
+    out = []
+    for step, cs in by_step.items():
+        parts = ", ".join(f"{c['field'].partition('.')[2]} {_show(c['old'])} -> {_show(c['new'])}" for c in cs)
+        out.append(f"changed on resume at step {step}: {parts}")
+    return out
+
+
+def _show(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "()"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v) if v != "" else "''"
 
 
 def format_settings(summary: dict) -> str:
@@ -145,7 +210,8 @@ def format_settings(summary: dict) -> str:
         if k in preset:
             parts[-1] += "*"
     for k, v in preset.items():          # a preset field not among the usual ones
-        if k not in (summary.get("in_force") or {}):
+        if k not in (summary.get("in_force") or {}) and (summary.get("uses_sg", True)
+                                                          or not k.startswith(SG_FIELDS_PREFIX)):
             parts.append(f"{k.partition('.')[2]}={v}*")
     line = "settings: " + " ".join(parts)
     if preset:
@@ -168,6 +234,9 @@ def format_summary(summary: dict) -> str:
     lines.append(f"schedule {s['schedule']}: {net}, {s['steps']} steps of {s['batch_size']}")
     if s.get("in_force"):
         lines.append(format_settings(s))
+    data = format_data(s)
+    if data:
+        lines.append(data)
     rows = [
         ("loss (train, first -> last)", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}"),
         ("test loss", f"{s['test_loss']:.4f}"),
@@ -204,6 +273,7 @@ def format_summary(summary: dict) -> str:
     faults = []
     if s["resumed_from_step"] is not None:
         faults.append(f"resumed from the checkpoint at step {s['resumed_from_step']}")
+    faults += format_changes(s.get("changes") or [])
     if s["checkpoints"]:
         faults.append(f"checkpoints committed at steps {', '.join(map(str, s['checkpoints'][-5:]))}"
                       + (" (last 5)" if len(s["checkpoints"]) > 5 else ""))
@@ -220,6 +290,8 @@ def format_summary(summary: dict) -> str:
                   f"{s['nonfinite_outputs']}")
     lines.append("")
     lines += [f"  {f}" for f in faults]
+    if s.get("run_dir"):
+        lines += ["", f"run directory: {s['run_dir']}"]
     return "\n".join(lines)
 
 
@@ -260,17 +332,40 @@ def _clean(o):
 
 
 def write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(_clean(payload), f, indent=2)
-        f.write("\n")
+    """``payload`` as JSON (NaN and infinities as null), written atomically: a reader never
+    sees half a file, and a failure leaves the old one (files.atomic_write)."""
+    files.atomic_write(path, json.dumps(_clean(payload), indent=2) + "\n")
+
+
+EVAL_COLUMNS = ("step", "train_time", "loss", "metric", "metric2", "n")
+
+
+def evals_csv(evals: list[dict]) -> str:
+    """The evaluation curve as CSV, one row per evaluation: step, train_time (seconds of
+    training before it), the test loss, metric and metric2 (classification: accuracy twice;
+    binary addition: bit and exact-sum accuracy; regression: RMSE and R²) and n, the test
+    examples. Numbers as Python writes them (read back exactly); NaN as an empty cell."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(EVAL_COLUMNS)
+    for e in evals:
+        row = []
+        for k in EVAL_COLUMNS:
+            v = _clean(e.get(k))
+            row.append("" if v is None else repr(v) if isinstance(v, float) else v)
+        w.writerow(row)
+    return buf.getvalue()
 
 
 class Progress:
     """Training progress on stderr: a tqdm bar redrawn in place on a terminal, a plain line
     per 10% of the steps otherwise (logs, CI). Called with the feeder's progress fields."""
 
-    def __init__(self, label: str, stream=None, enabled: bool = True):
+    def __init__(self, label: str, stream=None, enabled: bool = True, task: str | None = None):
         self.label = label
+        self.task = task                  # names the test metric: accuracy, bits, R² (None: "metric")
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = self.stream.isatty()
@@ -292,7 +387,7 @@ class Progress:
                 width = dict(dynamic_ncols=True) if cols else dict(ncols=100, nrows=20)
                 self.bar = tqdm(total=total, initial=done, desc=self.label, unit="step", file=self.stream,
                                 leave=True, **width)
-            self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.4f}{self.test_part(f)}", refresh=False)
             self.bar.update(done - self.bar.n)      # redraws at most every tqdm.mininterval
         else:
             frac = done / total if total else 1.0
@@ -301,8 +396,21 @@ class Progress:
             decile = int(frac * 10)
             if decile > self.last_decile:
                 self.last_decile = decile
-                self.stream.write(f"{self.label}: {done}/{total} steps, loss {loss:.4f}, {rate:.0f} steps/s\n")
+                self.stream.write(f"{self.label}: {done}/{total} steps, loss {loss:.4f}{self.test_part(f)}, "
+                                  f"{rate:.0f} steps/s\n")
                 self.stream.flush()
+
+    def test_part(self, f: dict) -> str:
+        """', test accuracy 97.12%' from the newest evaluation a PROGRESS carries (none: ''):
+        a regression shows R², binary addition its bit accuracy."""
+        if self.task == "regression":
+            v = f.get("test_metric2")
+            return "" if v is None else f", test R² {v:.4f}"
+        v = f.get("test_metric")
+        if v is None:
+            return ""
+        name = metric_names(self.task)[0] if self.task else "metric"
+        return f", test {name} {100 * v:.2f}%"
 
     def interject(self, line: str) -> None:
         """A message on its own line, even while a progress bar is drawn."""
@@ -335,8 +443,51 @@ def chrome_trace(traces_by_run: dict) -> dict:
 
 
 def write_trace(path: str, traces_by_run: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(chrome_trace(traces_by_run), f)
+    from asyncdni import files
+    files.atomic_write(path, json.dumps(chrome_trace(traces_by_run)))
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard.summary.writer.event_file_writer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_tensorboard(directory: str, series: dict, evals: list[dict], names: tuple[str, str],
+                      start_wall: float) -> str:
+    """The run's curves as a TensorBoard event file in ``directory`` (the ``tensorboard``
+    package's own writer, no torch needed): ``train/loss`` per step, ``test/loss`` and
+    ``test/<metric>`` per evaluation, at the wall time each step completed. Returns the
+    directory."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    w = EventFileWriter(directory)
+    try:
+        def scalar(tag: str, step: int, value: float, t: float) -> None:
+            if np.isfinite(value):
+                w.add_event(Event(step=int(step), wall_time=float(start_wall + t),
+                                  summary=Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])))
+        done, loss = np.asarray(series["done_at"], float), np.asarray(series["loss"], float)
+        for i in range(len(loss)):
+            scalar("train/loss", i + 1, loss[i], done[i] if np.isfinite(done[i]) else 0.0)
+        for e in evals:
+            t = e.get("train_time") or 0.0
+            scalar("test/loss", e["step"], e["loss"], t)
+            scalar(f"test/{names[0].replace(' ', '_')}", e["step"], e["metric"], t)
+            if names[1] and names[1] != names[0]:
+                scalar(f"test/{names[1].replace(' ', '_')}", e["step"], e["metric2"], t)
+    finally:
+        w.close()
+    return directory
+
+
+def run_plot_input(schedule: str, series: dict, summary: dict) -> dict:
+    """One training run in the shape :func:`write_plots` takes (a bench result with one row)."""
+    return {"_series": {schedule: series},
+            "runs": {schedule: {"evals": summary.get("evals") or [], "per_layer": summary.get("per_layer") or []}}}
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

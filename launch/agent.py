@@ -10,6 +10,13 @@ A small state machine: ``joining`` (AGENT_HELLO every second until AGENT_WELCOME
 ``wait`` seconds) -> ``joined`` (heartbeats both ways; LAUNCH / KILL) -> ``done``
 (RELEASE, or the coordinator silent past its deadline: every worker is ended first).
 
+``--persist`` (``AgentConfig.persist``) serves run after run, as torchrun's and Ray's
+nodes stay up: at ``done`` the run's workers are ended, its temporary files removed and
+its socket closed, and the agent goes back to ``joining`` (a new socket, so that nothing
+queued for or from the last coordinator reaches the next one), for as long as it takes:
+``wait`` then only sets when it says, once per join, that nobody answers. It ends on
+SIGTERM or SIGINT (the CLI turns both into KeyboardInterrupt), its workers first.
+
 Under CURVE (``keys``: a directory from ``asyncdni keys``) the agent authenticates with
 ``NAME.key_secret`` (or ``agent.key_secret``) and checks the coordinator's
 ``coordinator.key``; workers' secret keys reach it only over that encrypted channel.
@@ -33,6 +40,7 @@ from asyncdni.wire import transport
 AGENT_HEARTBEAT = 0.25        # seconds between agent <-> coordinator heartbeats
 JOIN_RETRY = 1.0              # seconds between AGENT_HELLOs while joining
 TAIL_BYTES = 4096             # log tail sent with an exit report
+REOPEN_EVERY = 10.0           # --persist: seconds of unanswered HELLOs before the socket is made anew
 MAX_WORKERS = 16              # workers one agent runs at once by default (--max-workers)
 SEND_TIMEOUT_MS = 200         # a send to the coordinator gives up after this (the loop goes on)
 DRAIN_LIMIT = 256             # messages handled per loop turn (heartbeats always get their turn)
@@ -61,6 +69,7 @@ class AgentConfig:
     log_dir: str = ""                # worker logs ("" : a temporary directory)
     insecure: bool = False           # no keys, yet workers bound off loopback: allowed only when asked
     max_workers: int = MAX_WORKERS   # workers this agent runs at once; further LAUNCHes are refused
+    persist: bool = False            # serve run after run (back to joining after each), until a signal
 
 
 def _check(cfg: AgentConfig) -> None:
@@ -106,14 +115,13 @@ class Agent:
             except security.KeyError_:
                 self.keys = security.load_secret(cfg.keys, "agent")
             self.server_key = security.load_public(cfg.keys, security.COORDINATOR)
-        from asyncdni.launch.local import LocalLauncher
         self._tmp = None if cfg.log_dir else files.private_tempdir(f"agent-{cfg.name}")
-        log_dir = Path(cfg.log_dir or self._tmp)
+        self.log_dir = Path(cfg.log_dir or self._tmp)
         try:
-            files.make_writable_dir(log_dir)
+            files.make_writable_dir(self.log_dir)
         except OSError as e:
-            raise AgentError(f"--log-dir {log_dir}: not a writable directory ({e.strerror or e})") from None
-        self.workers = LocalLauncher(log_dir)          # children die with this agent (PDEATHSIG)
+            raise AgentError(f"--log-dir {self.log_dir}: not a writable directory ({e.strerror or e})") from None
+        self.workers = self._launcher(self.log_dir)    # children die with this agent (PDEATHSIG)
         self.reported: set[str] = set()                # exits already reported
         if not cfg.keys:
             log("no --keys: this agent does not authenticate the coordinator, and its traffic is not encrypted")
@@ -121,24 +129,90 @@ class Agent:
         self.deadline = 2.0
         self.last_heard = time.monotonic()
         self.next_hb = 0.0
+        self.runs = 0                                  # runs joined so far
+        self.run_dir: Path | None = None               # --persist: this run's own log directory
+        self.ctx = None
+        self.sock = None
+        self.opened = 0.0                              # when self.sock was made
+
+    @staticmethod
+    def _launcher(directory: Path):
+        from asyncdni.launch.local import LocalLauncher
+        return LocalLauncher(directory)
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
-        ctx = zmq.Context()
-        sock = transport.connect(ctx, zmq.DEALER, self.cfg.join, identity=self.cfg.name.encode(),
-                                 curve=(self.keys, self.server_key) if self.keys else None)
-        # a DEALER with no connected peer blocks in send: after a failed CURVE handshake libzmq
-        # drops the connection, and a blocking HELLO would outlast --wait. Sends time out instead.
-        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        """Serve one run (or, with ``persist``, run after run until interrupted); the exit code."""
         try:
-            return self._run(sock)
+            while True:
+                code = self._serve()
+                if not self.cfg.persist:
+                    return code
+                self.log(f"waiting for the next coordinator at {self.cfg.join}")
         finally:
-            self.workers.stop(grace=2.0)
-            sock.close(0)
-            ctx.term()
+            self._end_run()            # again: a signal may have cut the last one short
             if self._tmp:
                 import shutil
                 shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _serve(self) -> int:
+        """Join a coordinator and serve its run; the run's workers, socket and temporary files
+        are gone when this returns (or raises)."""
+        self.ctx = zmq.Context()
+        self._open()
+        self.state = "joining"
+        self.deadline = 2.0
+        self.next_hb = 0.0
+        try:
+            return self._run(self.sock)
+        finally:
+            self._end_run()
+
+    def _open(self):
+        """A new DEALER to --join (the one before, if any, closed and its queue dropped)."""
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+        self.sock = transport.connect(self.ctx, zmq.DEALER, self.cfg.join, identity=self.cfg.name.encode(),
+                                      curve=(self.keys, self.server_key) if self.keys else None)
+        # a DEALER with no connected peer blocks in send: after a failed CURVE handshake libzmq
+        # drops the connection, and a blocking HELLO would outlast --wait. Sends time out instead.
+        self.sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        self.opened = time.monotonic()
+        return self.sock
+
+    def _end_run(self) -> None:
+        """The current run's workers ended, its socket closed and (under --persist, without
+        --log-dir) its log directory removed. Idempotent."""
+        self.workers.stop(grace=2.0)
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+        if self.run_dir is not None:
+            if self._tmp and self.run_dir != self.log_dir:
+                import shutil
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+            self.workers = self._launcher(self.log_dir)
+
+    def _begin_run(self) -> None:
+        """Joined: under --persist, this run's workers log into a directory of their own
+        (LOG_DIR/run-YYYYMMDD-HHMMSS-N), so that no run overwrites another's logs."""
+        self.runs += 1
+        self.reported = set()
+        if not self.cfg.persist:
+            return
+        run_dir = self.log_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{self.runs}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.log(f"cannot make {run_dir} ({e.strerror or e}); this run's worker logs go to {self.log_dir}")
+            run_dir = self.log_dir
+        self.run_dir = run_dir
+        self.workers = self._launcher(run_dir)
 
     def _send(self, sock, kind, **fields) -> None:
         try:
@@ -150,12 +224,24 @@ class Agent:
         hello = {"name": self.cfg.name, "bind": self.cfg.bind, "host": _socket.gethostname(), "pid": os.getpid()}
         t0 = time.monotonic()
         next_hello = 0.0
+        waited_out = False             # --persist: "no answer" is said once per join
+        said = ""                      # --persist: the last refusal logged (not repeated every second)
         while self.state == "joining":
             now = time.monotonic()
-            if now - t0 > self.cfg.wait:
-                raise AgentError(f"no answer from a coordinator at {self.cfg.join} within {self.cfg.wait:.0f} s"
-                                 + (" (a key mismatch? with --keys, the coordinator must use the same key "
-                                    "directory and CURVE)" if self.keys else " (if it uses CURVE, pass --keys DIR)"))
+            if not waited_out and now - t0 > self.cfg.wait:
+                line = (f"no answer from a coordinator at {self.cfg.join} within {self.cfg.wait:.0f} s"
+                        + (" (a key mismatch? with --keys, the coordinator must use the same key "
+                           "directory and CURVE)" if self.keys else " (if it uses CURVE, pass --keys DIR)"))
+                if not self.cfg.persist:
+                    raise AgentError(line)
+                self.log(line + "; still waiting (--persist)")
+                waited_out = True
+            if self.cfg.persist and now - self.opened > REOPEN_EVERY:
+                # while no coordinator listens, the HELLOs queue up on the socket (libzmq keeps a
+                # queue for a peer it is still connecting to) and would all reach the next one
+                # at once: a fresh socket drops them. (ZMQ_IMMEDIATE would too, but it also
+                # drops a RELEASE not yet read when the coordinator closes right after it.)
+                sock = self._open()
             if now >= next_hello:
                 self._send(sock, P.AGENT_HELLO, **hello)
                 next_hello = now + JOIN_RETRY
@@ -164,14 +250,23 @@ class Agent:
                 if msg is not None and msg.kind == P.AGENT_WELCOME:
                     deadline = msg.fields["deadline"]
                     if not bounded(deadline, MAX_DEADLINE):
-                        raise AgentError(f"the coordinator at {self.cfg.join} sent an impossible deadline "
-                                         f"{deadline!r} (expected 0 to {MAX_DEADLINE:g} s); not joining")
+                        line = (f"the coordinator at {self.cfg.join} sent an impossible deadline "
+                                f"{deadline!r} (expected 0 to {MAX_DEADLINE:g} s); not joining")
+                        if not self.cfg.persist:
+                            raise AgentError(line)
+                        if line != said:
+                            self.log(line)
+                            said = line
+                        continue
                     self.deadline = max(float(deadline), 4 * AGENT_HEARTBEAT)
                     self.last_heard = time.monotonic()
                     self.state = "joined"
-                    self.log(f"joined {self.cfg.join} as {self.cfg.name}; workers bind to {self.cfg.bind}")
-                elif msg is not None and msg.kind == P.RELEASE:
-                    return 0
+                    self._begin_run()
+                    self.log(f"joined {self.cfg.join} as {self.cfg.name}"
+                             + (f" (run {self.runs})" if self.cfg.persist else "")
+                             + f"; workers bind to {self.cfg.bind}")
+                elif msg is not None and msg.kind == P.RELEASE and not self.cfg.persist:
+                    return 0           # (a persistent agent has no run to end yet: it keeps joining)
         while True:
             now = time.monotonic()
             if now >= self.next_hb:

@@ -5,7 +5,8 @@ ROUTER on ADDR:PORT, waits (up to ``start_timeout``) for the agents that ``--hos
 names, and starts each worker through its agent. The agents stay joined across the
 restarts of one run (``--max-restarts``: the agents end and restart their workers); the
 loss of a whole agent ends the run with :class:`~asyncdni.launch.base.HostLost`, one line
-naming the host. The coordinator's control socket binds the ``--listen`` address too.
+naming the host. ``close()`` releases the agents (RELEASE): each exits, or, started with
+``--persist``, ends the run's workers and waits for the next coordinator. The coordinator's control socket binds the ``--listen`` address too.
 
 Under CURVE (``--keys DIR``; on by default when ADDR is not loopback) only agents whose
 public key is in DIR get in, and the coordinator is authenticated by
@@ -345,7 +346,8 @@ class AgentsLauncher(Launcher):
             w.state = "after"
 
     def close(self) -> None:
-        """The run is over: release every agent (they exit) and close the socket."""
+        """The run is over: release every agent (it exits, or under ``--persist`` waits for the
+        next coordinator) and close the socket."""
         if self.sock is None:
             return
         try:
@@ -354,7 +356,8 @@ class AgentsLauncher(Launcher):
             for a in self.agents.values():
                 if not a.lost:
                     self._send(a.name, P.RELEASE, reason="run over")
-            self.sock.setsockopt(zmq.LINGER, 1000)     # let the releases leave
+            # let the releases leave (up to 1 s): closed here, since _close_socket closes with linger 0
+            self.sock.close(linger=1000)
             self._close_socket()
 
 

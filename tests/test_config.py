@@ -84,13 +84,28 @@ def test_digest_stable_and_hex():
     {"train.steps": 5},
     {"train.epochs": 2.0},
     {"train.max_inflight": 5},
+    # nor the learning rate and its schedule: a resumed run may change them
+    {"train.lr": 0.01},
+    {"train.lr_schedule": "cosine"},
 ])
 def test_digest_ignores_runtime(override):
     assert build(None, override).digest() == build().digest()
 
 
+def test_legacy_digest_keeps_the_learning_rate_of_older_checkpoints():
+    """Checkpoints written while train.lr was in the digest carry the legacy digest: it
+    still names this configuration (digests()), and still tells learning rates apart."""
+    cfg, other = build(), build(None, {"train.lr": 0.01})
+    assert cfg.digests() == (cfg.digest(), cfg.digest(legacy=True))
+    assert cfg.digest(legacy=True) != cfg.digest()
+    assert other.digest(legacy=True) != cfg.digest(legacy=True)
+    # the legacy digest is the one of before, pinned: computed by the code of that time
+    assert cfg.digest(legacy=True) == "8814ff7d9b2c15ec"
+    assert other.digest(legacy=True) == "00d0ebbfdaf4d396"
+    assert build(None, {"model.width": 32, "train.schedule": "sequential"}).digest(legacy=True) == "f9b8a11b27122f53"
+
+
 @pytest.mark.parametrize("override", [
-    {"train.lr": 0.01},
     {"train.sg_lr": 0.01},
     {"train.optimizer": "sgd"},
     {"train.seed": 1},

@@ -490,6 +490,7 @@ def test_bench_lab_runs_every_schedule_over_the_links(needs_lab, tmp_path, no_le
         assert set(row["runs"]) == set(S.TABLE)
         for s, r in row["runs"].items():
             assert r["samples_per_s"] > 0 and len(r["per_layer"]) == 2 and r["repeats"] == 1
+            assert r["load"]["samples"] == 1 and 0 <= r["load"]["other_share"] <= 1     # other work on the machine
             assert r["per_layer"][0]["bytes_sent"] > 0
             # every layer of a schedule that sends gradients back sends bytes; under local the last does not
             assert all(L_["bytes_sent"] > 0 for L_ in r["per_layer"]) or s == "local", (s, r["per_layer"])
@@ -694,8 +695,11 @@ def test_bench_lab_cli_writes_json_csv_and_says_how_to_get_the_plot(monkeypatch,
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and word in err, err
     monkeypatch.undo()
-    assert cli.main(["bench", "--repeats", "3"]) == 2
+    assert cli.main(["bench", "--windows", "2"]) == 2          # --repeats goes with every bench; --windows not
     assert "--lab" in capsys.readouterr().err
+    assert cli.main(["bench", "--repeats", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--repeats" in err, err
 
 
 @pytest.mark.integration

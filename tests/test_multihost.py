@@ -37,9 +37,10 @@ def free_port() -> int:
 class Agents:
     """`asyncdni agent` processes for the duration of a with-block; always ended by pid."""
 
-    def __init__(self, names, port, *, keys="", bind="127.0.0.1", wait=60, netns=None):
+    def __init__(self, names, port, *, keys="", bind="127.0.0.1", wait=60, netns=None, persist=False):
         self.names, self.port, self.keys, self.bind, self.wait = names, port, keys, bind, wait
         self.netns = netns or {}
+        self.persist = persist
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name, join_host="127.0.0.1", bind=None):
@@ -47,6 +48,8 @@ class Agents:
                 "--name", name, "--bind", bind or self.bind, "--wait", str(self.wait)]
         if self.keys:
             argv += ["--keys", self.keys]
+        if self.persist:
+            argv += ["--persist"]
         if name in self.netns:
             argv = ["ip", "netns", "exec", self.netns[name], *argv]
         self.procs[name] = subprocess.Popen(argv, env=env_with_repo(), stdin=subprocess.DEVNULL,
@@ -252,6 +255,160 @@ def test_agent_without_a_coordinator_gives_up_in_one_line(tmp_path):
                          timeout=30)
     assert out.returncode == 1
     assert "no answer from a coordinator" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------- persistent agents (issue 20)
+def _workers_of(ag) -> list[int]:
+    """The pids of the workers the agents run now (their children)."""
+    agents = {p.pid for p in ag.procs.values()}
+    return [pid for pid in ag.pids() if pid not in agents]
+
+
+def _agent_tempdirs(ag) -> list[str]:
+    import glob
+    import tempfile
+    return [d for p in ag.procs.values() for n in ag.procs
+            for d in glob.glob(os.path.join(tempfile.gettempdir(), f"asyncdni-agent-{n}-{p.pid}-*"))]
+
+
+def _wait_until(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _terminate(ag) -> dict[str, str]:
+    """SIGTERM every persistent agent: each exits 0, promptly, leaving no process and no temp dir.
+    Returns what each said."""
+    pids = ag.pids()
+    dirs = _agent_tempdirs(ag)
+    assert dirs                                        # each had its own, while it ran
+    t0 = time.monotonic()
+    for p in ag.procs.values():
+        p.send_signal(signal.SIGTERM)
+    said = {}
+    for name, p in ag.procs.items():
+        said[name], _ = p.communicate(timeout=10)
+        assert p.returncode == 0, (name, said[name])
+        assert "Traceback" not in said[name], said[name]
+    assert time.monotonic() - t0 < 5.0
+    assert pids_gone(pids, timeout=2.0) == []
+    assert [d for d in dirs if os.path.exists(d)] == []
+    return said
+
+
+@pytest.mark.timeout(180)
+def test_persistent_agents_serve_two_runs_in_a_row_then_exit_on_sigterm():
+    """Two `asyncdni train`s in a row (each its own launcher, as from the command line) through
+    the same two agents: both complete; between them the first run's workers and logs are gone
+    and the agents stay up; SIGTERM then ends them with code 0 and nothing left behind."""
+    port = free_port()
+    with Agents(["a", "b"], port, persist=True) as ag:
+        for _ in range(2):
+            result = coordinator.run(cfg_of(port, "a,a,b,b,b"))
+            assert result.feeder["completed"] == SMALL["train.steps"]
+            assert _wait_until(lambda: not _workers_of(ag), 10), _workers_of(ag)
+            # the run's log directory is removed; the agents' own directories are empty again
+            assert _wait_until(lambda: all(not os.listdir(d) for d in _agent_tempdirs(ag)), 10)
+            assert all(p.poll() is None for p in ag.procs.values())   # still up, for the next run
+        said = _terminate(ag)
+    for out in said.values():       # each run ended by the head's RELEASE, not by its silence
+        assert out.count("released: run over") == 2 and "is gone" not in out, out
+        assert "(run 2)" in out and out.strip().splitlines()[-1].endswith("stopped; workers ended"), out
+
+
+@pytest.mark.timeout(180)
+def test_persistent_agent_outlives_a_killed_coordinator_and_serves_the_next(tmp_path):
+    port = free_port()
+    with Agents(["a", "b"], port, persist=True) as ag:
+        cli = subprocess.Popen([sys.executable, "-m", "asyncdni.cli", "train", "--launcher", "agents",
+                                "--listen", f"127.0.0.1:{port}", "--hosts", "a,b,b,b", "--steps", "100000",
+                                "--no-progress"], cwd=tmp_path, env=env_with_repo(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert _wait_until(lambda: len(_workers_of(ag)) == 5, 40), ag.pids()   # feeder + 4 layers
+            workers = _workers_of(ag)
+            time.sleep(1.0)
+            cli.kill()
+            cli.wait(10)
+            t0 = time.monotonic()
+            assert pids_gone(workers, timeout=10.0) == []
+            assert time.monotonic() - t0 < 8.0         # the 2 s deadline, then SIGTERM (2 s grace)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait(10)
+        assert all(p.poll() is None for p in ag.procs.values())       # the agents stay
+        result = coordinator.run(cfg_of(port, "a,a,b,b,b"))
+        assert result.feeder["completed"] == SMALL["train.steps"]
+        said = _terminate(ag)
+    assert all("is gone" in out and "(run 2)" in out for out in said.values()), said
+
+
+@pytest.mark.timeout(180)
+def test_a_sweep_runs_through_the_same_persistent_agents():
+    port = free_port()
+    with Agents(["a", "b"], port, persist=True) as ag:
+        pids = []                                      # each run's workers
+        for schedule, ref_schedule in [("sequential", "dni"), ("backprop", "backprop")]:
+            cfg = cfg_of(port, "a,a,b,b,b", **{"train.schedule": schedule, "train.seed": 5})
+            result = coordinator.run(cfg, on_started=lambda c: pids.append({w.pid for w in c.workers}))
+            train, _ = load_datasets(cfg)
+            ref = reference.train_reference(make_plan(cfg, train), ref_schedule, train, cfg.train.seed)
+            for i, node in enumerate(ref.nodes):
+                for name, want in node.params().items():
+                    assert np.allclose(result.params[i][name], want, rtol=1e-5, atol=1e-6), (schedule, i, name)
+        assert len(pids) == 2 and not pids[0] & pids[1] and None not in pids[0]   # fresh workers per run
+        _terminate(ag)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_mid_run_ends_a_persistent_agent_and_its_workers():
+    port = free_port()
+    cfg = cfg_of(port, "a,a,b,b,b", **{"train.steps": 100000})
+    box = {}
+    with Agents(["a", "b"], port, persist=True) as ag:
+        def on_started(c):
+            def stopper():
+                while c.progress_done < 50:
+                    time.sleep(0.005)
+                b = ag.procs["b"]
+                box["pids"] = [b.pid] + [w.pid for w in psutil.Process(b.pid).children(recursive=True)]
+                box["dirs"] = [d for d in _agent_tempdirs(ag) if f"-b-{b.pid}-" in d]
+                box["t"] = time.monotonic()
+                b.send_signal(signal.SIGTERM)
+            threading.Thread(target=stopper, daemon=True).start()
+        with pytest.raises((HostLost, coordinator.WorkerFailed)):   # no run goes on without host b
+            coordinator.run(cfg, on_started=on_started)
+        b = ag.procs["b"]
+        assert b.wait(10) == 0 and time.monotonic() - box["t"] < 5.0
+        assert len(box["pids"]) == 4 and pids_gone(box["pids"], timeout=2.0) == []   # b and its 3 layers
+        assert box["dirs"] and not any(os.path.exists(d) for d in box["dirs"])
+        assert ag.procs["a"].poll() is None             # a waits for the next coordinator
+        del ag.procs["b"]
+        _terminate(ag)
+
+
+def test_persist_agent_without_a_coordinator_keeps_waiting_and_says_so_once():
+    """Under --persist, --wait bounds nothing: after it, one line says nobody answers, and the
+    agent goes on waiting; SIGINT ends it with code 0."""
+    agent = subprocess.Popen([sys.executable, "-m", "asyncdni.cli", "agent", "--join",
+                              f"tcp://127.0.0.1:{free_port()}", "--name", "a", "--wait", "1", "--persist"],
+                             env=env_with_repo(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3.5)
+        assert agent.poll() is None                     # still waiting, past --wait
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=10)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0 and "Traceback" not in err, err
+    assert err.count("no answer from a coordinator") == 1 and "still waiting" in err, err
 
 
 # ---------------------------------------------------------------------------- CURVE

@@ -4,6 +4,12 @@ Reports wall-clock, samples/s, loss, accuracy, time to a target accuracy and per
 busy / waiting / communicating time, messages, bytes, CPU % and peak RSS; the speedup of
 ``async`` over each other schedule next to the bound this machine allows; the
 floating-point work per sample of each schedule and the samples/s that work allows.
+
+Every schedule runs ``repeats`` times (default 2), interleaved (all schedules once, then all
+again), and each row reports the median over its repeats. Each run is bracketed by a
+:class:`~asyncdni.bench.load.LoadSampler`: a row on which other work took more than
+``load.BUSY_SHARE`` of the machine is marked busy, and a comparison between two rows is
+printed as a verdict only when neither was busy and their loads were alike.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from asyncdni import report
 from asyncdni.engine import coordinator
 from asyncdni.engine import reference
 from asyncdni import schedules as S
+from asyncdni.bench import load
 from asyncdni.engine.plan import load_datasets, make_plan
 from asyncdni.nodes import make_node
 
@@ -173,13 +180,86 @@ def run_peers(cfg: C.RunConfig, plan, log=None, steps: int | None = None) -> lis
     return rows
 
 
+REPEATS = 2            # the bench's default: every schedule twice, interleaved, medians reported
+# per-run figures that a row of repeats reports as their median (and min-max)
+MEDIAN_KEYS = ("samples_per_s", "train_time_s", "loss_last", "test_metric", "test_metric2", "time_to_target_s",
+               "steps_to_target")
+
+
+def median_of(vals):
+    """Median of numbers, None counted as never (+inf); None when the median is never."""
+    xs = sorted(float("inf") if v is None else float(v) for v in vals)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    med = xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+    return None if med == float("inf") else med
+
+
+def parse_repeats(value) -> int:
+    """--repeats: a whole number from 1 to 100; ConfigError with one line otherwise."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if not 1 <= n <= 100:
+        raise C.ConfigError(f"--repeats {value!r}: expected a whole number from 1 to 100")
+    return n
+
+
+def aggregate_repeats(reps: list[dict]) -> tuple[dict, int]:
+    """One row from the repeats of one schedule: the figures of ``MEDIAN_KEYS`` are medians
+    (with their min-max as ``<key>_range``), everything else (per layer, evaluations) is the
+    repeat with the median samples/s (the slower of the middle two); ``load`` is
+    :func:`load.combine` of the repeats' samples. Returns (row, index of that repeat)."""
+    order = sorted(range(len(reps)), key=lambda i: reps[i]["samples_per_s"])
+    k = order[(len(order) - 1) // 2]
+    out = dict(reps[k])
+    for key in MEDIAN_KEYS:
+        if key not in out:
+            continue
+        vals = [r.get(key) for r in reps]
+        if len(reps) > 1:
+            out[key] = median_of(vals)
+            xs = [float(v) for v in vals if v is not None]
+            out[key + "_range"] = [min(xs), max(xs)] if xs else None
+    out["repeats"] = len(reps)
+    out["load"] = load.combine([r.get("load_sample") for r in reps])
+    out["repeat_runs"] = [{key: r.get(key) for key in MEDIAN_KEYS if key in r} | {"load": r.get("load_sample")}
+                          for r in reps]
+    out.pop("load_sample", None)
+    return out, k
+
+
+def resolve_target(cfg, plan, runs: dict) -> tuple[float | None, bool]:
+    """(target accuracy, whether chosen automatically): the config's, or 98% of the best
+    final accuracy among ``runs`` (a regression has no accuracy to reach)."""
+    target = cfg.train.target_accuracy or None
+    auto = target is None
+    if auto and plan.task != "regression":
+        target = auto_target(runs)
+    return target, auto
+
+
+def set_target_times(r: dict, target, auto: bool) -> None:
+    """A run's steps and seconds to ``target`` from its evaluations (the run's own time to
+    the config's target is kept when it has one)."""
+    r["steps_to_target"] = steps_to_target(r.get("evals"), target)
+    if auto or r.get("time_to_target_s") is None:
+        r["time_to_target_s"] = time_to_target(r.get("evals"), target) if target else None
+
+
 def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None,
-          eval_every: int | None = None, peers: bool = False) -> dict:
+          eval_every: int | None = None, peers: bool = False, repeats: int = REPEATS) -> dict:
     """Run every schedule on the same config; returns a plain-data result.
 
     ``eval_every``: test-set evaluations (off the clock) every so many steps; None: the
     config's ``train.eval_every``, or :func:`default_eval_every` where that is 0, so that
-    every row has an accuracy curve and a time to the target accuracy; 0: at the end only."""
+    every row has an accuracy curve and a time to the target accuracy; 0: at the end only.
+    ``repeats``: every schedule that many times, interleaved (all once, then all again, so
+    that drifting load spreads over every row); each row reports medians. Each run records
+    the machine's other work while it ran (``load``: :mod:`asyncdni.bench.load`)."""
+    repeats = parse_repeats(repeats)
     # one bench runs several schedules on the same config: checkpoints, resume and restarts
     # would mix their files in one directory, and are not what is being measured
     cfg = C.replace(cfg, **{"runtime.checkpoint_every": 0, "runtime.checkpoint_dir": "", "runtime.resume": "",
@@ -189,26 +269,44 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
     if eval_every is None:
         eval_every = cfg.train.eval_every or default_eval_every(plan.steps)
     cfg = C.replace(cfg, **{"train.eval_every": eval_every})
+    schedules = list(dict.fromkeys(schedules))
+    reps: dict = {s: [] for s in schedules}
+    rep_traces: dict = {s: [] for s in schedules}
+    rep_series: dict = {s: [] for s in schedules}
+    for rep in range(repeats):
+        for s in schedules:
+            if log:
+                log(f"bench: running {s}" + (f" (repeat {rep + 1}/{repeats})" if repeats > 1 else "") + " ...")
+            if s in INPROCESS_ROWS:
+                with load.LoadSampler() as ld:
+                    row = run_inprocess(cfg, s)
+                reps[s].append(row | {"load_sample": ld.result})
+                continue
+            c = C.replace(cfg, **{"train.schedule": s})
+            with load.LoadSampler() as ld:
+                r = coordinator.run(c, on_progress=on_progress, datasets=datasets)
+            summ = report.run_summary(r)
+            summ["per_layer"] = layer_rows(summ["per_layer"])
+            aux = reference.aux_evaluate(r.plan, r.params, datasets[1], cfg.train.eval_batch)
+            for Lr, a in zip(summ["per_layer"], aux):
+                Lr["aux_test_metric"] = a
+            summ["load_sample"] = ld.result
+            reps[s].append(summ)
+            rep_traces[s].append(r.traces)
+            rep_series[s].append({"loss": r.series["loss"], "done_at": r.series["done_at"]})
+    # the target from the rows' median accuracies, then every repeat's time to it
+    target, auto = resolve_target(cfg, plan, {s: {"test_metric": median_of([r.get("test_metric") for r in rr])}
+                                              for s, rr in reps.items()})
     runs, traces, series = {}, {}, {}
-    for s in schedules:
-        if log:
-            log(f"bench: running {s} ...")
-        if s in INPROCESS_ROWS:
-            runs[s] = run_inprocess(cfg, s)
-            continue
-        c = C.replace(cfg, **{"train.schedule": s})
-        r = coordinator.run(c, on_progress=on_progress, datasets=datasets)
-        summ = report.run_summary(r)
-        summ["per_layer"] = layer_rows(summ["per_layer"])
-        aux = reference.aux_evaluate(r.plan, r.params, datasets[1], cfg.train.eval_batch)
-        for L, a in zip(summ["per_layer"], aux):
-            L["aux_test_metric"] = a
-        runs[s] = summ
-        traces[s] = r.traces
-        series[s] = {"loss": r.series["loss"], "done_at": r.series["done_at"]}
+    for s, rr in reps.items():
+        for r in rr:
+            set_target_times(r, target, auto)
+        runs[s], k = aggregate_repeats(rr)
+        if rep_traces[s]:
+            traces[s], series[s] = rep_traces[s][k], rep_series[s][k]
     peer_rows = run_peers(cfg, plan, log) if peers else []
     return analyse(cfg, plan, runs) | {"_traces": traces, "_series": series, "eval_every": eval_every,
-                                       "peers": peer_rows}
+                                       "peers": peer_rows, "repeats": repeats, "busy_share": load.BUSY_SHARE}
 
 
 def auto_target(runs: dict) -> float | None:
@@ -232,14 +330,10 @@ def analyse(cfg, plan, runs: dict) -> dict:
     M = cfg.train.microbatches
     nodes = [make_node(spec) for spec in plan.specs]      # once: every row's FLOPs read them
     flops = {s: flops_per_sample(plan, s, nodes) for s in runs}
-    target = cfg.train.target_accuracy or None
-    target_auto = target is None
-    if target_auto and plan.task != "regression":      # a regression has no accuracy to reach
-        target = auto_target(runs)
+    target, target_auto = resolve_target(cfg, plan, runs)
     for r in runs.values():
-        r["steps_to_target"] = steps_to_target(r.get("evals"), target)
-        if target_auto or r.get("time_to_target_s") is None:
-            r["time_to_target_s"] = time_to_target(r.get("evals"), target) if target else None
+        if "repeats" not in r:          # rows of bench() have their times to target: medians of repeats
+            set_target_times(r, target, target_auto)
     out = {"machine": {"cores": n_cores}, "task": plan.task, "layers": K, "widths": list(plan.widths),
            "batch_size": plan.batch_size, "steps": plan.steps, "samples": plan.steps * plan.batch_size,
            "target_accuracy": target, "target_auto": target_auto, "runs": runs, "flops_per_sample": flops,
@@ -278,6 +372,9 @@ def analyse(cfg, plan, runs: dict) -> dict:
     out["async_speedup"] = speed
     if "sequential" in speed:
         out["async_efficiency"] = speed["sequential"] / bound
+        # above 100%: more than the machine allows, i.e. the rows ran under different load
+        out["async_efficiency_impossible"] = out["async_efficiency"] > 1.0
+    out["busy_rows"] = [s for s, r in runs.items() if load.is_busy(r.get("load"))]
     # every engine row against plain backprop in one process: samples/s and time to target
     vs = {}
     for base in (BASELINE, BASELINE_ALL):
@@ -296,8 +393,11 @@ def analyse(cfg, plan, runs: dict) -> dict:
 
 
 def _verdict(s: str, base: str, v: dict, r: dict, b: dict, tname: str) -> str:
-    """One plain sentence: does the engine row beat plain backprop in one process?"""
+    """One plain sentence: does the engine row beat plain backprop in one process? Only
+    when both rows ran under like, light load (:func:`load.not_a_verdict`); otherwise the
+    ratios, and why they are no verdict."""
     sp = v["samples_per_s"]
+    why = load.not_a_verdict(r.get("load"), b.get("load"))
     t, tb = r.get("time_to_target_s"), b.get("time_to_target_s")
     rate = f"{sp:.2f}x its samples/s"
     if tb is None:
@@ -308,6 +408,8 @@ def _verdict(s: str, base: str, v: dict, r: dict, b: dict, tname: str) -> str:
         faster_t = t < tb
         ratio = f"{tb / t:.2f}x sooner" if faster_t else f"{t / tb:.2f}x later"
         when = f"reaches {tname[3:]} {ratio} ({t:.2f} s vs {tb:.2f} s)"
+    if why:
+        return f"  {s} against {base}: {rate}, {when} ({why})"
     if sp >= 1 and faster_t is not False:
         word = "BEATS"
     elif sp < 1 and faster_t is not True:
@@ -361,10 +463,12 @@ def format_bench(res: dict) -> str:
     regression = res.get("task") == "regression"          # its column: test R² (higher is better, as accuracy)
     net = report.network_label(res["layers"], res["widths"], res.get("shapes"))
     net = f"{res['torch']}, {net}" if res.get("torch") else net
+    rep = res.get("repeats", 1)
     lines = [f"bench: {net}, batch {res['batch_size']}, "
              f"{res['steps']} steps ({res['samples']} samples), {res['machine']['cores']} cores"
              + (f", test {'RMSE and R²' if regression else 'accuracy'} every {res['eval_every']} steps (off the clock)"
-                if res.get("eval_every") else "")]
+                if res.get("eval_every") else "")
+             + (f"; every row the median of {rep} runs, interleaved" if rep > 1 else "")]
     tgt = res.get("target_accuracy")
     tname = f"to {100 * tgt:g}%" if tgt else "to target"
     if tgt and res.get("target_auto"):
@@ -382,13 +486,20 @@ def format_bench(res: dict) -> str:
         stt = r.get("steps_to_target")
         b = wb.get(s)
         ttt_s = "-" if ttt is None else f"{ttt:.2f}"
-        stt_s = "-" if stt is None else f"{stt}"
+        stt_s = "-" if stt is None else f"{stt:g}"
         b_s = "-" if not b else f"{b:.0f}"
         frac_s = "-" if not b else f"{100 * r['samples_per_s'] / b:.0f}%"
+        note = load.busy_note(r.get("load"))
         lines.append(f"  {s:<{w}}{r['samples_per_s']:>10.0f}{r['train_time_s']:>9.2f}{r['loss_last']:>8.3f}"
                      + (f"{r['test_metric2']:>9.4f}" if regression else f"{100 * r['test_metric']:>8.2f}%")
                      + f"{ttt_s:>11}{stt_s:>15}"
-                     f"{res['flops_per_sample'][s] / 1e6:>10.2f}{b_s:>11}{frac_s:>9}")
+                     f"{res['flops_per_sample'][s] / 1e6:>10.2f}{b_s:>11}{frac_s:>9}"
+                     + (f"  {note}" if note else ""))
+    busy = [s for s in order if load.is_busy(runs[s].get("load"))]
+    if busy:
+        lines.append(f"  (busy: other processes took more than {100 * load.BUSY_SHARE:.0f}% of the machine's CPU "
+                     f"while the row ran{', in its busiest repeat' if rep > 1 else ''}; its figures are not the "
+                     "schedule's own, and no verdict is drawn from it)")
     inproc = [s for s in order if s in INPROCESS_ROWS]
     if inproc:
         lines.append("  (" + "; ".join(f"{s}: one process, {runs[s].get('blas_threads', '?')} BLAS thread(s)"
@@ -399,9 +510,14 @@ def format_bench(res: dict) -> str:
         for s, v in res["async_speedup"].items():
             extra = ""
             if s == "sequential":
+                eff = v / bound
+                eff_s = (f"efficiency {100 * eff:.0f}%" if eff <= 1.0 else
+                         f"efficiency impossible: the machine's load changed between rows ({100 * eff:.0f}% of "
+                         "the bound)")
                 extra = (f"   (bound {bound:.2f} = min(cores {res['machine']['cores']}, layer balance "
-                         f"{res.get('layer_balance', float('nan')):.2f}); efficiency {100 * v / bound:.0f}%)")
-            lines.append(f"  speedup async / {s:<{w}} {v:5.2f}x{extra}")
+                         f"{res.get('layer_balance', float('nan')):.2f}); {eff_s})")
+            why = load.not_a_verdict(runs["async"].get("load"), runs[s].get("load"))
+            lines.append(f"  speedup async / {s:<{w}} {v:5.2f}x{extra}" + (f"   ({why})" if why else ""))
     vs = res.get("vs_inprocess_backprop") or {}
     for base, rows in vs.items():
         if not rows:
@@ -431,9 +547,9 @@ def format_bench(res: dict) -> str:
 
 
 def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 128), steps: int = 40,
-          log=None) -> list[dict]:
+          log=None, repeats: int = 1) -> list[dict]:
     """sequential vs async (and backprop, through the workers and in one process on every
-    core) over a grid of depth, width and batch size."""
+    core) over a grid of depth, width and batch size; ``repeats`` runs per point (medians)."""
     rows = []
     for K in layers:
         for w in widths:
@@ -441,7 +557,8 @@ def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 1
                 c = C.replace(cfg, **{"model.layers": K, "model.width": w, "model.widths": (),
                                       "train.batch_size": b, "train.steps": steps, "train.eval_every": 0,
                                       "train.target_accuracy": 0.0, "runtime.progress": False})
-                res = bench(c, schedules=("sequential", "async", "backprop", BASELINE_ALL), eval_every=0)
+                res = bench(c, schedules=("sequential", "async", "backprop", BASELINE_ALL), eval_every=0,
+                            repeats=repeats)
                 r = res["runs"]
                 row = {"layers": K, "width": w, "batch": b,
                        "sequential_sps": r["sequential"]["samples_per_s"], "async_sps": r["async"]["samples_per_s"],
@@ -451,7 +568,8 @@ def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 1
                        "speedup_vs_backprop": res["async_speedup"]["backprop"],
                        "speedup_vs_inprocess_backprop_all": res["async_speedup"][BASELINE_ALL],
                        "bound": res["async_bound"],
-                       "peak_rss_mb": max(L["peak_rss_mb"] for L in r["async"]["per_layer"])}
+                       "peak_rss_mb": max(L["peak_rss_mb"] for L in r["async"]["per_layer"]),
+                       "other_share": max((load.share(x.get("load")) or 0.0) for x in r.values())}
                 rows.append(row)
                 if log:
                     log(format_sweep_row(row))
@@ -459,8 +577,11 @@ def sweep(cfg: C.RunConfig, layers=(2, 4, 8), widths=(256, 1024), batches=(32, 1
 
 
 def format_sweep_row(r: dict) -> str:
+    busy = (r.get("other_share") or 0.0) > load.BUSY_SHARE
     return (f"  K={r['layers']:<2} width={r['width']:<5} batch={r['batch']:<4} seq {r['sequential_sps']:8.0f}/s  "
             f"async {r['async_sps']:8.0f}/s  backprop {r['backprop_sps']:8.0f}/s  async/seq {r['speedup_vs_sequential']:.2f}x "
             f"(bound {r['bound']:.2f})  async/bp {r['speedup_vs_backprop']:.2f}x  in-process bp (all cores) "
             f"{r['inprocess_backprop_all_sps']:8.0f}/s  async/it {r['speedup_vs_inprocess_backprop_all']:.2f}x"
-            f"{'' if r['speedup_vs_inprocess_backprop_all'] >= 1 else ' (async LOSES)'}  max rss {r['peak_rss_mb']:.0f} MB")
+            f"{'' if r['speedup_vs_inprocess_backprop_all'] >= 1 or busy else ' (async LOSES)'}  max rss "
+            f"{r['peak_rss_mb']:.0f} MB" + (f"  busy: other work took up to {100 * r['other_share']:.0f}% of the CPU"
+                                           if busy else ""))

@@ -10,7 +10,10 @@ accuracy, final accuracy, per layer busy / wait / communicate time and bytes, th
 the relays actually added (median and p99 per chunk) and, for DNI, how stale the SG
 targets were (lag distribution). ``repeats`` runs every cell that many times, interleaved,
 and reports medians with their min-max spread; ``windows`` runs each schedule that has an
-in-flight window once per window (the staleness study).
+in-flight window once per window (the staleness study). Every run records the machine's
+other work while it ran (:mod:`asyncdni.bench.load`); a cell on which other processes
+took more than ``load.BUSY_SHARE`` of the CPU is marked busy, and its ratios to other
+cells are printed as no verdict.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from asyncdni import config as C
 from asyncdni.engine import coordinator
 from asyncdni import report
 from asyncdni import schedules as S
-from asyncdni.bench.compare import layer_rows
+from asyncdni.bench import load
+from asyncdni.bench.compare import layer_rows, median_of
 from asyncdni.lab.namespaces import Lab, LabError, parse_delay, parse_rate, rate_bits
 
 DEFAULT_LINKS = "unshaped:0,unshaped:5,1gbit:0,100mbit:0"
@@ -152,14 +156,16 @@ def _pool_counts(count_lists) -> list[int] | None:
     return pooled
 
 
-def _one_run(r, relay: dict) -> dict:
-    """The plain-data record of one run through the lab."""
+def _one_run(r, relay: dict, load_sample: dict | None = None) -> dict:
+    """The plain-data record of one run through the lab (``load_sample``: the machine's
+    other work while it ran, :class:`load.LoadSampler`)."""
     from asyncdni.bench.compare import steps_to_target
     summ = report.run_summary(r)
     summ["per_layer"] = layer_rows(summ["per_layer"])
     summ["steps_to_target"] = steps_to_target(summ.get("evals"), summ.get("target_accuracy"))
     summ["relay"] = {k: relay.get(k) for k in ("delay_ms", "chunks", "backlogged", "added_ms", "on_time_ms")}
     summ["sg_lag_counts"] = _pool_counts(st.get("sg_lags") for st in r.layers)
+    summ["load_sample"] = load_sample
     return summ
 
 
@@ -167,14 +173,6 @@ def _one_run(r, relay: dict) -> dict:
 MEDIAN_KEYS = ("samples_per_s", "train_time_s", "test_metric", "time_to_target_s", "steps_to_target")
 
 
-def _median(vals):
-    """Median of numbers, None counted as never (+inf); None when the median is never."""
-    xs = sorted(float("inf") if v is None else float(v) for v in vals)
-    if not xs:
-        return None
-    m = len(xs) // 2
-    med = xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
-    return None if med == float("inf") else med
 
 
 def _spread(vals):
@@ -187,17 +185,19 @@ def aggregate(label: str, schedule: str, window: int | None, reps: list[dict]) -
     figures and relay accounting from the repeat with the median samples/s."""
     order = sorted(range(len(reps)), key=lambda i: reps[i]["samples_per_s"])
     mid = reps[order[(len(order) - 1) // 2]]
-    out = {k: v for k, v in mid.items() if k not in ("evals",)}
+    out = {k: v for k, v in mid.items() if k not in ("evals", "load_sample")}
     out.update(label=label, schedule=schedule, window_asked=window, repeats=len(reps))
     for key in MEDIAN_KEYS:
         vals = [r.get(key) for r in reps]
-        out[key] = _median(vals)
+        out[key] = median_of(vals)
         out[key + "_range"] = _spread(vals)
     out["reached_target"] = sum(r.get("time_to_target_s") is not None for r in reps)
     out["windows_used"] = sorted({r.get("window") for r in reps if r.get("window") is not None})
     out["sg_lag"] = lag_summary(_pool_counts(r.get("sg_lag_counts") for r in reps))
     out["runs"] = [{k: r.get(k) for k in (*MEDIAN_KEYS, "window")}
-                   | {"relay_added_ms": (r.get("relay") or {}).get("added_ms")} for r in reps]
+                   | {"relay_added_ms": (r.get("relay") or {}).get("added_ms"), "load": r.get("load_sample")}
+                   for r in reps]
+    out["load"] = load.combine([r.get("load_sample") for r in reps])
     return out
 
 
@@ -233,11 +233,13 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
                     if w is not None:
                         ov["train.max_inflight"] = w
                     c = C.replace(c0, **ov)
+                    ld = load.LoadSampler().start()
                     try:
                         r = coordinator.run(c, datasets=datasets, launcher=launcher, route=lab.route)
                     finally:
+                        sample = ld.stop()
                         relay = lab.stop_relays(refill=k < n_runs)
-                    reps[label].append(_one_run(r, relay))
+                    reps[label].append(_one_run(r, relay, sample))
         finally:
             launcher.close()
     return {label: aggregate(label, s, w, reps[label]) for label, s, w in todo}
@@ -309,7 +311,13 @@ def format_link(row: dict, repeats: int = 1) -> str:
         ttt = _num(r.get("time_to_target_s"), ".2f", "s") + _rng(r, "time_to_target_s", ".2f")
         if r.get("target_accuracy") and r.get("repeats", 1) > 1 and r.get("reached_target") != r["repeats"]:
             ttt += f" ({r.get('reached_target')}/{r['repeats']} reached)"
-        lines.append(f"    {label:<16}{win:>7}{sps:>{w1}}{acc:>{w1}}{stt:>{w1 + 2}}{ttt:>{w1 + 2}}  {rel_s}")
+        note = load.busy_note(r.get("load"))
+        lines.append(f"    {label:<16}{win:>7}{sps:>{w1}}{acc:>{w1}}{stt:>{w1 + 2}}{ttt:>{w1 + 2}}  {rel_s}"
+                     + (f"  {note}" if note else ""))
+    if any(load.is_busy(r.get("load")) for r in row["runs"].values()):
+        lines.append(f"    (busy: other processes took more than {100 * load.BUSY_SHARE:.0f}% of the machine's CPU "
+                     f"while the run ran{', in its busiest repeat' if repeats > 1 else ''}; no verdict is drawn "
+                     "from it)")
     return "\n".join(lines)
 
 
@@ -364,7 +372,8 @@ def format_lab_bench(res: dict) -> str:
                 t = ""
                 if a.get("time_to_target_s") and o.get("time_to_target_s"):
                     t = f", time {a['time_to_target_s'] / o['time_to_target_s']:.2f}x"
-                parts.append(f"{s} {a['samples_per_s'] / o['samples_per_s']:.2f}x{t}")
+                why = load.not_a_verdict(a.get("load"), o.get("load"))
+                parts.append(f"{s} {a['samples_per_s'] / o['samples_per_s']:.2f}x{t}" + (f" ({why})" if why else ""))
             lines.append(f"    {row['link']:<18} " + "; ".join(parts))
     if res.get("target_accuracy") and len(labels) > 1:
         lines.append("")
@@ -376,6 +385,12 @@ def format_lab_bench(res: dict) -> str:
                 continue
             bp = (row["runs"].get("backprop") or {}).get("time_to_target_s")
             lead = f" ({bp / hit[0][0]:.2f}x sooner than backprop)" if bp and hit[0][1] != "backprop" else ""
+            busy = [s for s, r in row["runs"].items() if load.is_busy(r.get("load"))]
+            shares = [load.share(r.get("load")) for r in row["runs"].values()]
+            shares = [x for x in shares if x is not None]
+            if busy or (shares and max(shares) - min(shares) >= load.BUSY_SHARE):
+                lead += (f" (not a verdict: other work took {100 * min(shares):.0f}% to {100 * max(shares):.0f}% "
+                         "of the CPU across the runs)")
             lines.append(f"    {row['link']:<18} {hit[0][1]} in {hit[0][0]:.2f}s{lead}")
     st = format_staleness(res)
     if st:
@@ -396,7 +411,8 @@ def csv_rows(res: dict) -> list[dict]:
             for k in MEDIAN_KEYS:
                 rg = r.get(k + "_range") or [None, None]
                 base.update({k: r.get(k), k + "_min": rg[0], k + "_max": rg[1]})
-            base.update({"sg_lag_mean": lag.get("mean"), "sg_lag_p90": lag.get("p90"),
+            base.update({"other_share": load.share(r.get("load")),
+                         "sg_lag_mean": lag.get("mean"), "sg_lag_p90": lag.get("p90"),
                          "relay_added_median_ms": (rel.get("added_ms") or {}).get("median"),
                          "relay_added_p99_ms": (rel.get("added_ms") or {}).get("p99"), "layer": ""})
             rows.append(base)

@@ -33,6 +33,12 @@ in flight. ``manifest.json``::
      "files": {"layer-1.npz": {"sha256": "<hex>", "bytes": 12345}, ...},
      "created": 1714000000.0, "extra": {...free JSON map...}}
 
+The coordinator's ``extra`` holds ``schedule``, ``steps`` (of the run that wrote it),
+``written_by``, ``config`` (``RunConfig.to_dict()`` of the configuration in force: what
+``asyncdni eval`` rebuilds the layers from, and what names the field of a mismatch) and
+``changes`` (what resumes changed so far: ``{"field", "old", "new", "step"}`` each).
+Checkpoints written before these existed have none of them.
+
 Every file (layer files and the manifest) is written to a hidden temporary file in the
 same directory (``.<name>.<random>.tmp``), flushed, ``fsync``-ed, renamed over the final
 name with ``os.replace`` and the directory is ``fsync``-ed, so a crash leaves either the
@@ -63,7 +69,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -157,19 +162,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def _atomic_write_os(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    files.write_atomically(path, write)
     _fsync_dir(path.parent)
 
 
@@ -612,14 +605,25 @@ def _read_manifest(directory: Path) -> dict:
     return m
 
 
-def validate(directory, config_digest: str | None = None, n_layers: int | None = None,
-             verify_files: bool = True) -> Checkpoint:
+def _digests(config_digest) -> tuple[str, ...] | None:
+    """None, or the digests accepted: one string, or several (a configuration's current and
+    legacy digest, ``RunConfig.digests``)."""
+    if config_digest is None:
+        return None
+    return (config_digest,) if isinstance(config_digest, str) else tuple(config_digest)
+
+
+def validate(directory, config_digest: str | tuple[str, ...] | None = None, n_layers: int | None = None,
+             verify_files: bool = True, explain=None) -> Checkpoint:
     """Check that ``directory`` holds a complete, intact checkpoint (of this configuration).
 
-    ``config_digest`` / ``n_layers`` of None are not checked. Raises :class:`CheckpointError`
-    with a one-line reason. With ``verify_files`` every file's size and sha256 are verified;
-    without, only the manifest and the files' presence and sizes (cheap: for a worker that
-    reads and verifies just its own file, or for pruning).
+    ``config_digest`` (one digest, or a tuple of those accepted) / ``n_layers`` of None are
+    not checked. Raises :class:`CheckpointError` with a one-line reason. With ``verify_files``
+    every file's size and sha256 are verified; without, only the manifest and the files'
+    presence and sizes (cheap: for a worker that reads and verifies just its own file, or for
+    pruning). ``explain(extra)``: on a digest mismatch, why (from the configuration the
+    manifest's ``extra`` records), e.g. "model.width is 256 in the checkpoint, 128 here";
+    None falls back to the digests.
     """
     directory = Path(directory)
     m = _read_manifest(directory)
@@ -629,9 +633,11 @@ def validate(directory, config_digest: str | None = None, n_layers: int | None =
         raise CheckpointError(f"{where}: directory name is not step-<9 digits>")
     if m["step"] != name_step:
         raise CheckpointError(f"{where}: step in manifest ({m['step']}) does not match the directory name ({name_step})")
-    if config_digest is not None and m["config_digest"] != config_digest:
-        raise CheckpointError(f"{where}: made by a different configuration (config digest {m['config_digest']}, "
-                              f"this run {config_digest})")
+    digests = _digests(config_digest)
+    if digests is not None and m["config_digest"] not in digests:
+        why = explain(m["extra"]) if explain is not None else None
+        raise CheckpointError(f"{where}: made by a different configuration ("
+                              + (why or f"config digest {m['config_digest']}, this run {digests[0]}") + ")")
     if n_layers is not None and m["n_layers"] != n_layers:
         raise CheckpointError(f"{where}: has {m['n_layers']} layers, this run has {n_layers}")
     files = m["files"]
@@ -687,8 +693,10 @@ def has_checkpoints(root) -> bool:
     return root.is_dir() and bool(_step_dirs(root))
 
 
-def find_latest(root, config_digest: str | None = None, n_layers: int | None = None) -> tuple[Checkpoint, list[str]]:
-    """The newest valid checkpoint under ``root`` and the reasons each newer one was skipped."""
+def find_latest(root, config_digest: str | tuple[str, ...] | None = None, n_layers: int | None = None,
+                explain=None) -> tuple[Checkpoint, list[str]]:
+    """The newest valid checkpoint under ``root`` and the reasons each newer one was skipped
+    (``config_digest``, ``explain``: as for :func:`validate`)."""
     root = _check_root(root)
     candidates = _step_dirs(root)
     if not candidates:
@@ -696,18 +704,19 @@ def find_latest(root, config_digest: str | None = None, n_layers: int | None = N
     skipped = []
     for _step, directory in candidates:
         try:
-            return validate(directory, config_digest, n_layers), skipped
+            return validate(directory, config_digest, n_layers, explain=explain), skipped
         except CheckpointError as e:
             skipped.append(_one_line(e))
     raise CheckpointError(f"no usable checkpoint in {root}: " + "; ".join(skipped))
 
 
-def prune(root, keep: int, config_digest: str | None = None) -> list[Path]:
+def prune(root, keep: int, config_digest: str | tuple[str, ...] | None = None) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints (``keep`` < 1 counts as 1), and
     every incomplete or corrupt directory older than the newest complete one.
 
-    With ``config_digest``, only checkpoints of that configuration count and are deleted;
-    others in the same directory are left alone. Completeness is judged from the manifest
+    With ``config_digest`` (one, or a tuple of those that are this configuration's), only
+    checkpoints of that configuration count and are deleted; others in the same directory
+    are left alone. Completeness is judged from the manifest
     and file sizes, not by re-hashing every kept checkpoint on every commit.
 
     Directories newer than the newest complete checkpoint are left alone (one may be being
@@ -718,10 +727,11 @@ def prune(root, keep: int, config_digest: str | None = None) -> list[Path]:
     keep = max(1, int(keep))
     complete_seen = 0
     deleted = []
+    digests = _digests(config_digest)
     for _step, directory in _step_dirs(root):
-        if config_digest is not None:
+        if digests is not None:
             try:
-                if _read_manifest(directory)["config_digest"] != config_digest:
+                if _read_manifest(directory)["config_digest"] not in digests:
                     continue        # another configuration's checkpoint: not ours to delete
             except CheckpointError:
                 pass

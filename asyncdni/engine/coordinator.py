@@ -27,7 +27,7 @@ from asyncdni import config as C
 from asyncdni import files
 from asyncdni.config import RunConfig
 from asyncdni.engine.spec import NodeAddress, ResumePoint, RunSpec
-from asyncdni.engine.plan import Plan, load_datasets, make_plan
+from asyncdni.engine.plan import Plan, data_info, load_datasets, make_plan
 
 STOP_TIMEOUT = 10.0          # seconds to wait for every BYE after STOP
 # control messages handled per turn of the watch loop: a flood on the control port cannot
@@ -111,6 +111,9 @@ class RunResult:
     restarts: list[dict] = field(default_factory=list)      # one entry per restart (see run())
     refused: int = 0              # CURVE clients refused on the control port
     control_rejected: dict = field(default_factory=dict)    # control messages ignored, by reason
+    # what resumes changed (field, old, new, step), this one's and those of the runs it continues
+    changes: list[dict] = field(default_factory=list)
+    data: dict = field(default_factory=dict)                # the dataset, its path, split and sizes (plan.data_info)
 
     @property
     def train_time(self) -> float:
@@ -131,10 +134,12 @@ def _raise_interrupt(signum, frame):
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, *, launcher=None, on_progress=None, run_dir: str | None = None,
-                 datasets=None, resume: CK.Checkpoint | None = None, on_started=None, log=None, route=None):
+                 datasets=None, resume: CK.Checkpoint | None = None, on_started=None, log=None, route=None,
+                 changes: list[dict] | None = None):
         self.cfg = cfg
         self.rt = cfg.runtime
         self.resume = resume
+        self.changes = list(changes or [])    # recorded in every manifest: a later resume keeps the history
         self.on_started = on_started          # called with the coordinator once every worker has START
         self.route = route                    # optional: rewrites the peers' endpoints in START (lab relays)
         self.refused = 0                      # CURVE clients refused on the control port
@@ -518,7 +523,8 @@ class Coordinator:
             try:
                 CK.write_manifest(self.ckpt_root, msg.step, self.cfg.digest(), self.plan.n_layers, parts,
                                   extra={"schedule": self.cfg.train.schedule, "steps": self.plan.steps,
-                                         "written_by": writers})
+                                         "written_by": writers, "config": self.cfg.to_dict(),
+                                         "changes": self.changes})
             except CK.CheckpointError as e:
                 if self.rt.launcher == "local":
                     raise
@@ -528,7 +534,7 @@ class Coordinator:
             del self.ckpt_hosts[msg.step]
             del self.ckpt_files[msg.step]
             self.ckpt_committed.append(msg.step)
-            CK.prune(self.ckpt_root, self.rt.keep_checkpoints, self.cfg.digest())
+            CK.prune(self.ckpt_root, self.rt.keep_checkpoints, self.cfg.digests())
             self.log(f"checkpoint at step {msg.step} committed in {self.ckpt_root}")
 
     def _collect(self) -> RunResult:
@@ -570,12 +576,45 @@ def _main_thread() -> bool:
 
 
 def find_resume_point(cfg: RunConfig, n_layers: int, log=None) -> CK.Checkpoint:
-    """The newest complete checkpoint of ``cfg.runtime.resume`` made by this configuration."""
-    ck, skipped = CK.find_latest(cfg.runtime.resume, cfg.digest(), n_layers)
+    """The newest complete checkpoint of ``cfg.runtime.resume`` made by this configuration
+    (its digest, or the legacy digest of checkpoints written before the learning rate could
+    change on resume); one made by another names the field that differs, where its manifest
+    records its configuration."""
+    ck, skipped = CK.find_latest(cfg.runtime.resume, cfg.digests(), n_layers,
+                                 explain=lambda extra: C.explain_mismatch(extra.get("config"), cfg))
     for reason in skipped:
         if log:
             log(f"skipping checkpoint: {reason}")
     return ck
+
+
+def resume_history(resume: CK.Checkpoint, cfg: RunConfig, steps: int | None = None) -> list[dict]:
+    """The changes made on resume so far: those the checkpoint's manifest records (earlier
+    resumes), then this resume's against the configuration the manifest records (none where
+    it records none: a checkpoint from before manifests did). A change that a checkpoint
+    cannot take (a schedule that adds or drops state) is a ConfigError naming it. A change
+    of length (train.steps or train.epochs) is recorded as one of train.steps, in steps
+    (``steps``: this run's; the manifest records the earlier run's)."""
+    extra = resume.extra
+    past = [c for c in extra.get("changes", []) if isinstance(c, dict) and isinstance(c.get("field"), str)] \
+        if isinstance(extra.get("changes"), list) else []
+    recorded = extra.get("config")
+    if not isinstance(recorded, dict):
+        return past
+    try:
+        old = C.from_dict(recorded)
+    except (C.ConfigError, TypeError, ValueError):
+        return past
+    where = f"--resume {cfg.runtime.resume}"
+    now = C.resume_changes(old, cfg, where, step=resume.step, old_name="in the checkpoint")
+    before = extra.get("steps")
+    if steps is not None and type(before) is int:
+        now = [c for c in now if c["field"] not in ("train.steps", "train.epochs")]
+        if before != steps:
+            now.append({"field": "train.steps", "old": before, "new": steps, "step": resume.step})
+        order = C.field_names()
+        now.sort(key=lambda c: order.index(c["field"]))
+    return past + now
 
 
 def prepare_checkpoint_dir(cfg: RunConfig) -> None:
@@ -615,6 +654,10 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
             raise CK.CheckpointError(f"{resume.directory}: step {resume.step} is past this run's {steps} steps; "
                                      f"ask for at least {resume.step} steps")
         log(f"resuming from step {resume.step} ({resume.directory})")
+        kw["changes"] = resume_history(resume, cfg, plan.steps)
+        for ch in kw["changes"]:
+            if ch.get("step") == resume.step:
+                log(f"changed on resume: {ch['field']} {C.show_value(ch['old'])} -> {C.show_value(ch['new'])}")
     restarts: list[dict] = []
     first_resume = resume.step if resume else None
     lineage = [resume] if resume else []          # checkpoints this run may fall back to
@@ -625,7 +668,10 @@ def run(cfg: RunConfig, *, log=None, **kw) -> RunResult:
         logs = files.private_tempdir("logs")
         kw["launcher"] = make_launcher(cfg, logs)
     try:
-        return _attempts(cfg, kw, log, resume, restarts, first_resume, lineage)
+        result = _attempts(cfg, kw, log, resume, restarts, first_resume, lineage)
+        result.changes = list(kw.get("changes") or [])
+        result.data = data_info(cfg, *kw["datasets"])
+        return result
     finally:
         if own:
             kw["launcher"].close()
@@ -642,7 +688,7 @@ def _attempts(cfg, kw, log, resume, restarts, first_resume, lineage) -> RunResul
                 raise
             for step in c.ckpt_committed:
                 try:
-                    lineage.append(CK.validate(CK.step_dir(c.ckpt_root, step), cfg.digest(), c.plan.n_layers))
+                    lineage.append(CK.validate(CK.step_dir(c.ckpt_root, step), cfg.digests(), c.plan.n_layers))
                 except CK.CheckpointError:
                     pass                              # pruned or damaged since: not a fallback
             ck = max(lineage, key=lambda k: k.step) if lineage else None

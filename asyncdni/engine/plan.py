@@ -52,6 +52,24 @@ def load_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     return load_idx_dir(d.path, test_fraction=d.test_fraction, seed=d.seed)
 
 
+def data_info(cfg: RunConfig, train: Dataset, test: Dataset) -> dict:
+    """What a report says about the data: the dataset kind and path (or binary addition's
+    bits), how the test set was split off (``split``: "fraction" with ``test_fraction`` and
+    the data seed, "files" for separate test files or arrays, "generated" for binary
+    addition's independent draws), the set sizes and the seeds."""
+    d = cfg.data
+    out = {"dataset": d.dataset, "path": d.path, "name": train.name, "task": train.task,
+           "split": train.split, "train": len(train), "test": len(test), "data_seed": d.seed,
+           "seed": cfg.train.seed}
+    if d.dataset == "addition":
+        out["bits"] = d.bits
+    if d.labels_path:
+        out["labels_path"] = d.labels_path
+    if train.split == "fraction":
+        out["test_fraction"] = d.test_fraction
+    return out
+
+
 def resolve_loss(cfg: RunConfig, task: str) -> str:
     if cfg.train.loss != "auto":
         return cfg.train.loss

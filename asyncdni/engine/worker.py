@@ -851,7 +851,7 @@ class FeederWorker(Worker):
                 i = completed - 1
                 self.send_ctrl(P.PROGRESS, done=completed, total=self.steps,
                                loss=float(np.nanmean(self.losses[max(0, i - 20):i + 1])) if completed else float("nan"),
-                               elapsed=now - t0 - paused)
+                               elapsed=now - t0 - paused, **self.latest_eval())
                 next_progress = now + PROGRESS_INTERVAL
         self.train_time = time.perf_counter() - t0 - paused
         self.state = "evaluating"
@@ -870,6 +870,19 @@ class FeederWorker(Worker):
         self.send_ctrl(P.STATS, finished=True)
         while True:                        # until STOP
             self._pump(timeout)
+
+    def latest_eval(self) -> dict:
+        """The newest evaluation (a resumed run's too), as PROGRESS carries it: test_metric
+        (accuracy; a regression's RMSE), test_metric2 (exact sums; R²) and its step."""
+        if not self.evals:
+            return {}
+        ev = self.evals[-1]
+        out = {"test_step": int(ev["step"])}
+        for key, field in (("metric", "test_metric"), ("metric2", "test_metric2")):
+            v = float(ev[key])
+            if np.isfinite(v):
+                out[field] = v
+        return out
 
     def checkpoint(self, step: int, train_time: float) -> None:
         """The pipeline is drained at ``step``: save the feeder's history, then send the

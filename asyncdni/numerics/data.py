@@ -19,7 +19,7 @@ import operator
 import os
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +120,10 @@ class Dataset:
     task: str
     n_out: int
     name: str
+    # how the train/test split was made (SPLITS): "fraction" (held out of one set with
+    # test_fraction and the data seed), "files" (separate test files or arrays), "generated"
+    # (drawn apart: binary addition); "" when not said
+    split: str = ""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -192,7 +196,7 @@ def binary_addition_split(n_bits: int, n_train: int, n_test: int, seed: int) -> 
     """
     train = _binary_addition(n_bits, n_train, [seed, 0], f"binary_addition_{n_bits}")
     test = _binary_addition(n_bits, n_test, [seed, 1], f"binary_addition_{n_bits}")
-    return train, test
+    return replace(train, split="generated"), replace(test, split="generated")
 
 
 def bit_metrics(pred_logits_or_probs_bits: np.ndarray, targets: np.ndarray, logits: bool = True) -> dict:
@@ -431,8 +435,9 @@ def load_idx_dir(directory, test_fraction: float = 0.2, seed: int = 0) -> tuple[
 
     n_out = max(int(y_tr.max()) + 1, int(y_te.max()) + 1, 2)
     name = d.resolve().name
-    train = Dataset(x=x_tr, y=y_tr, task="classification", n_out=n_out, name=name)
-    test = Dataset(x=x_te, y=y_te, task="classification", n_out=n_out, name=name)
+    split = "files" if len(loaded) == 2 else "fraction"
+    train = Dataset(x=x_tr, y=y_tr, task="classification", n_out=n_out, name=name, split=split)
+    test = Dataset(x=x_te, y=y_te, task="classification", n_out=n_out, name=name, split=split)
     return train, test
 
 
@@ -633,11 +638,11 @@ def _check_rows(x: np.ndarray, y: np.ndarray, names: tuple[str, str], path, sing
                          "(a training and a test sample)")
 
 
-def _datasets(x_tr, y_tr, x_te, y_te, task: str, n_out, name: str) -> tuple[Dataset, Dataset]:
+def _datasets(x_tr, y_tr, x_te, y_te, task: str, n_out, name: str, split: str) -> tuple[Dataset, Dataset]:
     if task == "classification":              # as for IDX: one output per class seen, at least 2
         n_out = max(int(y_tr.max()) + 1, int(y_te.max()) + 1, 2)
-    return (Dataset(x=x_tr, y=y_tr, task=task, n_out=n_out, name=name),
-            Dataset(x=x_te, y=y_te, task=task, n_out=n_out, name=name))
+    return (Dataset(x=x_tr, y=y_tr, task=task, n_out=n_out, name=name, split=split),
+            Dataset(x=x_te, y=y_te, task=task, n_out=n_out, name=name, split=split))
 
 
 def _one_set(x, y, names, task, tf, seed, name, x_path, y_path=None, text=False, at=None):
@@ -647,7 +652,7 @@ def _one_set(x, y, names, task, tf, seed, name, x_path, y_path=None, text=False,
     _check_rows(x, y, names, y_path)
     x = _features(x, x_path, names[0], at)
     y, task, n_out = _targets(y, y_path, task, names[1], text=text, at=at)
-    return _datasets(*split_arrays(x, y, tf, seed, x_path), task, n_out, name)
+    return _datasets(*split_arrays(x, y, tf, seed, x_path), task, n_out, name, "fraction")
 
 
 def load_npz(path, task: str = "auto", test_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -683,7 +688,7 @@ def load_npz(path, task: str = "auto", test_fraction: float = 0.2, seed: int = 0
     y_te, _, n_te = _targets(arrays["y_test"], p, task, "y_test")
     if n_out != n_te:
         raise _err(p, f"y_train has {n_out} targets per sample but y_test has {n_te}")
-    return _datasets(x_tr, y_tr, x_te, y_te, task, n_out, p.stem)
+    return _datasets(x_tr, y_tr, x_te, y_te, task, n_out, p.stem, "files")
 
 
 def _npy_array(p: Path) -> np.ndarray:

@@ -803,6 +803,12 @@ class TorchNode(NodeBookkeeping):
         for prefix, opt in self._opts():
             for g, lr in zip(opt.param_groups, np.asarray(d[f"{prefix}.lr"]).tolist()):
                 g["lr"] = lr
+        # a constant learning rate is the spec's: a resumed run may change it (train.lr); under
+        # an LR schedule the scheduler's own rate is resumed (config.resume_changes refuses a
+        # changed lr there). The auxiliary head's is always spec.lr, unscheduled
+        for opt in ((self.opt,) if self.lr_sched is None else ()) + ((self.aux_opt,) if self.aux_opt else ()):
+            for g in opt.param_groups:
+                g["lr"] = float(self.spec.lr)
         if self.lr_sched is not None:
             self.lr_sched.last_epoch, self.lr_sched._step_count = (int(v) for v in np.asarray(d["sched"]))
             self.lr_sched._last_lr = [g["lr"] for g in self.opt.param_groups]

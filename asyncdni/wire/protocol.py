@@ -189,9 +189,13 @@ KINDS: dict[str, KindSpec] = {
     # steps sent (the coordinator's progress detection and its stalled-link line)
     HEARTBEAT: _kind(optional={"state": str, "step": int, "data": int, "sent": int},
                      ranges={"step": (-1, None), "data": (0, None), "sent": (0, None)}),
+    # test_*: the newest evaluation (--eval-every): its metric (accuracy; a regression's
+    # RMSE), metric2 (exact sums; R²) and the step it was made at
     PROGRESS: _kind(required={"done": int, "total": int},
-                    optional={"loss": float, "metric": float, "elapsed": float},
-                    ranges={"done": _INDEX, "total": _INDEX}),
+                    optional={"loss": float, "metric": float, "elapsed": float,
+                              "test_metric": float, "test_metric2": float, "test_step": int},
+                    ranges={"done": _INDEX, "total": _INDEX, "test_metric": _RMSE, "test_metric2": _R2,
+                            "test_step": _INDEX}),
     STATS: _kind(free=True),
     ERROR: _kind(required={"role": str, "index": int, "error": str, "traceback": str},
                  ranges={"index": _INDEX}),
