@@ -182,6 +182,13 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     t = sub.add_parser("train", help="train one network under one schedule and print a summary")
     t_groups = _add_train_flags(t)
+    t_groups["across machines"].add_argument(
+        "--lab", metavar="PREFIX", default=None,
+        help="route the links between hosts through the delay relays of a lab made with 'asyncdni lab up "
+             "--delay MS' (its hosts run the agents); root only")
+    t_groups["across machines"].add_argument(
+        "--lab-state-dir", metavar="DIR", default=None, help="--lab: the lab's state directory (default "
+                                                              "that of 'asyncdni lab up')")
     t_groups["output"].add_argument(
         "--tensorboard", action="store_true",
         help="also write the run's curves as TensorBoard event files in RUN_DIR/tensorboard "
@@ -332,6 +339,7 @@ def _train_config(args, made: dict):
     cfg = C.build(config_path, ov, defaults=defaults)
     if base is not None:                       # a refused change: one line naming it, before any data is read
         C.resume_changes(base, cfg, f"--resume {args.resume}")
+    made["lab"] = _attach_lab(args, cfg)      # a lab that is not up: one line, before anything is made
     train, test = load_datasets(cfg)
     plan = make_plan(cfg, train)
     cfg = C.with_stages(cfg, plan.n_layers)
@@ -341,6 +349,28 @@ def _train_config(args, made: dict):
         cfg = C.replace(cfg, **{"runtime.checkpoint_dir": str(run_dir / R.CHECKPOINTS)
                                 if cfg.runtime.checkpoint_every else ""})
     return cfg, (train, test), plan, run_dir
+
+
+def _attach_lab(args, cfg):
+    """``--lab PREFIX``: a handle on that lab (made by ``asyncdni lab up``), whose route() puts
+    a relay adding the lab's delay in front of every inbox a peer on another host sends to;
+    None without the flag. A lab that is not up, or a run not on it, is one line."""
+    if args.lab is None:
+        if args.lab_state_dir is not None:
+            raise C.ConfigError("--lab-state-dir goes with --lab PREFIX")
+        return None
+    from asyncdni.lab import namespaces as L
+    if cfg.runtime.launcher != "agents":
+        raise C.ConfigError("--lab: the run's workers must be on the lab's hosts: --launcher agents, with an "
+                            "agent in each namespace (ip netns exec PREFIXhN asyncdni agent ...)")
+    try:
+        lab = L.Lab.attach(args.lab, args.lab_state_dir or L.STATE_DIR)
+    except L.LabError as e:
+        raise C.ConfigError(f"--lab: {e}") from None
+    if lab.delay_ms <= 0:
+        raise C.ConfigError(f"--lab {args.lab}: the lab adds no delay (made without --delay), so there is "
+                            f"nothing to route; its shaping applies without --lab")
+    return lab
 
 
 def cmd_train(args) -> int:
@@ -368,10 +398,15 @@ def cmd_train(args) -> int:
                     raise RunError(f"cannot write {run_dir / R.CONFIG}: {e.strerror or e}") from None
                 made["config"] = True
 
+        lab = made.get("lab")
         try:
-            result = run(cfg, on_progress=progress, log=log, datasets=datasets, on_started=started)
+            result = run(cfg, on_progress=progress, log=log, datasets=datasets, on_started=started,
+                         **({"route": lab.route} if lab is not None else {}))
         finally:
             progress.close()                # before the summary, or the one-line error
+            if lab is not None:
+                made["relays"] = lab.stop_relays(refill=False)
+                lab.close()                 # its relays only: the lab stays up
         return cfg, result, run_dir
 
     out, code = guarded(train)
@@ -397,6 +432,11 @@ def cmd_train(args) -> int:
         print(report.format_summary(summary))
         return fail(f"cannot write to run directory {run_dir}: {e.strerror or e}", 1)
     print(report.format_summary(summary))
+    if made.get("relays") is not None:
+        rel = made["relays"]
+        added = rel.get("added_ms") or {}
+        print(f"lab {args.lab}: {len(rel['relays'])} relays added a median {added.get('median')} ms "
+              f"(p99 {added.get('p99')} ms) to each of {rel['chunks']} chunks, for a set delay of {rel['delay_ms']:g} ms")
     if args.report:
         try:
             report.write_json(args.report, payload)

@@ -451,6 +451,44 @@ def test_cli_up_status_down(lab_args, capsys):
     assert "no lab" in capsys.readouterr().out
 
 
+def test_train_on_a_lab_made_by_hand_gets_its_delay(lab_args, tmp_path, capsys):
+    """`lab up --delay 20`, agents in its hosts, then `train --lab PREFIX`: the links between
+    hosts go through relays adding the lab's delay (before, such a run saw no delay at all);
+    the relays end with the run and the lab stays up. Without --lab there are none."""
+    pre, sd = lab_args["prefix"], str(lab_args["state_dir"])
+    assert cli.main(["lab", "up", "--hosts", "2", "--delay", "20", "--prefix", pre, "--subnet", lab_args["subnet"],
+                     "--state-dir", sd]) == 0
+    capsys.readouterr()
+    lab = L.Lab.attach(pre, lab_args["state_dir"])
+    with socket.socket() as s:
+        s.bind((lab.bridge_ip, 0))
+        port = s.getsockname()[1]
+
+    def train(*extra):
+        with lab:                           # the agents end with this handle; the lab stays up
+            for i in range(2):
+                lab.run_in(i, [PY, "-m", "asyncdni.cli", "agent", "--join", f"tcp://{lab.bridge_ip}:{port}",
+                               "--name", f"h{i}", "--bind", lab.addresses[i], "--wait", "30", "--insecure"],
+                           env=env_with_repo(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            code = cli.main(["train", "--launcher", "agents", "--listen", f"{lab.bridge_ip}:{port}", "--hosts",
+                             "h0,h0,h1,h1,h1", "--insecure", "--steps", "30", "--width", "32", "--no-progress",
+                             "--run-dir", str(tmp_path / f"run{len(extra)}"), *extra])
+        return code, capsys.readouterr()
+    code, out = train("--lab", pre, "--lab-state-dir", sd)
+    assert code == 0, out.err
+    line = next(ln for ln in out.out.splitlines() if ln.startswith(f"lab {pre}:"))
+    median = float(line.split("a median ")[1].split(" ms")[0])
+    assert "for a set delay of 20 ms" in line and 19.0 <= median <= 30.0, line
+    assert json.loads(L.state_path(pre, sd).read_text())["relays"] == []      # ended with the run
+    code, out = train()
+    assert code == 0 and f"lab {pre}:" not in out.out
+    assert cli.main(["train", "--launcher", "agents", "--listen", "127.0.0.1:5", "--hosts", "a,a,a,a,a",
+                     "--lab", "zz9-", "--lab-state-dir", sd]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--lab: no lab zz9- is up" in err
+    assert cli.main(["lab", "down", "--prefix", pre, "--state-dir", sd]) == 0
+
+
 def _bench_prefix_subnet(tag: str, tmp_path, salt: int):
     prefix = f"{tag}{os.getpid() % 10000:04d}-"
     for k in range(250):

@@ -187,6 +187,11 @@ def discard(run_dir: Path) -> bool:
         run_dir.rmdir()
     except OSError:
         return False
+    if run_dir.parent.name == RUNS:            # the default runs/ it made, if nothing else is there
+        try:
+            run_dir.parent.rmdir()
+        except OSError:
+            pass
     return True
 
 
