@@ -52,6 +52,8 @@ TRAIN_FLAGS = {
     "--microbatches": ("train.microbatches", dict(type=str, metavar="M", help="pipeline: micro-batches per step (default 4)")),
     "--stash-weights": ("train.stash_weights", dict(type=str, metavar="BOOL", help="delayed: input gradient with the forward pass's weights (default false)")),
     "--delay-remedy": ("train.delay_remedy", dict(type=str, help="delayed: none or lr_scale (lr / (1 + delay)) (default none)")),
+    "--wire-fwd": ("train.wire_fwd", dict(type=str, metavar="CODEC", help="codec of the activations between layers: fp32, fp16, bf16, int8 (a scale per row), int8:tensor or topk:F (default fp32)")),
+    "--wire-bwd": ("train.wire_bwd", dict(type=str, metavar="CODEC", help="codec of the gradients between layers, the same choices; a lossy one carries error feedback (default fp32)")),
     "--aux-features": ("train.aux_features", dict(type=str, metavar="N", help="local: features an auxiliary classifier reads; wider layers are average-pooled (default 256)")),
     "--seed": ("train.seed", dict(type=str, help="seed of initialisation and batching")),
     "--eval-every": ("train.eval_every", dict(type=str, metavar="N", help="evaluate every N steps (off the clock)")),
@@ -93,7 +95,7 @@ HELP_GROUPS = ("model", "data", "training", "schedule", "synthetic gradients", "
 _SCHEDULE_FIELDS = {"train.schedule", "train.max_inflight", "train.max_inflight_cap", "train.microbatches",
                     "train.stash_weights", "train.delay_remedy", "train.aux_features"}
 _MACHINE_FIELDS = {"runtime.host", "runtime.hosts", "runtime.ports", "runtime.launcher", "runtime.listen",
-                   "runtime.keys", "runtime.ray_address"}
+                   "runtime.keys", "runtime.ray_address", "train.wire_fwd", "train.wire_bwd"}
 _OUTPUT_FIELDS = {"train.eval_every", "train.eval_batch", "train.target_accuracy"}
 
 
@@ -126,6 +128,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> dict:
                    help="scale a layer's SG step by the running cosine of its SG's predictions with their targets "
                         "(deep nets, plain DNI; default off)")
     t.add_argument("--no-sg-trust", dest="sg_trust", action="store_const", const=False, help="no SG trust scaling")
+    w = groups["across machines"].add_mutually_exclusive_group()
+    w.add_argument("--wire-feedback", dest="wire_feedback", action="store_const", const=True, default=None,
+                   help="a lossy --wire-bwd codec carries error feedback (default on)")
+    w.add_argument("--no-wire-feedback", dest="wire_feedback", action="store_const", const=False,
+                   help="no error feedback for a lossy --wire-bwd codec")
     bn = groups["model"].add_mutually_exclusive_group()
     bn.add_argument("--batch-norm", dest="batch_norm", action="store_const", const=True, default=None,
                     help="batch normalisation of the hidden layers' pre-activations (default off)")
@@ -162,6 +169,8 @@ def overrides_from_args(args) -> dict:
         ov["model.batch_norm"] = args.batch_norm
     if args.sg_trust is not None:
         ov["train.sg_trust"] = args.sg_trust
+    if args.wire_feedback is not None:
+        ov["train.wire_feedback"] = args.wire_feedback
     if args.no_progress:
         ov["runtime.progress"] = False
     if args.fail_on_nonfinite:
@@ -235,6 +244,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "(default 2; --lab: every cell, default 1; --sweep: every point, default 1)")
     b.add_argument("--windows", default=None, metavar="W,..", help="--lab: run each schedule with an in-flight "
                    "window (async, delayed, local) once per window, e.g. 2,4,8,16; prints the staleness table")
+    b.add_argument("--wires", default=None, metavar="CODEC|FWD/BWD,..", help="--lab: run each schedule once per "
+                   "codec setting, e.g. fp32,int8,fp16/int8 (the first is the baseline); prints bytes per step, link "
+                   "use and times against backprop with the baseline and with the same codecs")
     b.add_argument("--lab-prefix", default="adb-", metavar="P", help="--lab: name prefix of its devices (default adb-)")
     b.add_argument("--lab-subnet", default="10.76.0.0/24", metavar="CIDR", help="--lab: its subnet (default 10.76.0.0/24)")
     a = sub.add_parser("agent", help="run this host's workers for a coordinator (multi-host runs)")
@@ -487,6 +499,8 @@ def cmd_bench(args) -> int:
         return _bench_lab(args, log)
     if args.windows:
         return fail("bench: --windows goes with --lab", 2)
+    if args.wires:
+        return fail("bench: --wires goes with --lab (without it, --wire-fwd/--wire-bwd apply to every run)", 2)
     if args.transport:
         if args.repeats is not None:
             return fail("bench: --repeats does not go with --transport (it takes medians of its own trials)", 2)
@@ -588,9 +602,10 @@ def _bench_lab(args, log) -> int:
         schedules, skipped = labbench.parse_schedules(args.schedules)
         repeats = parse_repeats("1" if args.repeats is None else args.repeats)
         windows = labbench.parse_windows(args.windows)
+        wires = labbench.parse_wires(args.wires)
         return cfg, labbench.lab_bench(cfg, schedules, links, feeder_host=args.feeder_host, prefix=args.lab_prefix,
-                                       subnet=args.lab_subnet, repeats=repeats, windows=windows, skipped=skipped,
-                                       log=log)
+                                       subnet=args.lab_subnet, repeats=repeats, windows=windows, wires=wires,
+                                       skipped=skipped, log=log)
 
     try:
         out, code = guarded(measure)

@@ -26,6 +26,7 @@ from asyncdni.numerics.nn import ACTIVATIONS, INITS
 from asyncdni.numerics.optim import LR_SCHEDULES, OPTIMIZERS
 from asyncdni.numerics.synthetic import SG_MODELS
 from asyncdni.numerics.synthetic import param_count as sg_param_count
+from asyncdni.wire import codec as _codec
 
 SCHEDULES = _schedules.NAMES            # one entry each in schedules.TABLE
 DELAY_REMEDIES = ("none", "lr_scale")
@@ -124,6 +125,9 @@ class TrainConfig:
     stash_weights: bool = False         # delayed: input gradient with the forward pass's weights (PipeDream weight stashing)
     delay_remedy: str = "none"          # delayed: "none" or "lr_scale" (a gradient d updates late: lr / (1 + d))
     aux_features: int = 256             # local: features an auxiliary classifier reads (wider layers are average-pooled)
+    wire_fwd: str = "fp32"              # codec of the activations between layers: fp32, fp16, bf16, int8, int8:tensor, topk:F
+    wire_bwd: str = "fp32"              # codec of the gradients between layers (the same choices)
+    wire_feedback: bool = True          # a lossy gradient codec carries error feedback (the residual joins the next step's)
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,8 @@ RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.schedule", "train.lr"
 DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False,
                           "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0, "train.sg_trust": False,
                           "train.sg_damp": 0.0, "model.model": "", "model.split": "", "train.weight_decay": 0.0,
-                          "data.labels_path": "", "data.label_column": "", "data.task": "auto"}
+                          "data.labels_path": "", "data.label_column": "", "data.task": "auto",
+                          "train.wire_fwd": "fp32", "train.wire_bwd": "fp32", "train.wire_feedback": True}
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -461,6 +466,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.sg_clip: must be 0 (off) or a positive finite number, got {t.sg_clip}")
     if not (t.sg_damp >= 0 and math.isfinite(t.sg_damp)):
         raise ConfigError(f"train.sg_damp: must be 0 (off) or a positive finite number, got {t.sg_damp}")
+    wire = {}
+    for name in ("wire_fwd", "wire_bwd"):
+        try:
+            wire[name] = _codec.parse(getattr(t, name)).name       # canonical: int8 -> int8:row
+        except ValueError as e:
+            raise ConfigError(f"train.{name}: {e}") from None
+    if any(getattr(t, k) != v for k, v in wire.items()):
+        t = dataclasses.replace(t, **wire)
+        cfg = dataclasses.replace(cfg, train=t)
     _positive("train.max_inflight", t.max_inflight, 0)
     _positive("train.max_inflight_cap", t.max_inflight_cap, 1)
     _positive("train.microbatches", t.microbatches, 1)

@@ -65,6 +65,10 @@ def run_summary(result) -> dict:
             "cpu_percent": 100.0 * s["cpu_time"] / s["wall"] if s["wall"] > 0 else float("nan"),
             "peak_rss_mb": s["peak_rss"] / 2**20,
             "msgs_sent": s["msgs_sent"], "bytes_sent": s["bytes_sent"],
+            # per message kind (fwd, bwd, ...), and the activations/gradients before and after their codec
+            "kind_bytes": s.get("kind_bytes", {}), "kind_msgs": s.get("kind_msgs", {}),
+            "dense_bytes": s.get("dense_bytes", 0), "coded_bytes": s.get("coded_bytes", 0),
+            "codec_s": s.get("codec_time", 0.0),
             "flops_per_batch": s["flops_per_batch"], "sg_loss": s["sg_loss"],
             "rejected": s["rejected"], "cached_steps": s["cached_steps"],
             "nonfinite_skipped": s.get("nonfinite_skipped", 0), "nonfinite_outputs": s.get("nonfinite_outputs", 0),
@@ -154,6 +158,12 @@ def in_force(cfg) -> dict:
         out["train.max_inflight"] = t.max_inflight if t.max_inflight else "auto"
     if sched.microbatches:
         out["train.microbatches"] = t.microbatches
+    if t.wire_fwd != "fp32":
+        out["train.wire_fwd"] = t.wire_fwd
+    if t.wire_bwd != "fp32" and sched.sends_backward:
+        out["train.wire_bwd"] = t.wire_bwd
+        if not t.wire_feedback:
+            out["train.wire_feedback"] = False
     return out if m.model else out | {"model.batch_norm": m.batch_norm}
 
 

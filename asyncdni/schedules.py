@@ -175,18 +175,25 @@ def pause_points(start: int, steps: int, eval_every: int, checkpoint_every: int)
     return is_pause
 
 
-def lockstep(sched: Schedule, K: int, start: int, stop: int, M: int = 1, boundaries=()) -> list[list[Action]]:
+def lockstep(sched: Schedule, K: int, start: int, stop: int, M: int = 1, boundaries=(),
+             sg_every: int = 1) -> list[list[Action]]:
     """The lock-step order of steps [start, stop) as ticks (one per step) of actions.
 
     At each boundary (a drain point: evaluation, checkpoint, the end) every gradient still
-    owed is applied before the next step, in step order, as the workers do.
+    owed is applied before the next step, in step order, as the workers do. Under a
+    synthetic-gradient schedule with ``sg_every`` n, only steps that are multiples of n send
+    a gradient back (``layer.sends_gradient``): the others have no ``B`` actions.
     """
     lags = sched.lags(K)
     cuts = sorted({b for b in boundaries if start < b < stop} | {stop})
     ticks: list[list[Action]] = []
     seg = start
+    skip = sched.gradient == SYNTHETIC and sg_every > 1
     for cut in cuts:
         for t in range(seg, cut):
+            if skip and t % sg_every:
+                ticks.append([a for a in sched.order(K, t, M, lags) if a.op == "F"])
+                continue
             ticks.append([a for a in sched.order(K, t, M, lags) if a.op == "F" or a.step >= seg])
         if sched.gradient == DELAYED:
             drain = [_b(i, s) for s in range(seg, cut) for i in range(K - 2, -1, -1) if s + lags[i] >= cut]

@@ -192,7 +192,7 @@ def _dni_step(node, step, rng):
     x = rng.standard_normal((8, s.fan_in)).astype(np.float32)
     y = rng.integers(0, s.n_out, 8)
     node.dni_forward(step, x, y)
-    if node.sg is not None:
+    if node.sg is not None and step in node.cache:     # --sg-every: only the regressed steps get a gradient
         node.sg_update(step, rng.standard_normal((8, s.fan_out)).astype(np.float32) * 0.1)
 
 

@@ -610,7 +610,7 @@ def _fake_result(repeats=3, windows=()):
     links = []
     for rate, bits, delay in (("unshaped", None, 0.0), ("unshaped", None, 5.0), ("100mbit", 100e6, 0.0)):
         runs = {}
-        for label, s, w in LB.variants(["async", "backprop"], list(windows)):
+        for label, s, w, _ in LB.variants(["async", "backprop"], list(windows)):
             reps = [_fake_run(1000.0 * (k + 1), 0.9 + 0.01 * k, None if k == 0 else 2.0 * k, None if k == 0 else 100 * k,
                               lags=[5, 3, 2] + [0] * 14 if s == "async" else None) for k in range(repeats)]
             runs[label] = LB.aggregate(label, s, w, reps)
@@ -636,8 +636,17 @@ def test_lab_runs_every_schedule_of_the_table_and_says_why_not_inprocess():
     for bad in ("0", "two", "2,-1", ","):
         raises_one_line(cli.C.ConfigError, LB.parse_windows, bad, match_all=("--windows",))
     v = LB.variants(["async", "backprop", "delayed_fixed", "local"], [2, 8])
-    assert v == [("async w2", "async", 2), ("async w8", "async", 8), ("backprop", "backprop", None),
-                 ("delayed_fixed", "delayed_fixed", None), ("local w2", "local", 2), ("local w8", "local", 8)]
+    assert v == [("async w2", "async", 2, None), ("async w8", "async", 8, None), ("backprop", "backprop", None, None),
+                 ("delayed_fixed", "delayed_fixed", None, None), ("local w2", "local", 2, None),
+                 ("local w8", "local", 8, None)]
+    # codec settings: every variant once per setting, labelled by it
+    wires = LB.parse_wires("fp32, int8,fp16/topk:0.1,INT8")
+    assert wires == [("fp32", "fp32"), ("int8:row", "int8:row"), ("fp16", "topk:0.1")]
+    v = LB.variants(["backprop"], [], wires)
+    assert [x[0] for x in v] == ["backprop fp32", "backprop int8:row", "backprop fp16/topk:0.1"]
+    assert v[2][3] == ("fp16", "topk:0.1") and LB.parse_wires(None) == []
+    for bad in ("int4", "fp32/", ","):
+        raises_one_line(cli.C.ConfigError, LB.parse_wires, bad, match_all=("--wires",))
 
 
 def test_repeats_give_medians_spread_and_never_counts_as_never():
@@ -752,3 +761,37 @@ def test_bench_lab_runs_torch_stages_one_host_each(needs_lab, tmp_path, no_lefto
     run = res["links"][0]["runs"]["async"]
     assert run["samples_per_s"] > 0 and len(run["per_layer"]) == 3
     assert all(L_["bytes_sent"] > 0 for L_ in run["per_layer"])
+
+
+def test_traffic_counts_bytes_per_step_each_way_and_link_use():
+    from asyncdni.bench import lab as LB
+    layers = [{"kind_bytes": {"fwd": 4000}, "kind_msgs": {}, "bytes_sent": 4000, "dense_bytes": 16000, "coded_bytes": 4000},
+              {"kind_bytes": {"fwd": 4000, "bwd": 1000}, "kind_msgs": {"bwd": 10}, "bytes_sent": 5000,
+               "dense_bytes": 32000, "coded_bytes": 5000},
+              {"kind_bytes": {"bwd": 1000, "done": 50}, "kind_msgs": {"bwd": 10}, "bytes_sent": 1050,
+               "dense_bytes": 16000, "coded_bytes": 1000}]
+    t = LB.traffic({"per_layer": layers, "steps": 10, "train_time_s": 2.0}, rate_bits=100e3)
+    assert t["fwd_bytes_per_step"] == 400 and t["bwd_bytes_per_step"] == 100 and t["bwd_msgs_per_step"] == 1
+    assert t["compression"] == 64000 / 10000
+    assert t["egress_mbit_s"] == pytest.approx(5000 * 8 / 2 / 1e6) and t["link_use"] == pytest.approx(0.2)
+    assert LB.traffic({"per_layer": layers, "steps": 10, "train_time_s": 2.0})["link_use"] is None
+
+
+def test_wires_table_sets_each_codec_against_backprop_and_the_baseline():
+    from asyncdni.bench import lab as LB
+    wires = [("fp32", "fp32"), ("int8:row", "int8:row")]
+    runs = {}
+    for label, s, w, wire in LB.variants(["async", "backprop"], [], wires):
+        coded = wire[0] != "fp32"
+        ttt = {"async": 6.0, "backprop": 10.0}[s] / (2 if coded else 1)
+        r = _fake_run(1000.0, 0.95 - (0.001 if coded else 0), ttt, 100)
+        r["traffic"] = {"fwd_bytes_per_step": 16.6e3 if coded else 66e3, "bwd_bytes_per_step": 16.6e3 if coded else 65.6e3,
+                        "compression": 3.9 if coded else 1.0, "link_use": 0.5}
+        runs[label] = LB.aggregate(label, s, w, [r])
+    res = {**_fake_result(repeats=1), "wires": [list(w) for w in wires], "schedules": ["async", "backprop"],
+           "links": [{"link": "100mbit/0ms", "rate": "100mbit", "rate_bits": 100e6, "delay_ms": 0.0, "runs": runs}]}
+    text = LB.format_lab_bench(res)
+    line = next(x for x in text.splitlines() if x.strip().startswith("async int8:row") and "vs bp" in x)
+    assert "vs bp fp32 0.30x" in line and "vs bp int8:row 0.60x" in line and "acc -0.10 pts" in line
+    assert "up 0.25x bytes" in line
+    assert "coded 3.90x smaller" in text and "16.2/16.2" in text

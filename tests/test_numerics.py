@@ -542,21 +542,28 @@ def test_stale_sg_targets_are_weighted_by_decay_per_step_of_lag(decay):
 @pytest.mark.parametrize("reuse", [False, True])
 def test_sg_every_regresses_on_every_nth_step_only(sg_model, reuse):
     """--sg-every 3: steps 0, 3, 6, .. train the SG model exactly as with sg_every 1 fed only
-    those steps' targets; the others keep no state and their gradient is dropped unused
-    (counted in sg_skipped, not in sg_updates). The layer's own update from the prediction
-    happens on every step."""
+    those steps' targets; the others keep no state, and the layer above neither computes
+    nor sends their gradient (counted in sg_skipped, not in sg_updates). The layer's own
+    update from the prediction happens on every step."""
     import dataclasses
     base = dataclasses.replace(make_spec(1, 3, 5, 4, "tanh", optimizer="adam", lr=1e-2, sg_model=sg_model,
                                          sg_lr=0.05, seed=4, cond=True), sg_reuse=reuse, sg_rank=2)
     rng = np.random.default_rng(3)
     batches = [(rng.normal(0, 1, (6, 5)), rng.integers(0, 3, 6), rng.normal(0, 1, (6, 4)) / 6) for _ in range(8)]
     every = LayerNode(dataclasses.replace(base, sg_every=3), dtype=F64)
+    above = LayerNode(dataclasses.replace(base, index=2, n_layers=4, fan_in=4, fan_out=3, sg_every=3), dtype=F64)
     for step, (x, y, g) in enumerate(batches):
-        every.dni_forward(step, x, y)
-        assert (every.cache[step] is None) == (step % 3 != 0)
-        loss = every.sg_update(step, g)
-        assert np.isnan(loss) == (step % 3 != 0)
+        h, _, _ = every.dni_forward(step, x, y)
+        assert (step in every.cache) == (step % 3 == 0)
+        if step % 3:
+            with pytest.raises(StepError):
+                every.sg_update(step, g)           # no gradient is owed for it
+        else:
+            assert np.isfinite(every.sg_update(step, g))
         assert step not in every.cache
+        # the layer above computes (and sends) the input gradient of the regressed steps only
+        _, gx, _ = above.dni_forward(step, h, y)
+        assert (gx is None) == (step % 3 != 0)
     assert (every.sg_updates, every.sg_skipped, every.updates) == (3, 5, 8)
     # the same SG trajectory as a layer that only ever sees steps 0, 3, 6's targets; the
     # layer itself updated from the prediction on every step in both

@@ -54,7 +54,8 @@ def run(nodes, schedule, data, boundaries=None, start=0):
     rt = Runtime(nodes, sched)
     got = []
     stop = start + len(data)
-    rt.run(S.lockstep(sched, len(nodes), start, stop, nodes[0].spec.microbatches, boundaries=boundaries or (stop,)),
+    rt.run(S.lockstep(sched, len(nodes), start, stop, nodes[0].spec.microbatches, boundaries=boundaries or (stop,),
+                      sg_every=nodes[0].spec.sg_every),
            batch_of=lambda s: data[s - start], on_metrics=lambda s, m: got.append(m["loss"]))
     return got
 

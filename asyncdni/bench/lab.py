@@ -76,17 +76,66 @@ def parse_windows(text: str | None) -> list[int]:
     return out
 
 
-def variants(schedules, windows) -> list[tuple[str, str, int | None]]:
-    """(label, schedule, window) per run of one link: with ``windows``, every schedule whose
-    window is the in-flight window (async, delayed, local) once per window ('async w4'),
-    the others once."""
+def variants(schedules, windows, wires=()) -> list[tuple[str, str, int | None, tuple | None]]:
+    """(label, schedule, window, wire) per run of one link: with ``windows``, every schedule
+    whose window is the in-flight window (async, delayed, local) once per window ('async w4'),
+    the others once; with ``wires`` (:func:`parse_wires`), each of those once per codec
+    setting ('backprop int8'; wire None: the configuration's own codecs)."""
     out = []
     for s in schedules:
         if windows and S.TABLE[s].window == "max_inflight":
             out += [(f"{s} w{w}", s, w) for w in windows]
         else:
             out.append((s, s, None))
+    if not wires:
+        return [(label, s, w, None) for label, s, w in out]
+    return [(f"{label} {wire_label(wire)}", s, w, wire) for label, s, w in out for wire in wires]
+
+
+def wire_label(wire: tuple) -> str:
+    fwd, bwd = wire
+    return fwd if fwd == bwd else f"{fwd}/{bwd}"
+
+
+def parse_wires(text: str | None) -> list[tuple[str, str]]:
+    """'fp32,int8,fp16/int8' -> [(fwd codec, bwd codec)]: CODEC for both directions, or
+    FWD/BWD; canonical names (asyncdni.wire.codec). ConfigError with one line otherwise."""
+    from asyncdni.wire import codec as WC
+    if not text:
+        return []
+    out = []
+    for item in [x.strip() for x in str(text).split(",") if x.strip()]:
+        fwd, sep, bwd = item.partition("/")
+        try:
+            pair = (WC.parse(fwd).name, WC.parse(bwd if sep else fwd).name)
+        except ValueError as e:
+            raise C.ConfigError(f"--wires {item!r}: {e}") from None
+        if pair not in out:
+            out.append(pair)
+    if not out:
+        raise C.ConfigError("--wires: expected CODEC or FWD/BWD[,...], e.g. fp32,int8,fp16/int8")
     return out
+
+
+def traffic(summary: dict, rate_bits: float | None = None) -> dict:
+    """What one run moved between its layers: bytes per step each way per link (the mean of
+    the K-1 links: layer i's FWD up, layer i+1's BWD down), the codecs' compression (float32
+    bytes of the activations and gradients over their bytes on the wire), and the busiest
+    host's egress (a layer's every data-plane message) as Mbit/s and as a share of the rate."""
+    layers, steps, t = summary["per_layer"], max(1, summary["steps"]), summary["train_time_s"]
+    fwd = [L["kind_bytes"].get("fwd", 0) for L in layers[:-1]]
+    bwd = [L["kind_bytes"].get("bwd", 0) for L in layers[1:]]
+    dense = sum(L.get("dense_bytes", 0) for L in layers)
+    coded = sum(L.get("coded_bytes", 0) for L in layers)
+    egress = max((L["bytes_sent"] for L in layers), default=0) * 8 / t / 1e6 if t > 0 else None
+    return {"fwd_bytes_per_step": sum(fwd) / len(fwd) / steps if fwd else 0.0,
+            "bwd_bytes_per_step": sum(bwd) / len(bwd) / steps if bwd else 0.0,
+            "bwd_msgs_per_step": (sum(L["kind_msgs"].get("bwd", 0) for L in layers[1:]) / len(bwd) / steps
+                                  if bwd else 0.0),
+            "compression": dense / coded if coded else None,
+            "codec_s": sum(L.get("codec_s", 0.0) for L in layers),
+            "egress_mbit_s": egress,
+            "link_use": egress * 1e6 / rate_bits if (egress is not None and rate_bits) else None}
 
 
 def parse_links(text: str) -> list[tuple[str | None, float]]:
@@ -156,11 +205,13 @@ def _pool_counts(count_lists) -> list[int] | None:
     return pooled
 
 
-def _one_run(r, relay: dict, load_sample: dict | None = None) -> dict:
+def _one_run(r, relay: dict, load_sample: dict | None = None, rate_bits: float | None = None) -> dict:
     """The plain-data record of one run through the lab (``load_sample``: the machine's
     other work while it ran, :class:`load.LoadSampler`)."""
     from asyncdni.bench.compare import steps_to_target
     summ = report.run_summary(r)
+    summ["traffic"] = traffic(summ, rate_bits)
+    summ["wire"] = [r.config.train.wire_fwd, r.config.train.wire_bwd]
     summ["per_layer"] = layer_rows(summ["per_layer"])
     summ["steps_to_target"] = steps_to_target(summ.get("evals"), summ.get("target_accuracy"))
     summ["relay"] = {k: relay.get(k) for k in ("delay_ms", "chunks", "backlogged", "added_ms", "on_time_ms")}
@@ -203,7 +254,7 @@ def aggregate(label: str, schedule: str, window: int | None, reps: list[dict]) -
 
 def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, datasets, *,
              feeder_host: str = "shared", prefix: str = "adb-", subnet: str = "10.76.0.0/24",
-             repeats: int = 1, windows=(), log=None) -> dict:
+             repeats: int = 1, windows=(), wires=(), log=None) -> dict:
     """Every schedule (and window variant) over one link setting, ``repeats`` times, the
     repeats interleaved (so drifting load spreads over all of them); returns {label: aggregate}."""
     from asyncdni.launch.agents import AgentsLauncher
@@ -211,8 +262,8 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
     K = cfg.model.layers               # the plan's stage count (lab_bench applied with_stages)
     n_hosts = K + (1 if feeder_host == "own" else 0)
     names = [f"h{i}" for i in range(n_hosts)]
-    todo = variants(schedules, windows)
-    reps: dict = {label: [] for label, _, _ in todo}
+    todo = variants(schedules, windows, wires)
+    reps: dict = {label: [] for label, _, _, _ in todo}
     with Lab(hosts=n_hosts, rate=rate, delay_ms=delay_ms, prefix=prefix, subnet=subnet) as lab, \
             tempfile.TemporaryDirectory(prefix="asyncdni-lab-") as tmp:
         port = _free_port(lab.bridge_ip)
@@ -225,13 +276,15 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
         try:
             n_runs, k = repeats * len(todo), 0
             for rep in range(repeats):
-                for label, s, w in todo:
+                for label, s, w, wire in todo:
                     k += 1
                     rep_s = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
                     log(f"bench --lab: {link_label(rate, delay_ms)} running {label}{rep_s} ...")
                     ov = {"train.schedule": s}
                     if w is not None:
                         ov["train.max_inflight"] = w
+                    if wire is not None:
+                        ov["train.wire_fwd"], ov["train.wire_bwd"] = wire
                     c = C.replace(c0, **ov)
                     ld = load.LoadSampler().start()
                     try:
@@ -239,14 +292,14 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
                     finally:
                         sample = ld.stop()
                         relay = lab.stop_relays(refill=k < n_runs)
-                    reps[label].append(_one_run(r, relay, sample))
+                    reps[label].append(_one_run(r, relay, sample, rate_bits(rate)))
         finally:
             launcher.close()
-    return {label: aggregate(label, s, w, reps[label]) for label, s, w in todo}
+    return {label: aggregate(label, s, w, reps[label]) for label, s, w, _ in todo}
 
 
 def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_host: str = "shared",
-              prefix: str = "adb-", subnet: str = "10.76.0.0/24", repeats: int = 1, windows=(),
+              prefix: str = "adb-", subnet: str = "10.76.0.0/24", repeats: int = 1, windows=(), wires=(),
               skipped=None, log=None) -> dict:
     """Every schedule under every link setting; a plain-data result."""
     from asyncdni.engine.plan import load_datasets, make_plan
@@ -268,7 +321,7 @@ def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_h
     t0 = time.monotonic()
     for rate, delay in links:
         runs = run_link(cfg, list(schedules), rate, delay, datasets, feeder_host=feeder_host, prefix=prefix,
-                        subnet=subnet, repeats=int(repeats), windows=list(windows), log=log)
+                        subnet=subnet, repeats=int(repeats), windows=list(windows), wires=list(wires), log=log)
         rows.append({"link": link_label(rate, delay), "rate": rate or "unshaped", "rate_bits": rate_bits(rate),
                      "delay_ms": delay, "runs": runs})
         if log:
@@ -276,7 +329,7 @@ def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_h
     return {"layers": plan.n_layers, "widths": list(plan.widths), "batch_size": plan.batch_size,
             "steps": plan.steps, "samples": plan.steps * plan.batch_size, "feeder_host": feeder_host,
             "target_accuracy": cfg.train.target_accuracy or None, "repeats": int(repeats),
-            "windows": list(windows), "max_inflight": cfg.train.max_inflight or "auto",
+            "windows": list(windows), "wires": [list(w) for w in wires], "max_inflight": cfg.train.max_inflight or "auto",
             "schedules": list(schedules), "skipped": skipped, "links": rows, "wall_s": time.monotonic() - t0}
 
 
@@ -296,7 +349,7 @@ def format_link(row: dict, repeats: int = 1) -> str:
     lines = [f"  link {row['link']}:" + (f" ({med})" if med else "")]
     w1 = 24 if repeats > 1 else 11
     lines.append(f"    {'schedule':<16}{'window':>7}{'samples/s':>{w1}}{'test acc':>{w1}}{'steps to tgt':>{w1 + 2}}"
-                 f"{'time to tgt':>{w1 + 2}}  relay added ms (median/p99)")
+                 f"{'time to tgt':>{w1 + 2}}  relay added ms (median/p99)  kB/step up/down per link, link use")
     for label, r in row["runs"].items():
         rel = r.get("relay") or {}
         add = rel.get("added_ms") or {}
@@ -313,11 +366,56 @@ def format_link(row: dict, repeats: int = 1) -> str:
             ttt += f" ({r.get('reached_target')}/{r['repeats']} reached)"
         note = load.busy_note(r.get("load"))
         lines.append(f"    {label:<16}{win:>7}{sps:>{w1}}{acc:>{w1}}{stt:>{w1 + 2}}{ttt:>{w1 + 2}}  {rel_s}"
-                     + (f"  {note}" if note else ""))
+                     + f"  {_traffic_cell(r.get('traffic'))}" + (f"  {note}" if note else ""))
     if any(load.is_busy(r.get("load")) for r in row["runs"].values()):
         lines.append(f"    (busy: other processes took more than {100 * load.BUSY_SHARE:.0f}% of the machine's CPU "
                      f"while the run ran{', in its busiest repeat' if repeats > 1 else ''}; no verdict is drawn "
                      "from it)")
+    return "\n".join(lines)
+
+
+def _traffic_cell(t: dict | None) -> str:
+    if not t:
+        return "-"
+    out = f"{t['fwd_bytes_per_step'] / 1024:.1f}/{t['bwd_bytes_per_step'] / 1024:.1f}"
+    if t.get("link_use") is not None:
+        out += f", {100 * t['link_use']:.0f}%"
+    if t.get("compression") and abs(t["compression"] - 1) > 1e-3:
+        out += f" (coded {t['compression']:.2f}x smaller)"
+    return out
+
+
+def format_wires(res: dict) -> str:
+    """With ``--wires``: per link and codec setting, each schedule's time to target against
+    uncompressed backprop (the first setting's backprop) and backprop with the same codecs,
+    and its final accuracy and bytes per step against the same schedule with the first
+    setting's codecs."""
+    wires = [tuple(w) for w in res.get("wires") or []]
+    if len(wires) < 2:
+        return ""
+    base = wire_label(wires[0])
+    lines = [f"  codecs (against {base}): time to target vs backprop {base} and vs backprop with the same "
+             "codecs (below 1: sooner); final accuracy and bytes per step vs the same schedule with " + base]
+    for row in res["links"]:
+        runs = row["runs"]
+        lines.append(f"    {row['link']}:")
+        for label, r in runs.items():
+            name, _, wl = label.rpartition(" ")
+            ref = runs.get(f"{name} {base}") or {}
+            bp0 = (runs.get(f"backprop {base}") or {}).get("time_to_target_s")
+            bpw = (runs.get(f"backprop {wl}") or {}).get("time_to_target_s")
+            t = r.get("time_to_target_s")
+            parts = [f"{label:<28}", f"time {_num(t, '.2f', 's'):>8}"]
+            parts.append(f"vs bp {base} {t / bp0:.2f}x" if t and bp0 else f"vs bp {base} -")
+            parts.append(f"vs bp {wl} {t / bpw:.2f}x" if t and bpw and wl != base else "")
+            if r.get("test_metric") is not None and ref.get("test_metric") is not None:
+                parts.append(f"acc {100 * (r['test_metric'] - ref['test_metric']):+.2f} pts")
+            tr, tr0 = r.get("traffic") or {}, ref.get("traffic") or {}
+            for key, word in (("fwd_bytes_per_step", "up"), ("bwd_bytes_per_step", "down")):
+                if tr.get(key) and tr0.get(key):
+                    parts.append(f"{word} {tr[key] / tr0[key]:.2f}x bytes")
+            why = load.not_a_verdict(r.get("load"), (runs.get(f"backprop {base}") or {}).get("load"))
+            lines.append("      " + "  ".join(p for p in parts if p) + (f" ({why})" if why else ""))
     return "\n".join(lines)
 
 
@@ -395,6 +493,9 @@ def format_lab_bench(res: dict) -> str:
     st = format_staleness(res)
     if st:
         lines += ["", st]
+    wt = format_wires(res)
+    if wt:
+        lines += ["", wt]
     return "\n".join(lines)
 
 
@@ -411,6 +512,10 @@ def csv_rows(res: dict) -> list[dict]:
             for k in MEDIAN_KEYS:
                 rg = r.get(k + "_range") or [None, None]
                 base.update({k: r.get(k), k + "_min": rg[0], k + "_max": rg[1]})
+            tr = r.get("traffic") or {}
+            base.update({k: tr.get(k) for k in ("fwd_bytes_per_step", "bwd_bytes_per_step", "bwd_msgs_per_step",
+                                                 "compression", "egress_mbit_s", "link_use")})
+            base["wire"] = "/".join(r.get("wire") or [])
             base.update({"other_share": load.share(r.get("load")),
                          "sg_lag_mean": lag.get("mean"), "sg_lag_p90": lag.get("p90"),
                          "relay_added_median_ms": (rel.get("added_ms") or {}).get("median"),

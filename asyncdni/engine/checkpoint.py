@@ -353,6 +353,22 @@ def node_state(node) -> dict:
     return out
 
 
+WIRE_PREFIX = "wire."       # a layer file's link state (the error feedback of its gradient codec)
+
+
+def wire_state(state: dict) -> dict:
+    """The link state in a layer's checkpoint state, without its prefix (``ErrorFeedback.load``)."""
+    n = len(WIRE_PREFIX)
+    return {k[n:]: np.asarray(v) for k, v in state.items() if k.startswith(WIRE_PREFIX)}
+
+
+def with_wire_state(state: dict, feedback) -> dict:
+    """``state`` (:func:`node_state`) with the error-feedback residuals of ``feedback`` (or None)."""
+    if feedback is not None:
+        state.update({WIRE_PREFIX + k: v for k, v in feedback.state().items()})
+    return state
+
+
 def restore_node(node, state: dict) -> None:
     """Load :func:`node_state` output into an already constructed ``LayerNode`` of the same spec.
 
@@ -362,6 +378,7 @@ def restore_node(node, state: dict) -> None:
     (``node.cache``) and any pipeline accumulation are dropped.
     """
     who = f"layer {node.spec.index + 1}"
+    state = {k: v for k, v in state.items() if not k.startswith(WIRE_PREFIX)}   # the link's, not the node's
     layout = _expected_layout(node)
     for key, (shape, dtype) in layout.items():
         if key not in state:

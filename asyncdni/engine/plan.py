@@ -24,6 +24,9 @@ class Plan:
     # hand it x as (B, *in_shape). The numpy MLP takes (n_features,); a backend with
     # convolutions may take the dataset's (C, H, W)
     in_shape: tuple[int, ...] = ()
+    # the codecs between layers (train.wire_fwd, train.wire_bwd) and the gradient codec's error
+    # feedback (train.wire_feedback): the reference sends its mailboxes through them as the workers do
+    wire: tuple = ("fp32", "fp32", True)
 
     def __post_init__(self):
         if not self.in_shape:
@@ -119,7 +122,8 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
             else cfg.model.activation, batch_norm=cfg.model.batch_norm, **common) for i in range(K)]
         in_shape = (in_dim,)
         check_resources(cfg, in_dim, train.n_out, steps)
-    return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task, in_shape=in_shape)
+    return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task, in_shape=in_shape,
+                wire=(t.wire_fwd, t.wire_bwd, t.wire_feedback))
 
 
 def _torch_specs(cfg: RunConfig, train: Dataset, common: dict) -> tuple[list[LayerSpec], tuple[int, ...]]:

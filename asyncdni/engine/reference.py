@@ -12,12 +12,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from asyncdni.numerics import losses
 from asyncdni import schedules as S
 from asyncdni.numerics.data import BatchStream, Dataset, eval_batches
 from asyncdni.nodes import make_node
 from asyncdni.numerics.layer import LayerNode
 from asyncdni.engine.plan import Plan, microbatch_bounds
+from asyncdni.wire import codec as WC
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Runtime:
     order printed as a step x layer grid and the failing action marked.
     """
 
-    def __init__(self, nodes: list[LayerNode], sched: S.Schedule):
+    def __init__(self, nodes: list[LayerNode], sched: S.Schedule, wire: tuple = ("fp32", "fp32", True)):
         self.nodes = nodes
         self.sched = sched
         self.K = len(nodes)
@@ -65,6 +68,23 @@ class Runtime:
         self.fwd: dict = {}
         self.bwd: dict = {}
         self.metrics: dict[int, list] = {}
+        # the links' codecs, as the workers apply them: activations between stages (not the
+        # feeder's input), gradients with one error feedback per sending stage
+        self.fwd_codec, self.bwd_codec = WC.parse(wire[0]), WC.parse(wire[1])
+        self.feedback = [WC.ErrorFeedback(self.bwd_codec) if wire[2] else None for _ in nodes]
+
+    def through_fwd(self, h):
+        c = self.fwd_codec
+        return c.decode(c.encode(np.ascontiguousarray(h, np.float32)), h.shape[1:]) if c.lossy else h
+
+    def through_bwd(self, i: int, k: int, g):
+        """Stage ``i``'s gradient for (micro-)step ``k``, as the stage below receives it."""
+        c = self.bwd_codec
+        if not c.lossy:
+            return g
+        g = np.ascontiguousarray(g, np.float32)
+        fb = self.feedback[i]
+        return c.decode(fb.encode(g, k % self.M) if fb is not None else c.encode(g), g.shape[1:])
 
     def key(self, a: S.Action) -> int:
         """The node's step id: micro-steps ``step * M + mb`` under micro-batching."""
@@ -105,9 +125,9 @@ class Runtime:
             x, y, scale = self.fwd.pop((i, k))
             h, gd, m = node.forward(k, x, y, scale)
             if h is not None and i + 1 < self.K:
-                self.fwd[(i + 1, k)] = (h, y, scale)
+                self.fwd[(i + 1, k)] = (self.through_fwd(h), y, scale)
             if gd is not None and i > 0:
-                self.bwd[(i - 1, k)] = gd
+                self.bwd[(i - 1, k)] = self.through_bwd(i, k, gd)
             if m is not None:
                 self.metrics.setdefault(a.step, []).append(m)
             return
@@ -115,7 +135,7 @@ class Runtime:
             raise KeyError(f"no gradient for stage {i} step {k}: the stage above has not sent it")
         gd = node.backward(k, self.bwd.pop((i, k)))
         if gd is not None and i > 0:
-            self.bwd[(i - 1, k)] = gd
+            self.bwd[(i - 1, k)] = self.through_bwd(i, k, gd)
 
     def step_metrics(self, step: int) -> dict:
         ms = self.metrics.pop(step)
@@ -131,7 +151,7 @@ def train_step(nodes: list[LayerNode], schedule: str, step: int, x, y, microbatc
     sched = S.get(ALIASES.get(schedule, schedule))
     rt = Runtime(nodes, sched)
     rt.feed(step, x, y)
-    rt.run(S.lockstep(sched, len(nodes), step, step + 1, rt.M))
+    rt.run(S.lockstep(sched, len(nodes), step, step + 1, rt.M, sg_every=nodes[0].spec.sg_every))
     return rt.step_metrics(step)
 
 
@@ -149,12 +169,12 @@ def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps:
     steps = plan.steps if steps is None else steps
     evals = [s for s in range(start + 1, steps) if eval_every and s % eval_every == 0] if test is not None else []
     cuts = sorted({b for b in boundaries if start < b < steps} | set(evals) | {steps})
-    rt = Runtime(nodes, sched)
+    rt = Runtime(nodes, sched, plan.wire)
     t0 = time.perf_counter()
     paused = 0.0
     seg = start
     for cut in cuts:
-        rt.run(S.lockstep(sched, len(nodes), seg, cut, M), first_tick=seg, batch_of=stream.batch,
+        rt.run(S.lockstep(sched, len(nodes), seg, cut, M, sg_every=plan.specs[0].sg_every), first_tick=seg, batch_of=stream.batch,
                on_metrics=lambda step, m: res.losses.append(m["loss"]))
         if cut in evals:
             p0 = time.perf_counter()

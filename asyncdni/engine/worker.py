@@ -30,6 +30,7 @@ import zmq
 from asyncdni.engine import checkpoint as CK
 from asyncdni.wire import protocol as P
 from asyncdni import schedules as S
+from asyncdni.wire import codec as WC
 from asyncdni.wire import security
 from asyncdni.wire import transport
 from asyncdni.engine.spec import RunSpec
@@ -123,6 +124,11 @@ class Worker:
         self.bytes_sent = 0
         self.msgs_recv = 0
         self.bytes_recv = 0
+        self.kind_bytes: dict[str, int] = {}    # bytes sent per message kind (the data plane's fwd/bwd)
+        self.kind_msgs: dict[str, int] = {}
+        self.codec_time = 0.0                   # encoding outgoing activations/gradients (part of comm)
+        self.dense_bytes = 0                    # activations/gradients sent: their float32 size ...
+        self.coded_bytes = 0                    # ... and their size on the wire (the codec's arrays)
         self.data_in = 0             # data-plane messages received (heartbeats carry it: progress)
         self.rejected: dict[str, int] = {}
         self.last_reject: P.ProtocolError | None = None   # why the latest message was refused
@@ -164,6 +170,8 @@ class Worker:
         self.comm += time.perf_counter() - t0
         self.msgs_sent += 1
         self.bytes_sent += nbytes
+        self.kind_bytes[kind] = self.kind_bytes.get(kind, 0) + nbytes
+        self.kind_msgs[kind] = self.kind_msgs.get(kind, 0) + 1
 
     def send_ctrl(self, kind, step=-1, arrays=(), **fields):
         transport.send(self.ctrl, kind, step, arrays, fields)
@@ -272,6 +280,8 @@ class Worker:
             "cpu_time": cpu, "peak_rss": peak_rss(ru),
             "msgs_sent": self.msgs_sent, "bytes_sent": self.bytes_sent,
             "msgs_recv": self.msgs_recv, "bytes_recv": self.bytes_recv,
+            "kind_bytes": dict(self.kind_bytes), "kind_msgs": dict(self.kind_msgs), "codec_time": self.codec_time,
+            "dense_bytes": self.dense_bytes, "coded_bytes": self.coded_bytes,
             "rejected": dict(self.rejected), "trace_dropped": self.n_trace >= TRACE_LIMIT,
             "curve": self.keys is not None,
             "curve_refused": self.allowlist.refused if self.allowlist is not None else 0,
@@ -377,11 +387,17 @@ class LayerWorker(Worker):
         self.metrics_acc = None      # pipeline (last layer): the metrics of a step's micro-batches so far
         self.nonfinite_outputs = 0   # outgoing activations/gradients that had to be zeroed
         ls = self.lspec
+        # codecs on the wire: activations up (--wire-fwd), gradients down (--wire-bwd, with error
+        # feedback for a lossy one unless --no-wire-feedback); the feeder's input travels as float32
+        t = self.cfg.train
+        self.fwd_codec, self.bwd_codec = WC.parse(t.wire_fwd), WC.parse(t.wire_bwd)
+        self.feedback = WC.ErrorFeedback(self.bwd_codec) if t.wire_feedback and self.bwd_codec.lossy else None
         self.expect_fwd, self.expect_bwd = P.layer_expect(
             ls.fan_in, ls.fan_out, classes=ls.n_out if ls.task == "classification" else None, targets=ls.n_out,
             batch=self.batch_size, microbatches=self.M, eval_batch=self.cfg.train.eval_batch,
             in_shape=self.in_shape if self.first else (ls.in_shape or None), out_shape=ls.out_shape or None,
-            target_range=(0.0, 1.0) if ls.task == "bits" else None)    # regression targets: finite (check_finite)
+            target_range=(0.0, 1.0) if ls.task == "bits" else None,    # regression targets: finite (check_finite)
+            fwd_codec=None if self.first else self.fwd_codec, bwd_codec=None if self.last else self.bwd_codec)
         self.next_step = 0           # the only FWD step this layer accepts next (micro-steps in pipeline)
 
     def setup(self) -> None:
@@ -393,7 +409,13 @@ class LayerWorker(Worker):
         if resume:
             # the coordinator verified the whole checkpoint; each layer re-checks its own file
             ck = CK.validate(resume.directory, None, self.K, verify_files=False)
-            CK.restore_node(self.node, ck.read_layer(self.index))
+            state = ck.read_layer(self.index)
+            CK.restore_node(self.node, state)
+            if self.feedback is not None:
+                try:
+                    self.feedback.load(CK.wire_state(state))
+                except ValueError as e:
+                    raise CK.CheckpointError(f"{self.label}: the checkpoint's wire state: {e}") from None
             self.next_step = ck.step * self.M
             self.bwd_applied = ck.step
             self.is_pause = S.pause_points(ck.step, self.spec.steps, self.cfg.train.eval_every,
@@ -539,11 +561,14 @@ class LayerWorker(Worker):
         self.cur_step = step
         scale = x.shape[0] / self.batch_size if self.M > 1 else 1.0   # micro-batch share of the batch
         h, gx, metrics = self._timed(T_FWD, self.node.forward, step, x, y, scale)
+        # a DNI layer sends no gradient for a step on which the layer below does not regress
+        # its SG (--sg-every): nothing to wait for then under the sequential order
+        held = self.sched.hold_for_ack and not self.first and gx is not None
         if gx is not None:
-            self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
+            self.send(self.down, *self.bwd_out(step, gx))
         if not self.last:
-            out = (P.FWD, step, (self.finite_out(h, "activations"), y), None)
-            if self.sched.hold_for_ack and not self.first:
+            out = self.fwd_out(step, h, y)
+            if held:
                 self.pending = (step, self.up, out)     # strictly one layer at a time: wait for the ACK
             else:
                 self.send(self.up, *out)
@@ -557,12 +582,44 @@ class LayerWorker(Worker):
             metrics = losses.combine(self.metrics_acc, self.lspec.task, self.lspec.n_out)
             self.metrics_acc = None
         out = (P.DONE, full_step, (), _metric_fields(metrics))
-        if self.sched.hold_for_ack and not self.first:
+        if held:
             self.pending = (step, self.sink, out)
         else:
             self.send(self.sink, *out)
         if self.first and self.sched.needs_ack and self.node.step_complete:
             self.send(self.down, P.ACK, full_step)       # single-layer network: release the feeder
+
+    def fwd_out(self, step: int, h, y) -> tuple:
+        """The FWD message of a step's activations, through the forward codec."""
+        h = self.finite_out(h, "activations")
+        c = self.fwd_codec
+        self.dense_bytes += h.nbytes
+        if not c.lossy:
+            self.coded_bytes += h.nbytes
+            return P.FWD, step, (h, y), None
+        t0 = time.perf_counter()
+        wire = c.encode(np.ascontiguousarray(h, np.float32))
+        self.codec_time += time.perf_counter() - t0
+        self.comm += time.perf_counter() - t0
+        self.coded_bytes += sum(a.nbytes for a in wire)
+        return P.FWD, step, (*wire, y), {"c": c.name}
+
+    def bwd_out(self, step: int, gx) -> tuple:
+        """The BWD message of an input gradient, through the backward codec (and its error
+        feedback, one residual per micro-batch position)."""
+        gx = self.finite_out(gx, "input gradient")
+        c = self.bwd_codec
+        self.dense_bytes += gx.nbytes
+        if not c.lossy:
+            self.coded_bytes += gx.nbytes
+            return P.BWD, step, (gx,), None
+        t0 = time.perf_counter()
+        gx = np.ascontiguousarray(gx, np.float32)
+        wire = self.feedback.encode(gx, step % self.M) if self.feedback is not None else c.encode(gx)
+        self.codec_time += time.perf_counter() - t0
+        self.comm += time.perf_counter() - t0
+        self.coded_bytes += sum(a.nbytes for a in wire)
+        return P.BWD, step, tuple(wire), {"c": c.name}
 
     def release_pending(self, step: int) -> None:
         if self.pending is None or self.pending[0] != step:
@@ -599,7 +656,8 @@ class LayerWorker(Worker):
             return
         step, self.marker = self.marker, None
         t0 = time.perf_counter()
-        self.save_checkpoint_file(step, CK.layer_file(self.index), CK.node_state(self.node))
+        self.save_checkpoint_file(step, CK.layer_file(self.index),
+                                  CK.with_wire_state(CK.node_state(self.node), self.feedback))
         self.busy += time.perf_counter() - t0
         if not self.last:
             self.send(self.up, P.MARKER, step, (), {"purpose": "ckpt"})
@@ -637,7 +695,7 @@ class LayerWorker(Worker):
         if self.sched.hold_for_ack:
             self.send(self.up, P.ACK, step)        # the layer above may pass its output on now
         elif gx is not None:
-            self.send(self.down, P.BWD, step, (self.finite_out(gx, "input gradient"),))
+            self.send(self.down, *self.bwd_out(step, gx))
         elif self.first and self.sched.needs_ack and self.node.step_complete:
             self.send(self.down, P.ACK, step // self.M)
 

@@ -131,6 +131,14 @@ class LayerSpec:
                                   self.sg_rank)
 
 
+def sends_gradient(spec: LayerSpec, step: int) -> bool:
+    """Under a synthetic-gradient schedule, does this layer send the true gradient of
+    ``step`` down? Only the layer below's SG regression uses it, and under ``sg_every`` n
+    that regresses on steps that are multiples of n only: the other steps' gradient is
+    neither computed nor sent (n-fold less backward traffic)."""
+    return not spec.is_first and step % spec.sg_every == 0
+
+
 def condition_vector(task: str, n_out: int, y: np.ndarray, dtype=np.float32) -> np.ndarray:
     """What a label-conditioned SG model sees of the targets: one-hot labels, or the targets
     themselves (the bits of a sum, the float targets of a regression)."""
@@ -412,35 +420,34 @@ class LayerNode(NodeBookkeeping):
                 if self.spec.sg_damp > 0:
                     self.pred_norm = running_norm(self.pred_norm, n)
             lr_scale *= self.trust_scale()
-            # --sg-every n: only every n-th step's target trains the SG model; the others keep
-            # no state (None), and their gradient, when it comes back, is dropped unused
-            self.cache[step] = (ctx, pred) if step % self.spec.sg_every == 0 else None
+            # --sg-every n: only every n-th step's target trains the SG model; the layer above
+            # sends no gradient for the others (sends_gradient), so nothing is kept for them
+            if step % self.spec.sg_every == 0:
+                self.cache[step] = (ctx, pred)
+            else:
+                self.sg_skipped += 1
             self.last_fwd_step = max(self.last_fwd_step, step)
         else:
             gh = None
         self.fwd_steps += 1
         if gh is None:      # no SG model: the layer is frozen, only passes activations on
             return h, None, None
-        grads, gx = self.dense.grads(x, h, gh, bctx, need_input_grad=not self.spec.is_first)
+        grads, gx = self.dense.grads(x, h, gh, bctx, need_input_grad=sends_gradient(self.spec, step))
         self._apply(*grads, lr_scale=lr_scale)
         return (None if self.spec.is_last else h), gx, metrics
 
     def sg_update(self, step: int, g: np.ndarray) -> float:
         """Regress the SG model onto the gradient that the next layer sent back for ``step``.
 
-        Under ``sg_every`` n > 1 a step that is not a multiple of n skips the regression:
-        no re-prediction, no regression gradient, no SG optimizer step (returns NaN, and
-        ``sg_updates`` does not count it). The layer above still computed and sent the
-        gradient: the message order of every schedule stays the same."""
+        Under ``sg_every`` n > 1 only steps that are multiples of n are regressed on: the
+        layer above neither computes nor sends the gradient of the others
+        (:func:`sends_gradient`), and this layer keeps nothing for them."""
         try:
             entry = self.cache.pop(step)
         except KeyError:
             raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
         if self.spec.sg_clip > 0 or self.spec.sg_damp > 0:     # in the SG's per-example scale (B x dL/dh)
             self.target_norm = running_norm(self.target_norm, float(np.sqrt(np.vdot(g, g))) * g.shape[0])
-        if entry is None:
-            self.sg_skipped += 1
-            return float("nan")
         ctx, pred = entry
         if self.spec.sg_trust:                   # the prediction the layer stepped on, against its target
             self.note_alignment(cosine(pred, g))

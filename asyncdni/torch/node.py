@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from asyncdni import schedules as S
 from asyncdni.numerics import losses
-from asyncdni.numerics.layer import (ARITHMETIC, LayerSpec, NodeBookkeeping, StepError, condition_vector, recent,
+from asyncdni.numerics.layer import (ARITHMETIC, LayerSpec, NodeBookkeeping, StepError, condition_vector, recent, sends_gradient,
                                      running_norm)
 from asyncdni.torch.models import build_stages, stage_shapes
 from asyncdni.torch.synthetic import is_feature_map, make_sg, regression_loss
@@ -430,7 +430,8 @@ class TorchNode(NodeBookkeeping):
                 h = self.stage(self._input(x))
             self.fwd_steps += 1
             return to_numpy(h), None, None
-        xt = self._input(x, grad=not s.is_first)
+        send = sends_gradient(s, step)            # --sg-every: the layer below regresses on this step
+        xt = self._input(x, grad=send)
         h = self.stage(xt)
         self.fwd_steps += 1
         metrics = None
@@ -456,10 +457,13 @@ class TorchNode(NodeBookkeeping):
                     self.pred_norm = running_norm(self.pred_norm, n)
             lr_scale *= self.trust_scale()
             # sg_trust keeps the prediction the layer steps on, to compare with its target
-            self.cache[step] = (hd, c, pred_graph, self.sg_version, pred if s.sg_trust else None) if keep else None
+            if keep:
+                self.cache[step] = (hd, c, pred_graph, self.sg_version, pred if s.sg_trust else None)
+            else:                                   # the layer above sends no gradient for it
+                self.sg_skipped += 1
             self.last_fwd_step = max(self.last_fwd_step, step)
             h.backward(pred * (1.0 / h.shape[0]))
-        gx = None if s.is_first else self._grad_of(xt)
+        gx = self._grad_of(xt) if send else None
         self._update(lr_scale)
         return (None if s.is_last else to_numpy(h)), gx, metrics
 
@@ -478,9 +482,6 @@ class TorchNode(NodeBookkeeping):
         B = gt.shape[0]
         if s.sg_clip > 0 or s.sg_damp > 0:         # in the SG's per-example scale (B x dL/dh)
             self.target_norm = running_norm(self.target_norm, float(torch.linalg.vector_norm(gt)) * B)
-        if entry is None:
-            self.sg_skipped += 1
-            return float("nan")
         hd, c, pred_graph, version, used = entry
         if used is not None:                     # sg_trust: the prediction the layer stepped on, against its target
             self.note_alignment(float(torch.nn.functional.cosine_similarity(

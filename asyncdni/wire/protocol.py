@@ -55,6 +55,8 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import numpy as np
 
+from asyncdni.wire.codec import Codec, CodecError
+
 __all__ = [
     "PROTOCOL_VERSION", "MAX_HEADER_BYTES", "MAX_NDIM", "MAX_ARRAY_BYTES",
     "MAX_ARRAYS", "MAX_FIELD_DEPTH", "ALLOWED_DTYPES", "REASONS",
@@ -81,19 +83,20 @@ MAX_CONTAINER_LEN = 1 << 16     # msgpack max_array_len / max_map_len
 MAX_STEP = (1 << 63) - 1        # steps fit an int64
 INLINE_MAX = 128 << 10          # arrays of up to this many bytes in all travel in one frame
 INLINE_ALIGN = 8                # offset of every inline array: a multiple of this (>= any itemsize)
-ALLOWED_DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8")  # little-endian
+# little-endian; int8 and uint16 carry the int8 and bf16 codecs (asyncdni.wire.codec)
+ALLOWED_DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8", "int8", "uint16")
 
 # Stable short codes of ProtocolError.reason (used as counter names).
 REASONS = ("header", "version", "kind", "frames", "dtype", "shape", "size",
-           "fields", "range", "step", "nonfinite")
+           "fields", "range", "step", "nonfinite", "codec")
 
 # --------------------------------------------------------------------------
 # Message kinds
 # --------------------------------------------------------------------------
 
 # Data plane
-FWD = "fwd"                  # [h, y] activations and targets
-BWD = "bwd"                  # [g] dL/d(input of the sender); optional {"mb": int}
+FWD = "fwd"                  # [h, y] activations and targets; with a codec {"c": name}, [*wire(h), y]
+BWD = "bwd"                  # [g] dL/d(input of the sender); with a codec {"c": name}, [*wire(g)]
 ACK = "ack"                  # sequential schedule: gradient for step s applied
 DONE = "done"                # last layer -> feeder: step finished, its loss/metric
 EVAL = "eval"                # [h, y] evaluation batch travelling forward
@@ -169,8 +172,10 @@ METRIC_RANGES = {False: {"metric": _FRACTION, "metric2": _FRACTION},
 
 # The schema table: one entry per kind.
 KINDS: dict[str, KindSpec] = {
-    FWD: _kind(arrays=2),
-    BWD: _kind(arrays=1, optional={"mb": int}, ranges={"mb": _INDEX}),
+    # "c": the codec of the activations / the gradient (asyncdni.wire.codec; absent: fp32), which
+    # the link agreed to at start-up (Expect.codec): its wire arrays replace the dense one
+    FWD: _kind(arrays=(2, 3), optional={"c": str}),
+    BWD: _kind(arrays=(1, 2), optional={"mb": int, "c": str}, ranges={"mb": _INDEX}),
     ACK: _kind(),
     DONE: _kind(required={"loss": float, "metric": float, "n": int},
                 optional={"metric2": float},
@@ -692,6 +697,9 @@ class Expect:
     arrays: tuple
     rows: tuple | Callable[[int], tuple] | None = None
     fields: Mapping[str, tuple] | None = None
+    # (codec, feature shape): the first arrays are the codec's wire arrays of one dense float32
+    # (rows, *feature shape) tensor, which decode returns in their place (None: no codec)
+    codec: tuple | None = None
 
 
 def _want(spec) -> str:
@@ -707,6 +715,10 @@ def _check_expect(kind: str, step: int, e, descs, fields=None) -> tuple:
             for name, (lo, hi) in e.fields.items():
                 if name in fields:
                     _check_range(kind, name, fields[name], lo, hi)
+        got = fields.get("c") if fields else None
+        want = e.codec[0].name if e.codec is not None else None
+        if got != want:
+            raise ProtocolError("codec", f"{kind}: codec {got or 'fp32'!r}, but this link agreed to {want or 'fp32'!r}")
     else:
         specs, rows = e, None
     if len(specs) != len(descs):
@@ -756,7 +768,8 @@ def step_rows(batch: int, microbatches: int = 1) -> Callable[[int], tuple]:
 
 def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int, batch: int,
                  microbatches: int = 1, eval_batch: int, in_shape: tuple | None = None,
-                 target_range: tuple | None = None, out_shape: tuple | None = None) -> tuple[dict, dict]:
+                 target_range: tuple | None = None, out_shape: tuple | None = None,
+                 fwd_codec: Codec | None = None, bwd_codec: Codec | None = None) -> tuple[dict, dict]:
     """The shapes a layer agrees to at start-up, for its two inboxes: ``(fwd, bwd)``
     expectations for :func:`decode`. x is float32 (rows, *in_shape) (default in_shape:
     (fan_in,); the first layer takes the plan's ``in_shape``); y is int64 labels in
@@ -765,15 +778,28 @@ def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int
     whose finiteness ``check_finite`` checks); a gradient is float32 (rows, *out_shape) (default
     (fan_out,); a torch stage's feature maps travel as (rows, C, H, W)). Every
     array of a message has the same rows: the step's (micro-)batch for FWD/BWD,
-    1..eval_batch for EVAL."""
+    1..eval_batch for EVAL. ``fwd_codec``: the codec x comes through in a FWD (from the layer
+    below; EVAL batches travel as float32); ``bwd_codec``: the codec of the gradient in a BWD."""
     x = ArraySpec((BATCH, *(in_shape or (fan_in,))), "float32")
     lo, hi = target_range or (None, None)
     y = (ArraySpec((BATCH,), "int64", 0, classes - 1) if classes is not None
          else ArraySpec((BATCH, targets), "float32", lo, hi))
     rows = step_rows(batch, microbatches)
-    fwd = {FWD: Expect((x, y), rows), EVAL: Expect((x, y), (1, eval_batch))}
-    bwd = {BWD: Expect((ArraySpec((BATCH, *(out_shape or (fan_out,))), "float32"),), rows)}
+    g = ArraySpec((BATCH, *(out_shape or (fan_out,))), "float32")
+    fwd = {FWD: _coded(x, fwd_codec, rows, y), EVAL: Expect((x, y), (1, eval_batch))}
+    bwd = {BWD: _coded(g, bwd_codec, rows)}
     return fwd, bwd
+
+
+def _coded(dense: ArraySpec, codec: Codec | None, rows, *rest) -> Expect:
+    """The expectation of a message whose first array is ``dense`` sent through ``codec``
+    (None or fp32: the dense array itself)."""
+    if codec is None or not codec.lossy:
+        return Expect((dense, *rest), rows)
+    features = dense.shape[1:]
+    wire = tuple(ArraySpec(tuple(BATCH if d == "B" else d for d in shape), dtype)
+                 for shape, dtype in codec.wire_specs(features))
+    return Expect((*wire, *rest), rows, codec=(codec, features))
 
 
 def result_expect(regression: bool) -> dict:
@@ -820,7 +846,7 @@ def decode(frames: Sequence, *, check_finite: bool = False,
                 raise ProtocolError("size", f"{kind} frame {i}: buffer has {blen} bytes, header says {_fmt(d[0], d[2])} = {d[4]} bytes")
             bufs.append(b)
         arrays = [_array(b, d, 0) for b, d in zip(bufs, descs)]
-        return _finish(kind, step, arrays, descs, fields, check_finite, ranges)
+        return _finish(kind, step, arrays, descs, fields, check_finite, ranges, spec)
     except ProtocolError as e:
         e.kind, e.step = kind, step
         raise
@@ -879,7 +905,7 @@ def _decode_inline(f0, flen: int, n: int, check_finite: bool, expect) -> Message
                 raise ProtocolError("frames", f"{kind}: inline padding at bytes {pad_from}..{off - 1} is not zero")
             pad_from = off + d[4]
         arrays = [_array(f0, d, off) for off, d in zip(offsets, descs)]
-        return _finish(kind, step, arrays, descs, fields, check_finite, ranges)
+        return _finish(kind, step, arrays, descs, fields, check_finite, ranges, spec)
     except ProtocolError as e:
         e.kind, e.step = kind, step
         raise
@@ -896,9 +922,14 @@ def _array(buf, d, offset: int) -> np.ndarray:
     return arr
 
 
-def _finish(kind, step, arrays, descs, fields, check_finite, ranges) -> Message:
+def _finish(kind, step, arrays, descs, fields, check_finite, ranges, spec=None) -> Message:
+    coded = type(spec) is Expect and spec.codec is not None
+    # a codec's wire arrays are the codec's to check (finite values, positive scales, indices)
+    skip = len(spec.codec[0].wire_specs(spec.codec[1])) if coded else 0
     if check_finite:
         for i, (arr, d) in enumerate(zip(arrays, descs), 1):
+            if i <= skip:
+                continue
             if d[5] and arr.size and not (math.isfinite(arr.min()) and math.isfinite(arr.max())):
                 bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
                 raise ProtocolError("nonfinite", f"{kind} frame {i}: {bad} non-finite value(s) (NaN/Inf) in {_fmt(d[0], d[2])}")
@@ -908,4 +939,12 @@ def _finish(kind, step, arrays, descs, fields, check_finite, ranges) -> Message:
             amin, amax = arr.min(), arr.max()
             if (lo is not None and not amin >= lo) or (hi is not None and not amax <= hi):
                 raise ProtocolError("range", f"{kind} frame {i}: values {amin}..{amax} outside {lo}..{hi}")
+    if coded:
+        codec, features = spec.codec
+        try:
+            dense = codec.decode(arrays[:skip], features)
+        except CodecError as e:
+            raise ProtocolError("codec", f"{kind}: {e}") from None
+        arrays = [dense, *arrays[skip:]]
+        fields = {k: v for k, v in fields.items() if k != "c"}
     return Message(kind, step, arrays, fields)
