@@ -765,10 +765,11 @@ def test_bench_lab_runs_torch_stages_one_host_each(needs_lab, tmp_path, no_lefto
 
 def test_traffic_counts_bytes_per_step_each_way_and_link_use():
     from asyncdni.bench import lab as LB
-    layers = [{"kind_bytes": {"fwd": 4000}, "kind_msgs": {}, "bytes_sent": 4000, "dense_bytes": 16000, "coded_bytes": 4000},
+    layers = [{"kind_bytes": {"fwd": 4000, "eval": 99999}, "kind_msgs": {}, "bytes_sent": 103999, "dense_bytes": 16000,
+               "coded_bytes": 4000},
               {"kind_bytes": {"fwd": 4000, "bwd": 1000}, "kind_msgs": {"bwd": 10}, "bytes_sent": 5000,
                "dense_bytes": 32000, "coded_bytes": 5000},
-              {"kind_bytes": {"bwd": 1000, "done": 50}, "kind_msgs": {"bwd": 10}, "bytes_sent": 1050,
+              {"kind_bytes": {"bwd": 1000, "done": 50, "eval_result": 9999}, "kind_msgs": {"bwd": 10}, "bytes_sent": 11049,
                "dense_bytes": 16000, "coded_bytes": 1000}]
     t = LB.traffic({"per_layer": layers, "steps": 10, "train_time_s": 2.0}, rate_bits=100e3)
     assert t["fwd_bytes_per_step"] == 400 and t["bwd_bytes_per_step"] == 100 and t["bwd_msgs_per_step"] == 1

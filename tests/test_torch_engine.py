@@ -52,10 +52,16 @@ def cfg_of(files, **ov):
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("no_leftover_processes")
-@pytest.mark.parametrize("schedule,ref", [("sequential", "dni"), ("backprop", "backprop"), ("pipeline", "pipeline"),
-                                          ("delayed_fixed", "delayed_fixed"), ("local", "local")])
-def test_lockstep_schedules_equal_the_in_process_torch_reference(files, schedule, ref):
-    cfg = cfg_of(files, **{"train.schedule": schedule, "train.seed": 2})
+@pytest.mark.parametrize("schedule,ref,extra", [
+    ("sequential", "dni", {}), ("backprop", "backprop", {}), ("pipeline", "pipeline", {}),
+    ("delayed_fixed", "delayed_fixed", {}), ("local", "local", {}),
+    # codecs on feature maps (C, H, W): a scale per row, top-k over a row's C*H*W values;
+    # --sg-every 2: the stage above sends every other step's gradient only
+    ("sequential", "dni", {"train.wire_fwd": "int8", "train.wire_bwd": "topk:0.25", "train.sg_every": 2}),
+    ("pipeline", "pipeline", {"train.wire_fwd": "bf16", "train.wire_bwd": "int8"}),
+])
+def test_lockstep_schedules_equal_the_in_process_torch_reference(files, schedule, ref, extra):
+    cfg = cfg_of(files, **{"train.schedule": schedule, "train.seed": 2, **extra})
     result = coordinator.run(cfg)
     train, test = load_datasets(cfg)
     plan = make_plan(cfg, train)

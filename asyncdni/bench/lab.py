@@ -117,17 +117,23 @@ def parse_wires(text: str | None) -> list[tuple[str, str]]:
     return out
 
 
+OFF_CLOCK_KINDS = ("eval", "eval_result", "marker")
+
+
 def traffic(summary: dict, rate_bits: float | None = None) -> dict:
     """What one run moved between its layers: bytes per step each way per link (the mean of
     the K-1 links: layer i's FWD up, layer i+1's BWD down), the codecs' compression (float32
     bytes of the activations and gradients over their bytes on the wire), and the busiest
-    host's egress (a layer's every data-plane message) as Mbit/s and as a share of the rate."""
+    host's egress (a layer's training messages: not the evaluations, which are off the clock) as
+    Mbit/s and as a share of the rate (a short run can pass 100% within the shaper's burst)."""
     layers, steps, t = summary["per_layer"], max(1, summary["steps"]), summary["train_time_s"]
     fwd = [L["kind_bytes"].get("fwd", 0) for L in layers[:-1]]
     bwd = [L["kind_bytes"].get("bwd", 0) for L in layers[1:]]
     dense = sum(L.get("dense_bytes", 0) for L in layers)
     coded = sum(L.get("coded_bytes", 0) for L in layers)
-    egress = max((L["bytes_sent"] for L in layers), default=0) * 8 / t / 1e6 if t > 0 else None
+    # training traffic only: evaluations are off the clock (and so off train_time)
+    sent = [sum(v for k, v in L["kind_bytes"].items() if k not in OFF_CLOCK_KINDS) for L in layers]
+    egress = max(sent, default=0) * 8 / t / 1e6 if t > 0 else None
     return {"fwd_bytes_per_step": sum(fwd) / len(fwd) / steps if fwd else 0.0,
             "bwd_bytes_per_step": sum(bwd) / len(bwd) / steps if bwd else 0.0,
             "bwd_msgs_per_step": (sum(L["kind_msgs"].get("bwd", 0) for L in layers[1:]) / len(bwd) / steps
