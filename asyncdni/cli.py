@@ -595,7 +595,7 @@ def _bench_lab(args, log) -> int:
         windows = labbench.parse_windows(args.windows)
         return cfg, labbench.lab_bench(cfg, schedules, links, feeder_host=args.feeder_host, prefix=args.lab_prefix,
                                        subnet=args.lab_subnet, repeats=repeats, windows=windows, skipped=skipped,
-                                       log=log)
+                                       straggler=args.straggler, log=log)
 
     try:
         out, code = guarded(measure)

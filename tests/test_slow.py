@@ -19,6 +19,7 @@ from asyncdni.engine.plan import load_datasets, make_plan
 from asyncdni.engine.worker import LayerWorker, T_BWD, T_EVAL, T_FWD
 from asyncdni.engine.trace import TRACE_LIMIT
 from tests.conftest import env_with_repo, raises_one_line
+from tests.test_lab import needs_lab  # noqa: F401  (the fixture: root and ip netns, else a skip)
 
 SMALL = {"train.steps": 40, "model.width": 32, "data.train_size": 2048, "data.test_size": 256,
          "runtime.progress": False}
@@ -252,3 +253,68 @@ def test_bench_straggler_smoke_writes_ratios_to_json_and_csv(tmp_path, no_leftov
     names = {e["args"]["name"] for e in json.loads((out / "trace.json").read_text())["traceEvents"]
              if e["name"] == "process_name"}
     assert names == {"sequential", "sequential + straggler 2:2"}
+
+
+# ------------------------------------------------------------------ bench --lab --straggler
+def test_lab_straggler_targets_are_layers_or_the_labs_hosts():
+    from asyncdni.bench import lab as LB
+    cfg = small(**{"model.layers": 3})
+    assert LB.host_names(3) == ["h0", "h1", "h2"] and LB.host_names(3, "own") == ["h0", "h1", "h2", "h3"]
+    assert LB.parse_straggler("h1:2", cfg) == ("h1:2",) and LB.parse_straggler("3:2", cfg, "own") == ("3:2",)
+    assert LB.straggler_info(cfg, ("h1:2",))["layers"] == {"2": 2.0}          # shared feeder: layer i on h(i-1)
+    assert LB.straggler_info(cfg, ("h1:2",), "own")["layers"] == {"1": 2.0}   # own feeder on h0: layer i on h(i)
+    raises_one_line(C.ConfigError, LB.parse_straggler, "h7:2", cfg, match_all=("--straggler", "'h7:2'", "h0, h1, h2"))
+    raises_one_line(C.ConfigError, LB.parse_straggler, "h0:2", cfg, "own", match_all=("'h0:2'", "only the feeder"))
+    raises_one_line(C.ConfigError, LB.parse_straggler, "4:2", cfg, match_all=("'4:2'", "numbered from 1 to 3"))
+
+
+def test_lab_straggler_table_and_csv():
+    from asyncdni.bench import compare
+    from asyncdni.bench import lab as LB
+
+    def cell(label, sps, ttt):
+        return LB.aggregate(label, label, None, [{"samples_per_s": sps, "train_time_s": 1.0, "test_metric": 0.9,
+                                                  "time_to_target_s": ttt, "steps_to_target": 10, "window": 3,
+                                                  "per_layer": [{"layer": 1, "slow": 1.0}, {"layer": 2, "slow": 1.0}],
+                                                  "relay": {"chunks": 0}}])
+    runs = {"async": cell("async", 1000.0, 2.0), "backprop": cell("backprop", 500.0, None)}
+    slowed = {"async": cell("async", 600.0, 3.0), "backprop": cell("backprop", 250.0, None)}
+    for r in slowed.values():
+        r["per_layer"][1]["slow"] = 2.0
+    row = {"link": "unshaped/0ms", "rate": "unshaped", "rate_bits": None, "delay_ms": 0.0, "runs": runs,
+           "straggler_runs": slowed, "straggler_ratios": compare.straggler_ratios(runs, slowed)}
+    res = {"layers": 2, "widths": [4, 3], "batch_size": 8, "steps": 10, "samples": 80, "feeder_host": "shared",
+           "target_accuracy": 0.9, "repeats": 1, "windows": [], "max_inflight": 3, "schedules": ["async", "backprop"],
+           "skipped": {}, "links": [row], "wall_s": 1.0,
+           "straggler": {"entries": ["2:2"], "label": "2:2", "layers": {"2": 2.0}}}
+    text = LB.format_lab_bench(res)
+    assert "straggler 2:2 (layer 2 x2)" in text and "with the straggler" in text
+    line = next(x for x in text.splitlines() if "0.60x" in x)
+    assert "async" in line and "1000" in line and "600" in line and "1.50x" in line
+    rows = LB.csv_rows(res)
+    top = [r for r in rows if r["layer"] == "" and r["straggler"] == "2:2"]
+    assert [r["schedule"] for r in top] == ["async", "backprop"]
+    assert top[0]["slowdown_samples_per_s"] == pytest.approx(0.6) and top[0]["slowdown_time_to_target"] == 1.5
+    assert top[1]["slowdown_samples_per_s"] == pytest.approx(0.5) and top[1]["slowdown_time_to_target"] is None
+    assert [r["slow"] for r in rows if r["straggler"] == "2:2" and r["layer"] != ""] == [1.0, 2.0, 1.0, 2.0]
+    assert all(r["straggler"] == "" for r in rows[:6])        # the runs without it first, as before
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("needs_lab")
+def test_bench_lab_straggler_runs_each_schedule_with_and_without(tmp_path, no_leftover_processes, capsys):
+    from tests.test_lab import _bench_lab
+    res, printed = _bench_lab(tmp_path, capsys, "s", 213, "--links", "unshaped:1", "--schedules", "sequential",
+                              "--layers", "2", "--width", "16", "--steps", "30", "--straggler", "h1:3",
+                              "--target-accuracy", "0.3", "--csv", str(tmp_path / "lab.csv"))
+    assert res["straggler"] == {"entries": ["h1:3"], "label": "h1:3", "layers": {"2": 3.0}}
+    row = res["links"][0]
+    assert [L["slow"] for L in row["straggler_runs"]["sequential"]["per_layer"]] == [1.0, 3.0]
+    assert [L["slow"] for L in row["runs"]["sequential"]["per_layer"]] == [1.0, 1.0]
+    q = row["straggler_ratios"]["sequential"]
+    assert q["samples_per_s"] > 0 and q["time_to_target"] > 0
+    assert "with the straggler" in printed.out
+    rows = list(csv.DictReader((tmp_path / "lab.csv").open()))
+    assert [float(r["slowdown_samples_per_s"]) > 0 for r in rows if r["straggler"] == "h1:3" and r["layer"] == ""] \
+        == [True]
