@@ -74,6 +74,7 @@ TRAIN_FLAGS = {
     "--listen": ("runtime.listen", dict(type=str, metavar="ADDR:PORT", help="agents: where the coordinator waits for agents")),
     "--keys": ("runtime.keys", dict(type=str, metavar="DIR", help="CURVE keys from 'asyncdni keys DIR' (agents launcher)")),
     "--ray-address": ("runtime.ray_address", dict(type=str, metavar="ADDR", help="ray: cluster address (default: a local Ray)")),
+    "--slow": ("runtime.slow", dict(type=str, metavar="TARGET:FACTOR,..", help="stragglers: every training forward and backward compute of layer TARGET (1..K) or of every layer on host TARGET (as --hosts names it) takes FACTOR (>= 1) times as long, e.g. 2:2 (layer 2 at half speed); communication is not slowed")),
     "--max-restarts": ("runtime.max_restarts", dict(type=str, metavar="N", help="restart from the last checkpoint after a worker failure, up to N times (default 0)")),
 }
 
@@ -222,6 +223,10 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--schedules", default=None,
                    help=f"comma-separated subset of {','.join(S.BENCH_CHOICES)} (default: "
                         f"{','.join(S.BENCH_ORDER)}; with --lab, those the lab runs)")
+    b.add_argument("--straggler", default=None, metavar="TARGET:FACTOR",
+                   help="run every schedule twice per repeat, as is and then with layer TARGET (1..K), or every "
+                        "layer on host TARGET, computing FACTOR (>= 1) times slower (as --slow, on top of it); "
+                        "prints samples/s and time to target with and without, and their ratios")
     b.add_argument("--peer", action="store_true",
                    help="torch stages: also run torch.distributed.pipelining (GPipe, 1F1B) on the same stages")
     b.add_argument("--run-dir", metavar="DIR", default=None,
@@ -495,6 +500,8 @@ def cmd_bench(args) -> int:
     def log(line):
         print(line, flush=True)
 
+    if args.straggler is not None and (args.sweep or args.transport):
+        return fail(f"bench: --straggler does not go with {'--sweep' if args.sweep else '--transport'}", 2)
     if args.lab:
         return _bench_lab(args, log)
     if args.windows:
@@ -522,6 +529,8 @@ def cmd_bench(args) -> int:
         repeats = bench.parse_repeats(args.repeats if args.repeats is not None else 1 if args.sweep else bench.REPEATS)
         if args.run_dir and args.sweep:
             raise C.ConfigError("--run-dir: not for --sweep (use --json / --csv)")
+        if args.straggler is not None:     # checked before the directory is claimed (bench: again, with K)
+            bench.parse_straggler(args.straggler, cfg, cfg.model.layers if C.stages_known(cfg) else None)
         if not args.sweep:        # claimed before anything runs: a bad directory fails at once
             made["dir"], made["created"] = R.claim(Path(args.run_dir) if args.run_dir else None, "bench")
         if args.sweep:
@@ -536,7 +545,8 @@ def cmd_bench(args) -> int:
         every = cfg.train.eval_every if "train.eval_every" in ov else None
         if args.peer and not cfg.model.model:
             raise C.ConfigError("--peer: torch.distributed.pipelining runs torch stages; give --model")
-        return cfg, bench.bench(cfg, schedules, log=log, eval_every=every, peers=args.peer, repeats=repeats), None
+        return cfg, bench.bench(cfg, schedules, log=log, eval_every=every, peers=args.peer, repeats=repeats,
+                                straggler=args.straggler), None
 
     out, code = guarded(measure)
     if code is not None:
@@ -553,12 +563,7 @@ def cmd_bench(args) -> int:
     print(bench.format_bench(res))
     public = {k: v for k, v in res.items() if not k.startswith("_")}
     run_dir = made["dir"]
-    rows = []
-    for s, r in res["runs"].items():
-        base = {k: v for k, v in r.items() if k not in ("per_layer", "evals", "load", "repeat_runs")}
-        rows.append({**base, "other_share": (r.get("load") or {}).get("other_share"), "layer": ""})
-        for L in r["per_layer"]:
-            rows.append({"schedule": s, **L})
+    rows = bench.bench_rows(res)
     try:
         # the bench's own directory first: it describes the bench whatever else was asked for
         R.write_config(run_dir, cfg)
@@ -605,7 +610,7 @@ def _bench_lab(args, log) -> int:
         wires = labbench.parse_wires(args.wires)
         return cfg, labbench.lab_bench(cfg, schedules, links, feeder_host=args.feeder_host, prefix=args.lab_prefix,
                                        subnet=args.lab_subnet, repeats=repeats, windows=windows, wires=wires,
-                                       skipped=skipped, log=log)
+                                       skipped=skipped, straggler=args.straggler, log=log)
 
     try:
         out, code = guarded(measure)

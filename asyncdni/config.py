@@ -155,6 +155,9 @@ class RuntimeConfig:
     resume: str = ""                    # checkpoint directory to continue from (newest complete one)
     max_restarts: int = 0               # restarts from the last checkpoint after a worker failure
     fail_on_nonfinite: bool = False     # stop the run at the first non-finite loss, gradient or output
+    slow: tuple[str, ...] = ()          # stragglers: "TARGET:FACTOR", TARGET a layer number 1..K or a host of
+                                        # runtime.hosts (every layer on it); each training forward/backward
+                                        # compute of those layers takes FACTOR times as long (parse_slow)
 
 
 @dataclass(frozen=True)
@@ -384,12 +387,95 @@ def check_worker_counts(cfg: RunConfig) -> RunConfig:
 
 def with_stages(cfg: RunConfig, n_layers: int) -> RunConfig:
     """The configuration with model.layers set to the model's real stage count (torch models
-    whose stages come from the model), its worker counts checked."""
+    whose stages come from the model), its worker counts and stragglers checked."""
     if cfg.model.layers == n_layers:
-        return cfg if stages_known(cfg) else check_worker_counts(cfg)
-    if stages_known(cfg):
+        if stages_known(cfg):
+            return cfg
+        cfg = check_worker_counts(cfg)
+    elif stages_known(cfg):
         raise ConfigError(f"model.layers: {cfg.model.layers}, but the model has {n_layers} stages")
-    return check_worker_counts(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=n_layers)))
+    else:
+        cfg = check_worker_counts(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=n_layers)))
+    parse_slow(cfg.runtime.slow, cfg, n_layers)
+    return cfg
+
+
+SLOW_FORM = "TARGET:FACTOR, TARGET a layer number or a host, FACTOR a number >= 1 (2: half speed), e.g. 2:2"
+
+
+def layer_hosts(cfg: RunConfig, n_layers: int) -> list[str]:
+    """The host of each layer as runtime.hosts names it (the feeder's entry first there);
+    runtime.host for every layer when no hosts are given."""
+    r = cfg.runtime
+    if r.hosts and len(r.hosts) == n_layers + 1:
+        return list(r.hosts[1:])
+    if r.hosts and len(r.hosts) == n_layers:      # K names: before check_worker_counts
+        return list(r.hosts)
+    return [r.host] * n_layers
+
+
+def parse_slow(entries, cfg: RunConfig, n_layers: int | None,
+               name: str = "runtime.slow") -> list[tuple[int | str, float]]:
+    """Check straggler entries ``TARGET:FACTOR`` (runtime.slow, --slow, bench --straggler)
+    and return them as (target, factor), the target an int (a layer number) or a str (a
+    host). TARGET: a layer number 1..K (K checked when ``n_layers`` is known; None: torch
+    stages whose count comes from the model, checked again in :func:`with_stages`), or a
+    host of the run (runtime.hosts, else runtime.host) on which a layer runs; a target of
+    digits is always a layer number. FACTOR: a finite number >= 1. A malformed entry, an
+    unknown layer or host, or a target named twice is a one-line ConfigError naming it."""
+    out: list[tuple[int | str, float]] = []
+    seen: set = set()
+    for entry in entries:
+        e = str(entry)
+        shown = repr(e) if e.isprintable() else ascii(e)
+        target, sep, factor = e.strip().rpartition(":")
+        target = target.strip()
+        if not sep or not target or not factor.strip():
+            raise ConfigError(f"{name}: {shown} is not {SLOW_FORM}")
+        try:
+            f = float(factor)
+        except ValueError:
+            raise ConfigError(f"{name}: {shown}: the factor {factor.strip()!r:.40} is not a number "
+                              f"(expected {SLOW_FORM})") from None
+        if math.isnan(f):
+            raise ConfigError(f"{name}: {shown}: the factor is NaN; expected a number >= 1 (2: half speed)")
+        if not f >= 1:
+            raise ConfigError(f"{name}: {shown}: the factor must be >= 1 (1: full speed, 2: half speed), got {f:g}")
+        if not math.isfinite(f):
+            raise ConfigError(f"{name}: {shown}: the factor must be finite (a layer slowed without end never "
+                              "finishes a step)")
+        if target.lstrip("+-").isdigit() and target.isascii():
+            n = int(target)
+            if n < 1 or (n_layers is not None and n > n_layers):
+                k = f" to {n_layers}" if n_layers is not None else " up"
+                raise ConfigError(f"{name}: {shown}: there is no layer {n}; layers are numbered from 1{k}")
+            key: int | str = n
+        else:
+            every = list(dict.fromkeys(cfg.runtime.hosts or (cfg.runtime.host,)))
+            if target not in every:
+                raise ConfigError(f"{name}: {shown}: {target!r:.60} is neither a layer number nor one of the run's "
+                                  f"hosts ({', '.join(every)})")
+            if n_layers is not None and target not in layer_hosts(cfg, n_layers):
+                raise ConfigError(f"{name}: {shown}: host {target!r:.60} runs no layer (only the feeder)")
+            key = target
+        if key in seen:
+            raise ConfigError(f"{name}: {shown}: {'layer' if isinstance(key, int) else 'host'} {key} is slowed "
+                              "twice; give each target once")
+        seen.add(key)
+        out.append((key, f))
+    return out
+
+
+def slow_factors(cfg: RunConfig, n_layers: int) -> list[float]:
+    """Each layer's slowdown (index 0: layer 1) under runtime.slow: the product of the factors
+    of the entries that name it, by number or by its host (1.0: full speed)."""
+    hosts = layer_hosts(cfg, n_layers)
+    out = [1.0] * n_layers
+    for target, f in parse_slow(cfg.runtime.slow, cfg, n_layers):
+        for i in range(n_layers):
+            if target == i + 1 if isinstance(target, int) else target == hosts[i]:
+                out[i] *= f
+    return out
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -497,6 +583,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if stages_known(cfg):
         cfg = check_worker_counts(cfg)
         r = cfg.runtime
+    parse_slow(r.slow, cfg, m.layers if stages_known(cfg) else None)
     if r.launcher == "agents":
         if not r.listen:
             raise ConfigError("runtime.listen: the agents launcher needs ADDR:PORT to wait for agents on (--listen)")

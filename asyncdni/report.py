@@ -75,6 +75,7 @@ def run_summary(result) -> dict:
             "curve": s.get("curve", False), "curve_refused": s.get("curve_refused", 0),
             "delay_mean": s.get("delay_mean"), "delay_max": s.get("delay_max"),
             "stash_peak_bytes": s.get("stash_peak_bytes", 0), "aux_train_metric": s.get("aux_train_metric"),
+            "slow": s.get("slow", 1.0), "slow_s": s.get("slow_s", 0.0),
         })
     m1, m2 = metric_names(result.plan.task)
     return {
@@ -111,7 +112,24 @@ def run_summary(result) -> dict:
         "seed": result.config.train.seed,
         "data": dict(getattr(result, "data", None) or {}),
         "changes": list(getattr(result, "changes", None) or []),
+        "stragglers": slowed_layers(layers),
     }
+
+
+def slowed_layers(per_layer) -> dict:
+    """{layer number (a string, as JSON keys are): factor} of the layers a straggler setting
+    (runtime.slow) slowed; empty when none was."""
+    return {str(L["layer"]): L["slow"] for L in per_layer if (L.get("slow") or 1.0) > 1.0}
+
+
+def format_slow(summary: dict) -> str | None:
+    """One line naming the slowed layers and their factors (None when none was slowed)."""
+    slow = summary.get("stragglers") or {}
+    if not slow:
+        return None
+    parts = ", ".join(f"layer {k} x{v:g}" for k, v in slow.items())
+    return (f"stragglers (--slow): {parts}: training computes take that many times as long (busy time "
+            "includes it); communication and evaluations are not slowed")
 
 
 def preset_values(cfg) -> dict:
@@ -131,7 +149,9 @@ def uses_sg(cfg) -> bool:
 def in_force(cfg) -> dict:
     """The learning settings a reader needs to reproduce the run's accuracy: the SG model's
     only under a schedule that uses synthetic gradients, the in-flight window only under one
-    that has it, the micro-batches only under one that splits the batch."""
+    that has it, the micro-batches only under one that splits the batch; and the stragglers
+    (runtime.slow) when set: they change the run's timing (and so, under the asynchronous
+    schedules, how stale its gradients are), not a lock-step schedule's arithmetic."""
     m, t = cfg.model, cfg.train
     sched = S.get(t.schedule)
     if m.model:          # torch stages: the model is the architecture; the numpy MLP's fields do not apply
@@ -164,6 +184,8 @@ def in_force(cfg) -> dict:
         out["train.wire_bwd"] = t.wire_bwd
         if not t.wire_feedback:
             out["train.wire_feedback"] = False
+    if cfg.runtime.slow:                 # stragglers: a measurement setting, shown only when set
+        out["runtime.slow"] = list(cfg.runtime.slow)
     return out if m.model else out | {"model.batch_norm": m.batch_norm}
 
 
@@ -280,6 +302,9 @@ def format_summary(summary: dict) -> str:
                      f"{100 * L['busy_fraction']:>5.1f}% {L['cpu_percent']:>4.0f}% {L['peak_rss_mb']:>7.1f} "
                      f"{L['bytes_sent'] / 2**20:>8.1f}")
     lines += [f"  {x}" for x in layer_extras(s["per_layer"], s.get("task"))]
+    slow = format_slow(s)
+    if slow:
+        lines.append(f"  {slow}")
     faults = []
     if s["resumed_from_step"] is not None:
         faults.append(f"resumed from the checkpoint at step {s['resumed_from_step']}")

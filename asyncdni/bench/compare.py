@@ -10,6 +10,11 @@ again), and each row reports the median over its repeats. Each run is bracketed 
 :class:`~asyncdni.bench.load.LoadSampler`: a row on which other work took more than
 ``load.BUSY_SHARE`` of the machine is marked busy, and a comparison between two rows is
 printed as a verdict only when neither was busy and their loads were alike.
+
+``--straggler TARGET:FACTOR`` runs every schedule that has workers a second time in each
+repeat, right after the first, with that layer (or every layer on that host) computing
+FACTOR times slower (``runtime.slow``), and reports samples/s and time to the target with
+and without it and their ratios (:func:`straggler_ratios`).
 """
 from __future__ import annotations
 
@@ -93,7 +98,7 @@ def layer_rows(summary_layers):
     return [{k: L.get(k) for k in ("layer", "pid", "busy_s", "wait_s", "comm_s", "busy_fraction", "msgs_sent",
                                    "bytes_sent", "cpu_percent", "peak_rss_mb", "steps", "updates", "sg_updates",
                                    "cached_steps", "rejected", "delay_mean", "delay_max", "stash_peak_bytes",
-                                   "aux_train_metric")} for L in summary_layers]
+                                   "aux_train_metric", "slow", "slow_s")} for L in summary_layers]
 
 
 def run_inprocess(cfg: C.RunConfig, name: str = "inprocess") -> dict:
@@ -249,8 +254,27 @@ def set_target_times(r: dict, target, auto: bool) -> None:
         r["time_to_target_s"] = time_to_target(r.get("evals"), target) if target else None
 
 
+def parse_straggler(text, cfg: C.RunConfig, n_layers: int | None) -> tuple[str, ...]:
+    """--straggler TARGET:FACTOR[,..] -> its entries, checked against the run (layer number
+    1..K or a host of the run, factor >= 1; K None: not yet known, torch stages) and
+    against the --slow entries every run has already; ConfigError with one line naming the
+    entry otherwise."""
+    entries = tuple(e for e in str(text).replace(",", " ").split() if e)
+    if not entries:
+        raise C.ConfigError(f"--straggler {str(text)!r:.60}: expected {C.SLOW_FORM}")
+    C.parse_slow(entries, cfg, n_layers, name="--straggler")
+    if cfg.runtime.slow:
+        C.parse_slow(cfg.runtime.slow + entries, cfg, n_layers, name="--straggler (with --slow)")
+    return entries
+
+
+def straggler_label(entries) -> str:
+    return ",".join(entries)
+
+
 def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None,
-          eval_every: int | None = None, peers: bool = False, repeats: int = REPEATS) -> dict:
+          eval_every: int | None = None, peers: bool = False, repeats: int = REPEATS,
+          straggler: str | None = None) -> dict:
     """Run every schedule on the same config; returns a plain-data result.
 
     ``eval_every``: test-set evaluations (off the clock) every so many steps; None: the
@@ -258,7 +282,12 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
     every row has an accuracy curve and a time to the target accuracy; 0: at the end only.
     ``repeats``: every schedule that many times, interleaved (all once, then all again, so
     that drifting load spreads over every row); each row reports medians. Each run records
-    the machine's other work while it ran (``load``: :mod:`asyncdni.bench.load`)."""
+    the machine's other work while it ran (``load``: :mod:`asyncdni.bench.load`).
+    ``straggler``: ``TARGET:FACTOR[,..]`` (as ``runtime.slow``): every schedule that runs in
+    workers runs a second time in each repeat, right after the first, with those layers
+    slowed (on top of any ``runtime.slow``); ``straggler`` in the result holds those rows
+    (medians, like the others) and each schedule's ratios with / without
+    (:func:`straggler_ratios`). The in-process rows have no worker to slow and run once."""
     repeats = parse_repeats(repeats)
     # one bench runs several schedules on the same config: checkpoints, resume and restarts
     # would mix their files in one directory, and are not what is being measured
@@ -269,31 +298,52 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
     if eval_every is None:
         eval_every = cfg.train.eval_every or default_eval_every(plan.steps)
     cfg = C.replace(cfg, **{"train.eval_every": eval_every})
+    slowed = None
+    if straggler is not None:
+        staged = C.with_stages(cfg, plan.n_layers)
+        entries = parse_straggler(straggler, staged, plan.n_layers)
+        slowed = C.replace(staged, **{"runtime.slow": staged.runtime.slow + entries})
     schedules = list(dict.fromkeys(schedules))
+    if slowed is not None and all(s in INPROCESS_ROWS for s in schedules):
+        raise C.ConfigError(f"--straggler: {', '.join(schedules)} run(s) in one process, with no worker to slow; "
+                            "choose a schedule that runs in workers")
     reps: dict = {s: [] for s in schedules}
     rep_traces: dict = {s: [] for s in schedules}
     rep_series: dict = {s: [] for s in schedules}
+    worker_rows = [s for s in schedules if s not in INPROCESS_ROWS]
+    slow_reps: dict = {s: [] for s in worker_rows} if slowed is not None else {}
+    slow_traces: dict = {s: [] for s in slow_reps}
+    slow_series: dict = {s: [] for s in slow_reps}
+
+    def run_engine(base: C.RunConfig, s: str, into, traces_into, series_into) -> None:
+        c = C.replace(base, **{"train.schedule": s})
+        with load.LoadSampler() as ld:
+            r = coordinator.run(c, on_progress=on_progress, datasets=datasets)
+        summ = report.run_summary(r)
+        summ["per_layer"] = layer_rows(summ["per_layer"])
+        aux = reference.aux_evaluate(r.plan, r.params, datasets[1], cfg.train.eval_batch)
+        for Lr, a in zip(summ["per_layer"], aux):
+            Lr["aux_test_metric"] = a
+        summ["load_sample"] = ld.result
+        into.append(summ)
+        traces_into.append(r.traces)
+        series_into.append({"loss": r.series["loss"], "done_at": r.series["done_at"]})
+
     for rep in range(repeats):
         for s in schedules:
+            of = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
             if log:
-                log(f"bench: running {s}" + (f" (repeat {rep + 1}/{repeats})" if repeats > 1 else "") + " ...")
+                log(f"bench: running {s}{of} ...")
             if s in INPROCESS_ROWS:
                 with load.LoadSampler() as ld:
                     row = run_inprocess(cfg, s)
                 reps[s].append(row | {"load_sample": ld.result})
                 continue
-            c = C.replace(cfg, **{"train.schedule": s})
-            with load.LoadSampler() as ld:
-                r = coordinator.run(c, on_progress=on_progress, datasets=datasets)
-            summ = report.run_summary(r)
-            summ["per_layer"] = layer_rows(summ["per_layer"])
-            aux = reference.aux_evaluate(r.plan, r.params, datasets[1], cfg.train.eval_batch)
-            for Lr, a in zip(summ["per_layer"], aux):
-                Lr["aux_test_metric"] = a
-            summ["load_sample"] = ld.result
-            reps[s].append(summ)
-            rep_traces[s].append(r.traces)
-            rep_series[s].append({"loss": r.series["loss"], "done_at": r.series["done_at"]})
+            run_engine(cfg, s, reps[s], rep_traces[s], rep_series[s])
+            if slowed is not None:      # right after it: the pair runs under the same load
+                if log:
+                    log(f"bench: running {s} with straggler {straggler_label(entries)}{of} ...")
+                run_engine(slowed, s, slow_reps[s], slow_traces[s], slow_series[s])
     # the target from the rows' median accuracies, then every repeat's time to it
     target, auto = resolve_target(cfg, plan, {s: {"test_metric": median_of([r.get("test_metric") for r in rr])}
                                               for s, rr in reps.items()})
@@ -304,9 +354,64 @@ def bench(cfg: C.RunConfig, schedules=SCHEDULE_ORDER, on_progress=None, log=None
         runs[s], k = aggregate_repeats(rr)
         if rep_traces[s]:
             traces[s], series[s] = rep_traces[s][k], rep_series[s][k]
+    extra: dict = {}
+    if slowed is not None:
+        label = straggler_label(entries)
+        slow_runs = {}
+        for s, rr in slow_reps.items():
+            for r in rr:
+                set_target_times(r, target, auto)
+            slow_runs[s], k = aggregate_repeats(rr)
+            traces[f"{s} + straggler {label}"] = slow_traces[s][k]
+            series[f"{s} + straggler {label}"] = slow_series[s][k]
+        extra["straggler"] = {"entries": list(entries), "label": label,
+                              "layers": {str(i + 1): f for i, f in enumerate(C.slow_factors(slowed, plan.n_layers))
+                                         if f > 1.0},
+                              "runs": slow_runs, "ratios": straggler_ratios(runs, slow_runs),
+                              "not_slowed": [s for s in schedules if s in INPROCESS_ROWS]}
     peer_rows = run_peers(cfg, plan, log) if peers else []
     return analyse(cfg, plan, runs) | {"_traces": traces, "_series": series, "eval_every": eval_every,
-                                       "peers": peer_rows, "repeats": repeats, "busy_share": load.BUSY_SHARE}
+                                       "peers": peer_rows, "repeats": repeats, "busy_share": load.BUSY_SHARE} | extra
+
+
+def straggler_ratios(runs: dict, slow_runs: dict) -> dict:
+    """Per schedule, the straggler's cost, with / without: ``samples_per_s`` (below 1: slower)
+    and ``time_to_target`` (above 1: later; None when either run missed the target), from
+    the rows' medians; ``not_a_verdict``: why the pair is no verdict
+    (:func:`load.not_a_verdict`: busy, or unlike load), '' when it is one."""
+    out = {}
+    for s, w in slow_runs.items():
+        b = runs[s]
+        t, tb = w.get("time_to_target_s"), b.get("time_to_target_s")
+        out[s] = {"samples_per_s": w["samples_per_s"] / b["samples_per_s"] if b.get("samples_per_s") else None,
+                  "time_to_target": t / tb if t and tb else None,
+                  "not_a_verdict": load.not_a_verdict(b.get("load"), w.get("load"))}
+    return out
+
+
+def bench_rows(res: dict) -> list[dict]:
+    """bench.csv: one row per schedule, then one per layer of it; with a straggler, the
+    slowed runs' rows after them (``straggler``: its entries) with their ratios to the
+    rows without (``slowdown_samples_per_s``, ``slowdown_time_to_target``: with / without)."""
+    skip = ("per_layer", "evals", "load", "repeat_runs")
+    st = res.get("straggler")
+    rows = []
+    for s, r in res["runs"].items():
+        base = {k: v for k, v in r.items() if k not in skip}
+        rows.append({**base, "other_share": (r.get("load") or {}).get("other_share"), "layer": ""}
+                    | ({"straggler": ""} if st else {}))
+        for L in r["per_layer"]:
+            rows.append({"schedule": s, **L} | ({"straggler": ""} if st else {}))
+    if st:
+        for s, r in st["runs"].items():
+            ratio = st["ratios"][s]
+            base = {k: v for k, v in r.items() if k not in skip}
+            rows.append({**base, "other_share": (r.get("load") or {}).get("other_share"), "layer": "",
+                         "straggler": st["label"], "slowdown_samples_per_s": ratio["samples_per_s"],
+                         "slowdown_time_to_target": ratio["time_to_target"]})
+            for L in r["per_layer"]:
+                rows.append({"schedule": s, **L, "straggler": st["label"]})
+    return rows
 
 
 def auto_target(runs: dict) -> float | None:
@@ -443,6 +548,36 @@ def format_flops(res: dict) -> list[str]:
     return lines
 
 
+def format_straggler(res: dict, tname: str = "to target") -> list[str]:
+    """bench --straggler: per schedule, samples/s and time to the target without and with
+    the straggler, and the ratios with / without (medians of the repeats)."""
+    st = res.get("straggler")
+    if not st:
+        return []
+    runs, slow = res["runs"], st["runs"]
+    layers = ", ".join(f"layer {k} x{v:g}" for k, v in (st.get("layers") or {}).items()) or "no layer"
+    lines = ["", f"  straggler {st['label']} ({layers}: training computes take that many times as long; "
+                 "communication is not slowed), each schedule without and with it, run back to back:",
+             f"    {'schedule':<16}{'samples/s':>10}{'with':>9}{'ratio':>8}{tname + ' s':>14}{'with':>9}{'ratio':>8}"]
+    for s, r in slow.items():
+        b, q = runs[s], st["ratios"][s]
+        t0, t1 = b.get("time_to_target_s"), r.get("time_to_target_s")
+        why = q.get("not_a_verdict") or ""
+        lines.append(f"    {s:<16}{b['samples_per_s']:>10.0f}{r['samples_per_s']:>9.0f}"
+                     f"{_ratio(q.get('samples_per_s')):>8}{'-' if t0 is None else f'{t0:.2f}':>14}"
+                     f"{'-' if t1 is None else f'{t1:.2f}':>9}{_ratio(q.get('time_to_target')):>8}"
+                     + (f"  ({why})" if why else ""))
+    lines.append("    (ratio: with / without; samples/s below 1x and time above 1x are the straggler's cost"
+                 + ("; '-': the target was not reached" if res.get("target_accuracy") else "") + ")")
+    if st.get("not_slowed"):
+        lines.append(f"    ({', '.join(st['not_slowed'])}: one process, no worker to slow; run without only)")
+    return lines
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def format_peers(res: dict) -> list[str]:
     """The torch.distributed.pipelining rows, with each engine row's samples/s over theirs."""
     peers, runs = res.get("peers") or [], res["runs"]
@@ -530,6 +665,7 @@ def format_bench(res: dict) -> str:
                      + "):")
         for s, v in rows.items():
             lines.append(_verdict(s, base, v, runs[s], b, tname))
+    lines += format_straggler(res, tname)
     lines += format_peers(res)
     lines += format_flops(res)
     for s in order:

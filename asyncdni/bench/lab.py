@@ -13,7 +13,9 @@ and reports medians with their min-max spread; ``windows`` runs each schedule th
 in-flight window once per window (the staleness study). Every run records the machine's
 other work while it ran (:mod:`asyncdni.bench.load`); a cell on which other processes
 took more than ``load.BUSY_SHARE`` of the CPU is marked busy, and its ratios to other
-cells are printed as no verdict.
+cells are printed as no verdict. ``straggler`` (``--straggler``) follows every run with the
+same run with a layer, or every layer on a lab host, computing slower (``runtime.slow``), and
+reports each cell's samples/s and time to target with and without it and their ratios.
 """
 from __future__ import annotations
 
@@ -258,18 +260,37 @@ def aggregate(label: str, schedule: str, window: int | None, reps: list[dict]) -
     return out
 
 
+def host_names(n_layers: int, feeder_host: str = "shared") -> list[str]:
+    """The lab's host names, as runtime.hosts names them: h0.. (one per layer, and one more
+    for the feeder with ``feeder_host="own"``, which then is h0)."""
+    return [f"h{i}" for i in range(n_layers + (1 if feeder_host == "own" else 0))]
+
+
+def parse_straggler(text, cfg: C.RunConfig, feeder_host: str = "shared") -> tuple[str, ...]:
+    """--straggler with --lab: its entries checked against the lab's run (a layer number, or
+    a host h0.. of the lab that runs a layer); ConfigError with one line otherwise."""
+    from asyncdni.bench.compare import parse_straggler as check
+    K = cfg.model.layers
+    probe = C.replace(cfg, **{"runtime.launcher": "agents", "runtime.listen": "127.0.0.1:1",
+                              "runtime.hosts": tuple(host_names(K, feeder_host)), "runtime.security": "insecure"})
+    return check(text, probe, K)
+
+
 def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, datasets, *,
              feeder_host: str = "shared", prefix: str = "adb-", subnet: str = "10.76.0.0/24",
-             repeats: int = 1, windows=(), wires=(), log=None) -> dict:
+             repeats: int = 1, windows=(), wires=(), straggler: tuple[str, ...] = (), log=None) -> tuple[dict, dict]:
     """Every schedule (and window variant) over one link setting, ``repeats`` times, the
-    repeats interleaved (so drifting load spreads over all of them); returns {label: aggregate}."""
+    repeats interleaved (so drifting load spreads over all of them); with ``straggler``
+    (runtime.slow entries) each run is followed by the same run with those layers slowed.
+    Returns ({label: aggregate}, {label: aggregate of the slowed runs}; empty without)."""
     from asyncdni.launch.agents import AgentsLauncher
     log = log or (lambda line: None)
     K = cfg.model.layers               # the plan's stage count (lab_bench applied with_stages)
-    n_hosts = K + (1 if feeder_host == "own" else 0)
-    names = [f"h{i}" for i in range(n_hosts)]
+    names = host_names(K, feeder_host)
+    n_hosts = len(names)
     todo = variants(schedules, windows, wires)
     reps: dict = {label: [] for label, _, _, _ in todo}
+    slow_reps: dict = {label: [] for label, _, _, _ in todo} if straggler else {}
     with Lab(hosts=n_hosts, rate=rate, delay_ms=delay_ms, prefix=prefix, subnet=subnet) as lab, \
             tempfile.TemporaryDirectory(prefix="asyncdni-lab-") as tmp:
         port = _free_port(lab.bridge_ip)
@@ -280,34 +301,44 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
         _start_agents(lab, names, port, Path(tmp))
         launcher = AgentsLauncher.from_config(c0)
         try:
-            n_runs, k = repeats * len(todo), 0
+            n_runs, k = repeats * len(todo) * (2 if straggler else 1), 0
             for rep in range(repeats):
                 for label, s, w, wire in todo:
-                    k += 1
                     rep_s = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
-                    log(f"bench --lab: {link_label(rate, delay_ms)} running {label}{rep_s} ...")
                     ov = {"train.schedule": s}
                     if w is not None:
                         ov["train.max_inflight"] = w
                     if wire is not None:
                         ov["train.wire_fwd"], ov["train.wire_bwd"] = wire
                     c = C.replace(c0, **ov)
-                    ld = load.LoadSampler().start()
-                    try:
-                        r = coordinator.run(c, datasets=datasets, launcher=launcher, route=lab.route)
-                    finally:
-                        sample = ld.stop()
-                        relay = lab.stop_relays(refill=k < n_runs)
-                    reps[label].append(_one_run(r, relay, sample, rate_bits(rate)))
+                    pairs = [("", c, reps)]
+                    if straggler:         # right after it: the pair runs under the same load
+                        pairs.append((f" with straggler {','.join(straggler)}",
+                                      C.replace(c, **{"runtime.slow": c.runtime.slow + tuple(straggler)}), slow_reps))
+                    for what, cc, into in pairs:
+                        k += 1
+                        log(f"bench --lab: {link_label(rate, delay_ms)} running {label}{what}{rep_s} ...")
+                        ld = load.LoadSampler().start()
+                        try:
+                            r = coordinator.run(cc, datasets=datasets, launcher=launcher, route=lab.route)
+                        finally:
+                            sample = ld.stop()
+                            relay = lab.stop_relays(refill=k < n_runs)
+                        into[label].append(_one_run(r, relay, sample, rate_bits(rate)))
         finally:
             launcher.close()
-    return {label: aggregate(label, s, w, reps[label]) for label, s, w, _ in todo}
+    return ({label: aggregate(label, s, w, reps[label]) for label, s, w, _ in todo},
+            {label: aggregate(label, s, w, slow_reps[label]) for label, s, w, _ in todo} if straggler else {})
 
 
 def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_host: str = "shared",
               prefix: str = "adb-", subnet: str = "10.76.0.0/24", repeats: int = 1, windows=(), wires=(),
-              skipped=None, log=None) -> dict:
-    """Every schedule under every link setting; a plain-data result."""
+              skipped=None, straggler: str | None = None, log=None) -> dict:
+    """Every schedule under every link setting; a plain-data result. ``straggler``
+    (``TARGET:FACTOR[,..]``, a layer number or a lab host h0..): every run is followed by
+    the same run with that straggler; each link's row then holds ``straggler_runs`` and
+    ``straggler_ratios`` (with / without, :func:`asyncdni.bench.compare.straggler_ratios`)."""
+    from asyncdni.bench.compare import straggler_ratios
     from asyncdni.engine.plan import load_datasets, make_plan
     if feeder_host not in ("shared", "own"):
         raise C.ConfigError(f"--feeder-host {feeder_host!r}: expected shared or own")
@@ -319,6 +350,7 @@ def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_h
     datasets = load_datasets(cfg)
     plan = make_plan(cfg, datasets[0])
     cfg = C.with_stages(cfg, plan.n_layers)      # torch models: one host per stage of the model
+    entries = parse_straggler(straggler, cfg, feeder_host) if straggler is not None else ()
     skipped = dict(skipped or {})
     for s, why in skipped.items():
         if log:
@@ -326,17 +358,31 @@ def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_h
     rows = []
     t0 = time.monotonic()
     for rate, delay in links:
-        runs = run_link(cfg, list(schedules), rate, delay, datasets, feeder_host=feeder_host, prefix=prefix,
-                        subnet=subnet, repeats=int(repeats), windows=list(windows), wires=list(wires), log=log)
+        runs, slowed = run_link(cfg, list(schedules), rate, delay, datasets, feeder_host=feeder_host, prefix=prefix,
+                                subnet=subnet, repeats=int(repeats), windows=list(windows), wires=list(wires),
+                                straggler=entries, log=log)
         rows.append({"link": link_label(rate, delay), "rate": rate or "unshaped", "rate_bits": rate_bits(rate),
-                     "delay_ms": delay, "runs": runs})
+                     "delay_ms": delay, "runs": runs}
+                    | ({"straggler_runs": slowed, "straggler_ratios": straggler_ratios(runs, slowed)}
+                       if entries else {}))
         if log:
             log(format_link(rows[-1], int(repeats)))
     return {"layers": plan.n_layers, "widths": list(plan.widths), "batch_size": plan.batch_size,
             "steps": plan.steps, "samples": plan.steps * plan.batch_size, "feeder_host": feeder_host,
             "target_accuracy": cfg.train.target_accuracy or None, "repeats": int(repeats),
             "windows": list(windows), "wires": [list(w) for w in wires], "max_inflight": cfg.train.max_inflight or "auto",
-            "schedules": list(schedules), "skipped": skipped, "links": rows, "wall_s": time.monotonic() - t0}
+            "schedules": list(schedules), "skipped": skipped, "links": rows, "wall_s": time.monotonic() - t0,
+            "straggler": straggler_info(cfg, entries, feeder_host) if entries else None}
+
+
+def straggler_info(cfg: C.RunConfig, entries, feeder_host: str = "shared") -> dict:
+    """The straggler of a lab bench: its entries, label and {layer number: factor}."""
+    K = cfg.model.layers
+    c = C.replace(cfg, **{"runtime.launcher": "agents", "runtime.listen": "127.0.0.1:1",
+                          "runtime.hosts": tuple(host_names(K, feeder_host)), "runtime.security": "insecure",
+                          "runtime.slow": cfg.runtime.slow + tuple(entries)})
+    return {"entries": list(entries), "label": ",".join(entries),
+            "layers": {str(i + 1): f for i, f in enumerate(C.slow_factors(c, K)) if f > 1.0}}
 
 
 def _num(v, fmt: str, unit: str = "") -> str:
@@ -377,6 +423,7 @@ def format_link(row: dict, repeats: int = 1) -> str:
         lines.append(f"    (busy: other processes took more than {100 * load.BUSY_SHARE:.0f}% of the machine's CPU "
                      f"while the run ran{', in its busiest repeat' if repeats > 1 else ''}; no verdict is drawn "
                      "from it)")
+    lines += format_link_straggler(row)
     return "\n".join(lines)
 
 
@@ -425,6 +472,24 @@ def format_wires(res: dict) -> str:
     return "\n".join(lines)
 
 
+def format_link_straggler(row: dict) -> list[str]:
+    """The straggler's cost on one link: per schedule, samples/s and time to the target
+    without and with it, and the ratios with / without."""
+    slowed = row.get("straggler_runs")
+    if not slowed:
+        return []
+    lines = [f"    with the straggler: {'schedule':<16}{'samples/s':>10}{'with':>9}{'ratio':>8}"
+             f"{'time to tgt':>13}{'with':>9}{'ratio':>8}"]
+    for label, r in slowed.items():
+        b, q = row["runs"][label], row["straggler_ratios"][label]
+        t0, t1 = b.get("time_to_target_s"), r.get("time_to_target_s")
+        why = q.get("not_a_verdict") or ""
+        lines.append(f"    {'':<20}{label:<16}{_num(b['samples_per_s'], '.0f'):>10}{_num(r['samples_per_s'], '.0f'):>9}"
+                     f"{_num(q.get('samples_per_s'), '.2f', 'x'):>8}{_num(t0, '.2f', 's'):>13}{_num(t1, '.2f', 's'):>9}"
+                     f"{_num(q.get('time_to_target'), '.2f', 'x'):>8}" + (f"  ({why})" if why else ""))
+    return lines
+
+
 def format_staleness(res: dict) -> str:
     """The in-flight windows' cost: one row per link and window-variant label."""
     if not res.get("windows"):
@@ -456,6 +521,12 @@ def format_lab_bench(res: dict) -> str:
     lines = [f"bench --lab: {res['layers']} layers {'-'.join(map(str, res['widths']))}, batch {res['batch_size']}, "
              f"{res['steps']} steps, feeder host {res['feeder_host']}, max-inflight {res.get('max_inflight')}"
              + (f", {res['repeats']} repeats per cell" if res.get("repeats", 1) > 1 else "")]
+    st = res.get("straggler")
+    if st:
+        layers = ", ".join(f"layer {k} x{v:g}" for k, v in st["layers"].items())
+        lines.append(f"  straggler {st['label']} ({layers}): every run is followed by the same run with those layers' "
+                     "training computes taking that many times as long (links not slowed); ratios are with / "
+                     "without")
     for s, why in (res.get("skipped") or {}).items():
         lines.append(f"  {s}: not run in the lab ({why})")
     for row in res["links"]:
@@ -505,31 +576,50 @@ def format_lab_bench(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _csv_base(row: dict, label: str, r: dict) -> dict:
+    """The CSV row of one cell (link and schedule): medians, min and max over repeats."""
+    rel = r.get("relay") or {}
+    lag = r.get("sg_lag") or {}
+    base = {"link": row["link"], "rate": row["rate"], "delay_ms": row["delay_ms"], "schedule": label,
+            "repeats": r.get("repeats", 1),
+            "window": ",".join(map(str, r.get("windows_used") or []))}
+    for k in MEDIAN_KEYS:
+        rg = r.get(k + "_range") or [None, None]
+        base.update({k: r.get(k), k + "_min": rg[0], k + "_max": rg[1]})
+    tr = r.get("traffic") or {}
+    base.update({k: tr.get(k) for k in ("fwd_bytes_per_step", "bwd_bytes_per_step", "bwd_msgs_per_step",
+                                         "compression", "egress_mbit_s", "link_use")})
+    base["wire"] = "/".join(r.get("wire") or [])
+    base.update({"other_share": load.share(r.get("load")),
+                 "sg_lag_mean": lag.get("mean"), "sg_lag_p90": lag.get("p90"),
+                 "relay_added_median_ms": (rel.get("added_ms") or {}).get("median"),
+                 "relay_added_p99_ms": (rel.get("added_ms") or {}).get("p99"), "layer": ""})
+    return base
+
+
 def csv_rows(res: dict) -> list[dict]:
-    """One row per link and schedule (medians, min and max over repeats), then one per layer."""
+    """One row per link and schedule (medians, min and max over repeats), then one per layer;
+    with a straggler, each link's slowed runs after them (``straggler``: its entries), with
+    ``slowdown_samples_per_s`` and ``slowdown_time_to_target`` (with / without)."""
     rows = []
+    label_st = (res.get("straggler") or {}).get("label")
     for row in res["links"]:
         for label, r in row["runs"].items():
-            rel = r.get("relay") or {}
-            lag = r.get("sg_lag") or {}
-            base = {"link": row["link"], "rate": row["rate"], "delay_ms": row["delay_ms"], "schedule": label,
-                    "repeats": r.get("repeats", 1),
-                    "window": ",".join(map(str, r.get("windows_used") or []))}
-            for k in MEDIAN_KEYS:
-                rg = r.get(k + "_range") or [None, None]
-                base.update({k: r.get(k), k + "_min": rg[0], k + "_max": rg[1]})
-            tr = r.get("traffic") or {}
-            base.update({k: tr.get(k) for k in ("fwd_bytes_per_step", "bwd_bytes_per_step", "bwd_msgs_per_step",
-                                                 "compression", "egress_mbit_s", "link_use")})
-            base["wire"] = "/".join(r.get("wire") or [])
-            base.update({"other_share": load.share(r.get("load")),
-                         "sg_lag_mean": lag.get("mean"), "sg_lag_p90": lag.get("p90"),
-                         "relay_added_median_ms": (rel.get("added_ms") or {}).get("median"),
-                         "relay_added_p99_ms": (rel.get("added_ms") or {}).get("p99"), "layer": ""})
+            base = _csv_base(row, label, r)
+            if label_st:
+                base["straggler"] = ""
             rows.append(base)
             for L in r["per_layer"]:
                 rows.append({"link": row["link"], "rate": row["rate"], "delay_ms": row["delay_ms"],
-                             "schedule": label, **L})
+                             "schedule": label, **L} | ({"straggler": ""} if label_st else {}))
+        for label, r in (row.get("straggler_runs") or {}).items():
+            q = row["straggler_ratios"][label]
+            rows.append(_csv_base(row, label, r) | {"straggler": label_st,
+                                                    "slowdown_samples_per_s": q.get("samples_per_s"),
+                                                    "slowdown_time_to_target": q.get("time_to_target")})
+            for L in r["per_layer"]:
+                rows.append({"link": row["link"], "rate": row["rate"], "delay_ms": row["delay_ms"],
+                             "schedule": label, **L, "straggler": label_st})
     return rows
 
 

@@ -27,6 +27,7 @@ import traceback
 import numpy as np
 import zmq
 
+from asyncdni import config as C
 from asyncdni.engine import checkpoint as CK
 from asyncdni.wire import protocol as P
 from asyncdni import schedules as S
@@ -399,6 +400,10 @@ class LayerWorker(Worker):
             target_range=(0.0, 1.0) if ls.task == "bits" else None,    # regression targets: finite (check_finite)
             fwd_codec=None if self.first else self.fwd_codec, bwd_codec=None if self.last else self.bwd_codec)
         self.next_step = 0           # the only FWD step this layer accepts next (micro-steps in pipeline)
+        # a straggler (runtime.slow): this layer's factor, resolved once from its number and host
+        self.slow = C.slow_factors(self.cfg, self.K)[index]
+        self.slow_owed = 0.0         # seconds of slowdown still to wait (negative: waited ahead)
+        self.slow_s = 0.0            # seconds waited in all
 
     def setup(self) -> None:
         if self.lspec.backend == "torch":      # torch's own thread pools, as BLAS is pinned at start-up
@@ -523,9 +528,39 @@ class LayerWorker(Worker):
         out = fn(*args)
         d = time.perf_counter() - t0
         if code != T_EVAL:      # evaluations are off the training clock, so off busy time too
+            if self.slow > 1.0:
+                d += self.slow_down(d)
             self.busy += d
         self.trace(code, w0, d)
         return out
+
+    def slow_down(self, d: float) -> float:
+        """A straggler (runtime.slow): after a training compute that took ``d`` seconds, wait
+        (factor - 1) x d more, as a CPU that slow would have taken; returns the seconds
+        waited, which count as busy time and trace as the compute. The wait is owed and paid
+        across computes: what a sleep overshoots is taken off the next wait, so the added
+        time matches the factor over a run even where single computes are shorter than
+        the sleep's resolution. A long wait is cut into pieces of half a heartbeat interval,
+        with the control socket read and a heartbeat sent between them, so that a slowed
+        layer is never taken for a dead one (nor takes the coordinator for one)."""
+        self.slow_owed += (self.slow - 1.0) * d
+        if self.slow_owed <= 0.0:
+            return 0.0
+        pc = time.perf_counter
+        t0 = pc()
+        piece = self.hb_interval / 2
+        while True:
+            left = self.slow_owed - (pc() - t0)
+            if left <= 0.0:
+                break
+            time.sleep(min(left, piece))
+            if left > piece:
+                self.handle_ctrl()
+                self.heartbeat(time.monotonic())
+        waited = pc() - t0
+        self.slow_owed -= waited
+        self.slow_s += waited
+        return waited
 
     def finite_out(self, a, what: str):
         """Outgoing arrays are finite: a NaN/Inf one is zeroed (and counted) so the step still
@@ -713,7 +748,8 @@ class LayerWorker(Worker):
                  cached_steps=len(self.node.cache), nonfinite_skipped=self.node.nonfinite_skipped,
                  nonfinite_outputs=self.nonfinite_outputs,
                  fan_in=self.lspec.fan_in, fan_out=self.lspec.fan_out,
-                 flops_per_batch=self.node.flops_per_batch(self.batch_size))
+                 flops_per_batch=self.node.flops_per_batch(self.batch_size),
+                 slow=self.slow, slow_s=self.slow_s)
         return s
 
     def bye_payload(self):
