@@ -52,7 +52,7 @@ TRAIN_FLAGS = {
     "--microbatches": ("train.microbatches", dict(type=str, metavar="M", help="pipeline: micro-batches per step (default 4)")),
     "--stash-weights": ("train.stash_weights", dict(type=str, metavar="BOOL", help="delayed: input gradient with the forward pass's weights (default false)")),
     "--delay-remedy": ("train.delay_remedy", dict(type=str, help="delayed: none or lr_scale (lr / (1 + delay)) (default none)")),
-    "--wire-fwd": ("train.wire_fwd", dict(type=str, metavar="CODEC", help="codec of the activations between layers: fp32, fp16, bf16, int8 (a scale per row), int8:tensor or topk:F (default fp32)")),
+    "--wire-fwd": ("train.wire_fwd", dict(type=str, metavar="CODEC", help="codec of the activations between layers: fp32, fp16, bf16, int8 (a scale per row), int8:tensor, topk:F, or aq:CODEC: each sample's change since it last crossed (AQ-SGD; both ends keep every sample's activation) (default fp32)")),
     "--wire-bwd": ("train.wire_bwd", dict(type=str, metavar="CODEC", help="codec of the gradients between layers, the same choices; a lossy one carries error feedback (default fp32)")),
     "--aux-features": ("train.aux_features", dict(type=str, metavar="N", help="local: features an auxiliary classifier reads; wider layers are average-pooled (default 256)")),
     "--seed": ("train.seed", dict(type=str, help="seed of initialisation and batching")),
@@ -252,6 +252,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--wires", default=None, metavar="CODEC|FWD/BWD,..", help="--lab: run each schedule once per "
                    "codec setting, e.g. fp32,int8,fp16/int8 (the first is the baseline); prints bytes per step, link "
                    "use and times against backprop with the baseline and with the same codecs")
+    b.add_argument("--lab-burst", default="auto", metavar="BYTES|auto", help="--lab: tbf's bucket per shaped "
+                   "link (default auto: 2 ms of the rate, at least 16 KiB)")
     b.add_argument("--lab-prefix", default="adb-", metavar="P", help="--lab: name prefix of its devices (default adb-)")
     b.add_argument("--lab-subnet", default="10.76.0.0/24", metavar="CIDR", help="--lab: its subnet (default 10.76.0.0/24)")
     a = sub.add_parser("agent", help="run this host's workers for a coordinator (multi-host runs)")
@@ -281,6 +283,8 @@ def make_parser() -> argparse.ArgumentParser:
                     "unshaped (default), 10gbit, 1gbit, 100mbit, ...")
     up.add_argument("--delay", default="0", metavar="MS", help="one-way delay per link, added by the relays "
                     "a run starts through the lab (default 0)")
+    up.add_argument("--burst", default="auto", metavar="BYTES|auto", help="tbf's bucket per shaped link: a size "
+                    "(25000, 64kb) or auto, 2 ms of the rate and at least 16 KiB (default auto)")
     for lp in (up, lsub.add_parser("down", help="remove the lab: processes, relays, namespaces, veths, bridge"),
                lsub.add_parser("status", help="print the lab's recorded state as JSON")):
         lp.add_argument("--prefix", default="adl-", metavar="P", help="name prefix of the lab's devices (default adl-)")
@@ -599,6 +603,10 @@ def _bench_lab(args, log) -> int:
     except L.LabError as e:
         return fail(f"bench --lab: {e}", 2)
 
+    from pathlib import Path
+    from asyncdni.engine import rundir as R
+    made: dict = {}
+
     def measure():
         ov = overrides_from_args(args)
         ov.setdefault("runtime.progress", False)
@@ -608,19 +616,34 @@ def _bench_lab(args, log) -> int:
         repeats = parse_repeats("1" if args.repeats is None else args.repeats)
         windows = labbench.parse_windows(args.windows)
         wires = labbench.parse_wires(args.wires)
+        for rate, _delay in links:
+            try:
+                L.parse_burst(args.lab_burst, rate)
+            except L.LabError as e:
+                raise C.ConfigError(f"--lab-burst: {e}") from None
+        # claimed before anything runs: a bad directory fails at once
+        made["dir"], made["created"] = R.claim(Path(args.run_dir) if args.run_dir else None, "lab")
         return cfg, labbench.lab_bench(cfg, schedules, links, feeder_host=args.feeder_host, prefix=args.lab_prefix,
                                        subnet=args.lab_subnet, repeats=repeats, windows=windows, wires=wires,
-                                       skipped=skipped, straggler=args.straggler, log=log)
+                                       skipped=skipped, straggler=args.straggler, burst=args.lab_burst, log=log)
 
     try:
         out, code = guarded(measure)
     except L.LabError as e:
-        return fail(f"bench --lab: {e}", 1)
+        out, code = None, fail(f"bench --lab: {e}", 1)
     if code is not None:
+        if made.get("created"):
+            R.discard(made["dir"])          # nothing half-made is left behind
         return code
     cfg, res = out
     print(labbench.format_lab_bench(res))
+    run_dir = made["dir"]
     try:
+        # the lab bench's own directory: config.toml, lab.json, lab.csv, plots/lab.png
+        R.write_config(run_dir, cfg)
+        report.write_json(str(run_dir / "lab.json"), {"config": cfg.to_dict(), "lab": res})
+        report.write_csv(str(run_dir / "lab.csv"), labbench.csv_rows(res))
+        labbench.write_plot(str(run_dir / R.PLOTS), res)
         if args.json:
             report.write_json(args.json, {"config": cfg.to_dict(), "lab": res})
         if args.csv:
@@ -631,6 +654,7 @@ def _bench_lab(args, log) -> int:
                   file=sys.stderr if path is None else sys.stdout)
     except OSError as e:
         return fail(f"cannot write output: {e}", 1)
+    print(f"run directory: {run_dir}")
     return 0
 
 
@@ -694,7 +718,7 @@ def cmd_lab(args) -> int:
         L.parse_prefix(args.prefix)
         if args.lab_command == "up":
             lb = L.Lab(hosts=args.hosts, rate=args.rate, delay_ms=args.delay, prefix=args.prefix,
-                       subnet=args.subnet, state_dir=args.state_dir)
+                       subnet=args.subnet, state_dir=args.state_dir, burst=args.burst)
             lb.check()
     except L.LabError as e:
         return fail(str(e), 2)

@@ -125,7 +125,8 @@ class TrainConfig:
     stash_weights: bool = False         # delayed: input gradient with the forward pass's weights (PipeDream weight stashing)
     delay_remedy: str = "none"          # delayed: "none" or "lr_scale" (a gradient d updates late: lr / (1 + d))
     aux_features: int = 256             # local: features an auxiliary classifier reads (wider layers are average-pooled)
-    wire_fwd: str = "fp32"              # codec of the activations between layers: fp32, fp16, bf16, int8, int8:tensor, topk:F
+    wire_fwd: str = "fp32"              # codec of the activations between layers: fp32, fp16, bf16, int8, int8:tensor, topk:F,
+                                        # or aq:CODEC (each sample's change since it last crossed, AQ-SGD)
     wire_bwd: str = "fp32"              # codec of the gradients between layers (the same choices)
     wire_feedback: bool = True          # a lossy gradient codec carries error feedback (the residual joins the next step's)
 
@@ -553,11 +554,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not (t.sg_damp >= 0 and math.isfinite(t.sg_damp)):
         raise ConfigError(f"train.sg_damp: must be 0 (off) or a positive finite number, got {t.sg_damp}")
     wire = {}
-    for name in ("wire_fwd", "wire_bwd"):
-        try:
-            wire[name] = _codec.parse(getattr(t, name)).name       # canonical: int8 -> int8:row
-        except ValueError as e:
-            raise ConfigError(f"train.{name}: {e}") from None
+    try:
+        wire["wire_fwd"] = _codec.wire_name(*_codec.parse_wire(t.wire_fwd))   # canonical: int8 -> int8:row
+    except ValueError as e:
+        raise ConfigError(f"train.wire_fwd: {e}") from None
+    if str(t.wire_bwd).strip().lower().startswith(_codec.AQ_PREFIX):
+        raise ConfigError(f"train.wire_bwd: {t.wire_bwd!r}: aq: sends activation changes (--wire-fwd); gradients "
+                          "take a codec with error feedback, e.g. int8")
+    try:
+        wire["wire_bwd"] = _codec.parse(t.wire_bwd).name
+    except ValueError as e:
+        raise ConfigError(f"train.wire_bwd: {e}") from None
     if any(getattr(t, k) != v for k, v in wire.items()):
         t = dataclasses.replace(t, **wire)
         cfg = dataclasses.replace(cfg, train=t)

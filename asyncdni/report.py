@@ -68,7 +68,7 @@ def run_summary(result) -> dict:
             # per message kind (fwd, bwd, ...), and the activations/gradients before and after their codec
             "kind_bytes": s.get("kind_bytes", {}), "kind_msgs": s.get("kind_msgs", {}),
             "dense_bytes": s.get("dense_bytes", 0), "coded_bytes": s.get("coded_bytes", 0),
-            "codec_s": s.get("codec_time", 0.0),
+            "codec_s": s.get("codec_time", 0.0), "wire_state_bytes": s.get("wire_state_bytes", 0),
             "flops_per_batch": s["flops_per_batch"], "sg_loss": s["sg_loss"],
             "rejected": s["rejected"], "cached_steps": s["cached_steps"],
             "nonfinite_skipped": s.get("nonfinite_skipped", 0), "nonfinite_outputs": s.get("nonfinite_outputs", 0),
@@ -259,6 +259,35 @@ def _merge_counts(dicts) -> dict:
     return dict(sorted(out.items()))
 
 
+OFF_CLOCK_KINDS = ("eval", "eval_result", "marker")
+
+
+def traffic(summary: dict, rate_bits: float | None = None) -> dict:
+    """What one run moved between its layers: bytes per step each way per link (the mean of
+    the K-1 links: layer i's FWD up, layer i+1's BWD down), the codecs' compression (float32
+    bytes of the activations and gradients over their bytes on the wire), and the busiest
+    host's egress (a layer's training messages: not the evaluations, which are off the clock) as
+    Mbit/s and as a share of the rate (a short run can pass 100% within the shaper's burst)."""
+    # the bytes of this process's steps: a resumed run's start from its checkpoint
+    steps = max(1, summary["steps"] - (summary.get("resumed_from_step") or 0))
+    layers, t = summary["per_layer"], summary["train_time_s"]
+    fwd = [L["kind_bytes"].get("fwd", 0) for L in layers[:-1]]
+    bwd = [L["kind_bytes"].get("bwd", 0) for L in layers[1:]]
+    dense = sum(L.get("dense_bytes", 0) for L in layers)
+    coded = sum(L.get("coded_bytes", 0) for L in layers)
+    # training traffic only: evaluations are off the clock (and so off train_time)
+    sent = [sum(v for k, v in L["kind_bytes"].items() if k not in OFF_CLOCK_KINDS) for L in layers]
+    egress = max(sent, default=0) * 8 / t / 1e6 if t > 0 else None
+    return {"fwd_bytes_per_step": sum(fwd) / len(fwd) / steps if fwd else 0.0,
+            "bwd_bytes_per_step": sum(bwd) / len(bwd) / steps if bwd else 0.0,
+            "bwd_msgs_per_step": (sum(L["kind_msgs"].get("bwd", 0) for L in layers[1:]) / len(bwd) / steps
+                                  if bwd else 0.0),
+            "compression": dense / coded if coded else None,
+            "codec_s": sum(L.get("codec_s", 0.0) for L in layers),
+            "egress_mbit_s": egress,
+            "link_use": egress * 1e6 / rate_bits if (egress is not None and rate_bits) else None}
+
+
 def format_summary(summary: dict) -> str:
     s = summary
     lines = []
@@ -288,6 +317,14 @@ def format_summary(summary: dict) -> str:
     if s.get("target_accuracy"):
         t = s["time_to_target_s"]
         rows.append((f"time to {100 * s['target_accuracy']:.1f}%", "not reached" if t is None else f"{t:.2f} s"))
+    if len(s["per_layer"]) > 1 and "kind_bytes" in s["per_layer"][0]:
+        tr = traffic(s)
+        coded = f" (codecs: {tr['compression']:.2f}x smaller)" if abs((tr["compression"] or 1) - 1) > 1e-3 else ""
+        state = sum(L.get("wire_state_bytes", 0) for L in s["per_layer"])
+        if state:       # error-feedback residuals and aq: activation histories, all layers together
+            coded += f"; link state {state / 2**20:.1f} MB"
+        rows.append(("between layers, per step", f"{tr['fwd_bytes_per_step'] / 1024:.1f} kB up, "
+                                                 f"{tr['bwd_bytes_per_step'] / 1024:.1f} kB down{coded}"))
     w = max(len(r[0]) for r in rows)
     lines += [f"  {a:<{w}}  {b}" for a, b in rows]
     lines.append("")

@@ -1,7 +1,7 @@
 """The network lab's links and its delay relay, measured (root only).
 
     sudo .venv/bin/python -m benchmarks.lab_links [--delay MS] [--rates unshaped,1gbit,100mbit]
-                                                  [--mbytes N] [--json FILE]
+                                                  [--mbytes N] [--burst auto|BYTES] [--json FILE]
 
 For each link rate, a 2-host lab (prefix ``adb-``, subnet 10.76.0.0/24): bulk transfer
 host 0 -> host 1 in 1 MiB writes, direct and through a relay that adds ``--delay`` ms per
@@ -62,9 +62,9 @@ def ping(lab: Lab, via_relay: bool, count: int = 200) -> dict:
     return r
 
 
-def measure(rate: str | None, delay_ms: float, nbytes: int, log=print) -> dict:
-    with Lab(hosts=2, rate=rate, delay_ms=delay_ms, prefix=PREFIX, subnet=SUBNET) as lab:
-        row = {"rate": rate or "unshaped", "delay_ms": delay_ms}
+def measure(rate: str | None, delay_ms: float, nbytes: int, log=print, burst: str = "auto") -> dict:
+    with Lab(hosts=2, rate=rate, delay_ms=delay_ms, prefix=PREFIX, subnet=SUBNET, burst=burst) as lab:
+        row = {"rate": rate or "unshaped", "delay_ms": delay_ms, "burst_bytes": int(lab.burst) if rate else None}
         row["direct"] = bulk(lab, nbytes, False)
         row["relayed"] = bulk(lab, nbytes, True)
         row["ping_direct"] = ping(lab, False)
@@ -72,7 +72,7 @@ def measure(rate: str | None, delay_ms: float, nbytes: int, log=print) -> dict:
     d, r = row["direct"], row["relayed"]
     bits = rate_bits(rate)
     rel = r["relay"]
-    log(f"{row['rate']:>9}  direct {d['mbit_s']:8.1f} Mbit/s"
+    log(f"{row['rate']:>9}{'' if not rate else f' (burst {lab.burst} B)'}  direct {d['mbit_s']:8.1f} Mbit/s"
         + (f" ({100 * d['mbit_s'] * 1e6 / bits:5.1f}% of rate)" if bits else " " * 18)
         + f"  relayed {r['mbit_s']:8.1f} Mbit/s ({100 * r['mbit_s'] / d['mbit_s']:5.1f}% of direct)"
         + f"  rtt direct {row['ping_direct']['rtt_ms']['median']:.3f} ms, relayed "
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--delay", type=float, default=5.0, help="relay delay, ms each way (default 5)")
     ap.add_argument("--rates", default="unshaped,1gbit,100mbit")
     ap.add_argument("--mbytes", type=int, default=0, help="MiB per bulk transfer (default: about 2 s at the rate)")
+    ap.add_argument("--burst", default="auto", help="tbf's bucket: a size (25000, 64kb) or auto (default)")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args(argv)
     rows = []
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
             rate = None if rate == "unshaped" else rate
             bits = rate_bits(rate) or 4e9
             mb = a.mbytes or max(8, min(512, int(bits * 2 / 8 / (1 << 20))))
-            rows.append(measure(rate, a.delay, mb << 20))
+            rows.append(measure(rate, a.delay, mb << 20, burst=a.burst))
     except LabError as e:
         print(f"lab_links: error: {e}", file=sys.stderr)
         return 2

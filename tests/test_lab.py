@@ -316,7 +316,7 @@ def test_tbf_shapes_both_ends_of_every_link(lab_args):
             ns_side = subprocess.run(["ip", "netns", "exec", h["ns"], "tc", "qdisc", "show", "dev", h["inner"]],
                                      capture_output=True, text=True, timeout=10).stdout
             for out in (root_side, ns_side):
-                assert "tbf" in out and "rate 100Mbit" in out and "burst 256Kb" in out, out
+                assert "tbf" in out and "rate 100Mbit" in out and "burst 25000b" in out, out   # auto: 2 ms of the rate
         sink, listen = _server(lab, 1, "sink")
         r = _client(lab, 0, ["send", "--to", listen, "--bytes", str(6 << 20)])
         sink.wait(10)
@@ -505,14 +505,19 @@ def _bench_lab(tmp_path, capsys, letter: str, start: int, *args):
     """``asyncdni bench --lab ARGS`` on a lab of its own, taken down whatever happens; returns
     the JSON report's lab section and what was printed. Nothing of the lab may be left."""
     prefix, subnet = _bench_prefix_subnet(letter, tmp_path, start)
-    out = tmp_path / "lab.json"
+    out, run_dir = tmp_path / "lab.json", tmp_path / f"run-{letter}"
     try:
-        code = cli.main(["bench", "--lab", *args, "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out)])
+        code = cli.main(["bench", "--lab", *args, "--lab-prefix", prefix, "--lab-subnet", subnet, "--json", str(out),
+                         "--run-dir", str(run_dir)])
         printed = capsys.readouterr()
         assert code == 0, printed.err
     finally:
         L.down(prefix)
     assert _names(prefix) == {"links": [], "netns": []}
+    # the lab bench's own directory holds the same result, its config and its table
+    assert json.loads((run_dir / "lab.json").read_text())["lab"]["links"] == json.loads(out.read_text())["lab"]["links"]
+    assert (run_dir / "config.toml").exists() and (run_dir / "lab.csv").exists()
+    assert f"run directory: {run_dir}" in printed.out
     return json.loads(out.read_text())["lab"], printed
 
 
@@ -728,7 +733,8 @@ def test_bench_lab_cli_writes_json_csv_and_says_how_to_get_the_plot(monkeypatch,
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     j, c = tmp_path / "r.json", tmp_path / "r.csv"
     code = cli.main(["bench", "--lab", "--schedules", "async,inprocess,local", "--repeats", "3", "--windows", "2,4",
-                     "--links", "unshaped:5", "--json", str(j), "--csv", str(c), "--plots", str(tmp_path / "p")])
+                     "--links", "unshaped:5", "--json", str(j), "--csv", str(c), "--plots", str(tmp_path / "p"),
+                     "--run-dir", str(tmp_path / "run")])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert seen["schedules"] == ["async", "local"] and seen["skipped"] == {"inprocess": LB.NOT_IN_LAB["inprocess"]}
@@ -736,8 +742,10 @@ def test_bench_lab_cli_writes_json_csv_and_says_how_to_get_the_plot(monkeypatch,
     assert err.strip() == LB.PLOT_HINT and err.count("\n") == 1 and "pip install matplotlib" in err
     assert json.loads(j.read_text())["lab"]["repeats"] == 3 and c.read_text().count("\n") > 6
     assert not (tmp_path / "p" / "lab.png").exists()
+    assert json.loads((tmp_path / "run" / "lab.json").read_text())["lab"]["repeats"] == 3
     for argv, word in ((["--repeats", "0"], "--repeats"), (["--repeats", "x"], "--repeats"),
-                       (["--windows", "2,0"], "--windows"), (["--schedules", "nope"], "nope")):
+                       (["--windows", "2,0"], "--windows"), (["--schedules", "nope"], "nope"),
+                       (["--lab-burst", "12"], "--lab-burst"), (["--wires", "int4"], "--wires")):
         assert cli.main(["bench", "--lab", *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and word in err, err
@@ -764,18 +772,18 @@ def test_bench_lab_runs_torch_stages_one_host_each(needs_lab, tmp_path, no_lefto
 
 
 def test_traffic_counts_bytes_per_step_each_way_and_link_use():
-    from asyncdni.bench import lab as LB
+    from asyncdni import report
     layers = [{"kind_bytes": {"fwd": 4000, "eval": 99999}, "kind_msgs": {}, "bytes_sent": 103999, "dense_bytes": 16000,
                "coded_bytes": 4000},
               {"kind_bytes": {"fwd": 4000, "bwd": 1000}, "kind_msgs": {"bwd": 10}, "bytes_sent": 5000,
                "dense_bytes": 32000, "coded_bytes": 5000},
               {"kind_bytes": {"bwd": 1000, "done": 50, "eval_result": 9999}, "kind_msgs": {"bwd": 10}, "bytes_sent": 11049,
                "dense_bytes": 16000, "coded_bytes": 1000}]
-    t = LB.traffic({"per_layer": layers, "steps": 10, "train_time_s": 2.0}, rate_bits=100e3)
+    t = report.traffic({"per_layer": layers, "steps": 10, "train_time_s": 2.0}, rate_bits=100e3)
     assert t["fwd_bytes_per_step"] == 400 and t["bwd_bytes_per_step"] == 100 and t["bwd_msgs_per_step"] == 1
     assert t["compression"] == 64000 / 10000
     assert t["egress_mbit_s"] == pytest.approx(5000 * 8 / 2 / 1e6) and t["link_use"] == pytest.approx(0.2)
-    assert LB.traffic({"per_layer": layers, "steps": 10, "train_time_s": 2.0})["link_use"] is None
+    assert report.traffic({"per_layer": layers, "steps": 10, "train_time_s": 2.0})["link_use"] is None
 
 
 def test_wires_table_sets_each_codec_against_backprop_and_the_baseline():
@@ -796,3 +804,12 @@ def test_wires_table_sets_each_codec_against_backprop_and_the_baseline():
     assert "vs bp fp32 0.30x" in line and "vs bp int8:row 0.60x" in line and "acc -0.10 pts" in line
     assert "up 0.25x bytes" in line
     assert "coded 3.90x smaller" in text and "16.2/16.2" in text
+
+
+def test_burst_is_two_ms_of_the_rate_or_a_size():
+    assert L.parse_burst("auto", "1gbit") == "250000" and L.parse_burst("auto", "100mbit") == "25000"
+    assert L.parse_burst("auto", "10mbit") == str(16 << 10) and L.parse_burst("AUTO", None) == str(16 << 10)
+    assert L.parse_burst("64kb", "10mbit") == str(64 << 10) and L.parse_burst("25000", None) == "25000"
+    for bad in ("12", "lots", "-5kb", "100gb", "65mb"):
+        with pytest.raises(L.LabError, match="burst"):
+            L.parse_burst(bad, "10mbit")

@@ -235,3 +235,98 @@ def test_hostile_codec_messages_are_counted_not_applied():
     assert res.layers[0]["rejected"].get("codec") == 6
     assert np.isfinite(res.series["loss"]).all()
     assert all(np.isfinite(v).all() for p in res.params for v in p.values())
+
+
+# ------------------------------------------------------------------ AQ-SGD: activation changes
+def test_aq_wire_names_and_refusals():
+    c, delta = WC.parse_wire("AQ:int8")
+    assert delta and c.name == "int8:row" and WC.wire_name(c, delta) == "aq:int8:row"
+    assert WC.parse_wire("int8") == (WC.parse("int8"), False)
+    with pytest.raises(ValueError, match="lossy"):
+        WC.parse_wire("aq:fp32")
+    assert small(**{"train.wire_fwd": "aq:int8"}).train.wire_fwd == "aq:int8:row"
+    with pytest.raises(config.ConfigError, match="train.wire_bwd"):
+        small(**{"train.wire_bwd": "aq:int8"})
+    with pytest.raises(config.ConfigError, match="train.wire_fwd"):
+        small(**{"train.wire_fwd": "aq:int4"})
+
+
+def test_delta_history_both_ends_agree_and_a_second_crossing_is_finer():
+    c = WC.parse("int8")
+    send, recv = WC.DeltaHistory(c, 10), WC.DeltaHistory(c, 10)
+    rng = np.random.default_rng(1)
+    h = rng.normal(size=(4, 16)).astype(np.float32)
+    ids = np.array([7, 2, 9, 0])
+    first = recv.decode(c.decode(send.encode(h, ids), (16,)), ids)
+    err1 = np.abs(first - h).max()
+    assert 0 < err1 <= np.abs(h).max() / 127 / 2 + 1e-6
+    drift = h + 0.01 * rng.normal(size=h.shape).astype(np.float32)   # the next epoch: a small change
+    second = recv.decode(c.decode(send.encode(drift, ids), (16,)), ids)
+    assert np.abs(second - drift).max() < err1 / 5
+    np.testing.assert_array_equal(send.m, recv.m)
+    assert send.nbytes == 10 * 16 * 4
+    np.testing.assert_array_equal(recv.m[ids], second)
+    assert not recv.m[[1, 3, 4, 5, 6, 8]].any()                       # samples that never crossed
+    # state round trip; a wrong shape or a NaN refused with nothing changed
+    other = WC.DeltaHistory(c, 10)
+    other.load(send.state("aqsend")["aqsend"])
+    np.testing.assert_array_equal(other.m, send.m)
+    for bad in (np.zeros((9, 16), np.float32), np.zeros((10, 16), np.float64), np.full((10, 16), np.nan, np.float32)):
+        with pytest.raises(ValueError, match="activation history"):
+            other.load(bad)
+    np.testing.assert_array_equal(other.m, send.m)
+    assert WC.check_ids(np.array([1, 1]), 10) == "a sample id repeats within the batch"
+    assert "outside" in WC.check_ids(np.array([3, 10]), 10) and WC.check_ids(ids, 10) is None
+
+
+def test_aq_messages_carry_sample_ids_in_range():
+    fwd, _ = P.layer_expect(16, 8, classes=10, targets=10, batch=4, eval_batch=8, fwd_codec=WC.parse("int8"),
+                            fwd_delta=True, n_samples=100)
+    c = WC.parse("int8")
+    ids = np.array([5, 6, 99, 0], np.int64)
+    m = P.decode(P.encode(P.FWD, 0, (*c.encode(H), Y, ids), {"c": "aq:int8:row"}), expect=fwd, check_finite=True)
+    assert len(m.arrays) == 3 and np.array_equal(m.arrays[2], ids)
+    _refused(P.encode(P.FWD, 0, (*c.encode(H), Y, ids), {"c": "int8:row"}), fwd, "codec")   # not as changes
+    _refused(P.encode(P.FWD, 0, (*c.encode(H), Y, ids + 1), {"c": "aq:int8:row"}), fwd, "range")
+    _refused(P.encode(P.FWD, 0, (*c.encode(H), Y), {"c": "aq:int8:row"}), fwd, "shape")       # no ids
+
+
+AQ = {"data.train_size": 512, "train.steps": 30, "train.wire_fwd": "aq:int8"}    # 8 steps an epoch
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("no_leftover_processes")
+@pytest.mark.parametrize("schedule,ref_schedule", [("sequential", "dni"), ("pipeline", "pipeline"),
+                                                   ("backprop", "backprop")])
+def test_aq_lockstep_runs_equal_the_reference(schedule, ref_schedule):
+    """Activation changes over almost four epochs: each end's history, the ids the feeder
+    sends (sliced per micro-batch under pipeline), the reference's two ends per link."""
+    cfg = small(**AQ, **{"train.schedule": schedule, "train.seed": 5, "train.microbatches": 3,
+                         "train.wire_bwd": "int8"})
+    result = coordinator.run(cfg)
+    train, _ = load_datasets(cfg)
+    ref = reference.train_reference(make_plan(cfg, train), ref_schedule, train, cfg.train.seed)
+    _assert_reference(result, ref)
+    assert all(L["rejected"] == {} for L in result.layers)
+    # layers 1..3 send (512 x 32 float32 = 64 KiB), layers 2..4 receive: one or two histories each
+    assert [L["wire_state_bytes"] >= (1 if i in (0, 3) else 2) * 512 * 32 * 4 for i, L in enumerate(result.layers)] \
+        == [True] * 4
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_aq_histories_survive_a_checkpoint(tmp_path):
+    seq = {**AQ, "train.schedule": "sequential"}
+    whole = coordinator.run(small(**seq))
+    first = coordinator.run(small(**{**seq, "train.steps": 20, "runtime.checkpoint_every": 20,
+                                     "runtime.checkpoint_dir": str(tmp_path)}))
+    ck = CK.validate(CK.step_dir(tmp_path, 20), first.config.digest(), 4)
+    ws = CK.wire_state(ck.read_layer(1))
+    assert set(ws) == {"aqsend", "aqrecv"} and ws["aqsend"].shape == (512, 32)
+    np.testing.assert_array_equal(ws["aqsend"], CK.wire_state(ck.read_layer(2))["aqrecv"])   # both ends agree
+    rest = coordinator.run(small(**seq, **{"runtime.resume": str(tmp_path)}))
+    for a, b in zip(whole.params, rest.params):
+        for k in a:
+            assert np.array_equal(a[k], b[k]), k

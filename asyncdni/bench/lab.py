@@ -32,7 +32,7 @@ from asyncdni import report
 from asyncdni import schedules as S
 from asyncdni.bench import load
 from asyncdni.bench.compare import layer_rows, median_of
-from asyncdni.lab.namespaces import Lab, LabError, parse_delay, parse_rate, rate_bits
+from asyncdni.lab.namespaces import Lab, LabError, parse_burst, parse_delay, parse_rate, rate_bits
 
 DEFAULT_LINKS = "unshaped:0,unshaped:5,1gbit:0,100mbit:0"
 # every schedule of schedules.TABLE, in bench's order; the in-process run has no network to cross
@@ -119,33 +119,6 @@ def parse_wires(text: str | None) -> list[tuple[str, str]]:
     return out
 
 
-OFF_CLOCK_KINDS = ("eval", "eval_result", "marker")
-
-
-def traffic(summary: dict, rate_bits: float | None = None) -> dict:
-    """What one run moved between its layers: bytes per step each way per link (the mean of
-    the K-1 links: layer i's FWD up, layer i+1's BWD down), the codecs' compression (float32
-    bytes of the activations and gradients over their bytes on the wire), and the busiest
-    host's egress (a layer's training messages: not the evaluations, which are off the clock) as
-    Mbit/s and as a share of the rate (a short run can pass 100% within the shaper's burst)."""
-    layers, steps, t = summary["per_layer"], max(1, summary["steps"]), summary["train_time_s"]
-    fwd = [L["kind_bytes"].get("fwd", 0) for L in layers[:-1]]
-    bwd = [L["kind_bytes"].get("bwd", 0) for L in layers[1:]]
-    dense = sum(L.get("dense_bytes", 0) for L in layers)
-    coded = sum(L.get("coded_bytes", 0) for L in layers)
-    # training traffic only: evaluations are off the clock (and so off train_time)
-    sent = [sum(v for k, v in L["kind_bytes"].items() if k not in OFF_CLOCK_KINDS) for L in layers]
-    egress = max(sent, default=0) * 8 / t / 1e6 if t > 0 else None
-    return {"fwd_bytes_per_step": sum(fwd) / len(fwd) / steps if fwd else 0.0,
-            "bwd_bytes_per_step": sum(bwd) / len(bwd) / steps if bwd else 0.0,
-            "bwd_msgs_per_step": (sum(L["kind_msgs"].get("bwd", 0) for L in layers[1:]) / len(bwd) / steps
-                                  if bwd else 0.0),
-            "compression": dense / coded if coded else None,
-            "codec_s": sum(L.get("codec_s", 0.0) for L in layers),
-            "egress_mbit_s": egress,
-            "link_use": egress * 1e6 / rate_bits if (egress is not None and rate_bits) else None}
-
-
 def parse_links(text: str) -> list[tuple[str | None, float]]:
     """'RATE:DELAY_MS,...' (e.g. 'unshaped:0,unshaped:5,100mbit:0') -> [(rate, delay_ms)];
     ConfigError with one line otherwise."""
@@ -218,7 +191,7 @@ def _one_run(r, relay: dict, load_sample: dict | None = None, rate_bits: float |
     other work while it ran, :class:`load.LoadSampler`)."""
     from asyncdni.bench.compare import steps_to_target
     summ = report.run_summary(r)
-    summ["traffic"] = traffic(summ, rate_bits)
+    summ["traffic"] = report.traffic(summ, rate_bits)
     summ["wire"] = [r.config.train.wire_fwd, r.config.train.wire_bwd]
     summ["per_layer"] = layer_rows(summ["per_layer"])
     summ["steps_to_target"] = steps_to_target(summ.get("evals"), summ.get("target_accuracy"))
@@ -278,7 +251,8 @@ def parse_straggler(text, cfg: C.RunConfig, feeder_host: str = "shared") -> tupl
 
 def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, datasets, *,
              feeder_host: str = "shared", prefix: str = "adb-", subnet: str = "10.76.0.0/24",
-             repeats: int = 1, windows=(), wires=(), straggler: tuple[str, ...] = (), log=None) -> tuple[dict, dict]:
+             repeats: int = 1, windows=(), wires=(), straggler: tuple[str, ...] = (), burst: str = "auto",
+             log=None) -> tuple[dict, dict]:
     """Every schedule (and window variant) over one link setting, ``repeats`` times, the
     repeats interleaved (so drifting load spreads over all of them); with ``straggler``
     (runtime.slow entries) each run is followed by the same run with those layers slowed.
@@ -291,7 +265,7 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
     todo = variants(schedules, windows, wires)
     reps: dict = {label: [] for label, _, _, _ in todo}
     slow_reps: dict = {label: [] for label, _, _, _ in todo} if straggler else {}
-    with Lab(hosts=n_hosts, rate=rate, delay_ms=delay_ms, prefix=prefix, subnet=subnet) as lab, \
+    with Lab(hosts=n_hosts, rate=rate, delay_ms=delay_ms, prefix=prefix, subnet=subnet, burst=burst) as lab, \
             tempfile.TemporaryDirectory(prefix="asyncdni-lab-") as tmp:
         port = _free_port(lab.bridge_ip)
         listen = f"{lab.bridge_ip}:{port}"
@@ -333,7 +307,7 @@ def run_link(cfg: C.RunConfig, schedules, rate: str | None, delay_ms: float, dat
 
 def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_host: str = "shared",
               prefix: str = "adb-", subnet: str = "10.76.0.0/24", repeats: int = 1, windows=(), wires=(),
-              skipped=None, straggler: str | None = None, log=None) -> dict:
+              skipped=None, straggler: str | None = None, burst: str = "auto", log=None) -> dict:
     """Every schedule under every link setting; a plain-data result. ``straggler``
     (``TARGET:FACTOR[,..]``, a layer number or a lab host h0..): every run is followed by
     the same run with that straggler; each link's row then holds ``straggler_runs`` and
@@ -345,6 +319,11 @@ def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_h
     if not 1 <= int(repeats) <= 100:
         raise C.ConfigError(f"--repeats {repeats}: expected 1 to 100")
     links = parse_links(DEFAULT_LINKS) if links is None else links
+    for rate, _delay in links:              # a bad --lab-burst: one line, before any lab is made
+        try:
+            parse_burst(burst, rate)
+        except LabError as e:
+            raise C.ConfigError(f"--lab-burst: {e}") from None
     cfg = C.replace(cfg, **{"runtime.checkpoint_every": 0, "runtime.checkpoint_dir": "", "runtime.resume": "",
                             "runtime.max_restarts": 0})
     datasets = load_datasets(cfg)
@@ -360,9 +339,9 @@ def lab_bench(cfg: C.RunConfig, schedules=LAB_SCHEDULES, links=None, *, feeder_h
     for rate, delay in links:
         runs, slowed = run_link(cfg, list(schedules), rate, delay, datasets, feeder_host=feeder_host, prefix=prefix,
                                 subnet=subnet, repeats=int(repeats), windows=list(windows), wires=list(wires),
-                                straggler=entries, log=log)
+                                straggler=entries, burst=burst, log=log)
         rows.append({"link": link_label(rate, delay), "rate": rate or "unshaped", "rate_bits": rate_bits(rate),
-                     "delay_ms": delay, "runs": runs}
+                     "delay_ms": delay, "burst_bytes": int(parse_burst(burst, rate)) if rate else None, "runs": runs}
                     | ({"straggler_runs": slowed, "straggler_ratios": straggler_ratios(runs, slowed)}
                        if entries else {}))
         if log:
@@ -398,7 +377,8 @@ def _rng(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
 
 def format_link(row: dict, repeats: int = 1) -> str:
     med = "median of %d [min-max]" % repeats if repeats > 1 else ""
-    lines = [f"  link {row['link']}:" + (f" ({med})" if med else "")]
+    burst = f"tbf burst {row['burst_bytes']:,} B" if row.get("burst_bytes") else ""
+    lines = [f"  link {row['link']}:" + (f" ({', '.join(x for x in (burst, med) if x)})" if burst or med else "")]
     w1 = 24 if repeats > 1 else 11
     lines.append(f"    {'schedule':<16}{'window':>7}{'samples/s':>{w1}}{'test acc':>{w1}}{'steps to tgt':>{w1 + 2}}"
                  f"{'time to tgt':>{w1 + 2}}  relay added ms (median/p99)  kB/step up/down per link, link use")
@@ -689,9 +669,10 @@ def write_plot(directory: str, res: dict) -> str | None:
                  f"{res['batch_size']}, {res['steps']} steps" + (f", median of {rep} (bars: min-max)" if rep > 1 else "")
                  + ("; a missing point: target not reached" if tgt else ""), y=0.995, fontsize=11)
     h, lab_ = axes[0][0].get_legend_handles_labels()
-    fig.legend(h, lab_, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=min(7, max(1, len(lab_))),
-               frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    ncol = min(5, max(1, len(lab_)))
+    legend_rows = -(-len(lab_) // ncol)
+    fig.legend(h, lab_, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=ncol, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95 - 0.03 * legend_rows))
     path = str(Path(directory) / "lab.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -362,10 +362,15 @@ def wire_state(state: dict) -> dict:
     return {k[n:]: np.asarray(v) for k, v in state.items() if k.startswith(WIRE_PREFIX)}
 
 
-def with_wire_state(state: dict, feedback) -> dict:
-    """``state`` (:func:`node_state`) with the error-feedback residuals of ``feedback`` (or None)."""
+def with_wire_state(state: dict, feedback, hist_out=None, hist_in=None) -> dict:
+    """``state`` (:func:`node_state`) with the link state of a layer: the error-feedback
+    residuals of ``feedback`` (``ef<k>``) and the activation histories it sends from and
+    receives into (``aqsend``, ``aqrecv``); each may be None."""
     if feedback is not None:
         state.update({WIRE_PREFIX + k: v for k, v in feedback.state().items()})
+    for hist, name in ((hist_out, "aqsend"), (hist_in, "aqrecv")):
+        if hist is not None:
+            state.update({WIRE_PREFIX + k: v for k, v in hist.state(name).items()})
     return state
 
 

@@ -235,6 +235,7 @@ class Coordinator:
             self.ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.spec = RunSpec(
                 config=self.cfg, nodes=tuple(self.nodes), specs=self.plan.specs, steps=self.plan.steps, in_shape=tuple(self.plan.in_shape),
+                n_train=self.plan.n_train,
                 max_message=self.max_message, checkpoint_dir=str(self.ckpt_root or ""),
                 resume=ResumePoint(str(self.resume.directory), self.resume.step) if self.resume else None,
                 curve_keys=tuple(k.public.decode() for k in self.keys.values()) if self.curve else None,

@@ -27,6 +27,7 @@ class Plan:
     # the codecs between layers (train.wire_fwd, train.wire_bwd) and the gradient codec's error
     # feedback (train.wire_feedback): the reference sends its mailboxes through them as the workers do
     wire: tuple = ("fp32", "fp32", True)
+    n_train: int = 0        # training samples (the activation histories of --wire-fwd aq:CODEC)
 
     def __post_init__(self):
         if not self.in_shape:
@@ -123,7 +124,7 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
         in_shape = (in_dim,)
         check_resources(cfg, in_dim, train.n_out, steps)
     return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task, in_shape=in_shape,
-                wire=(t.wire_fwd, t.wire_bwd, t.wire_feedback))
+                wire=(t.wire_fwd, t.wire_bwd, t.wire_feedback), n_train=len(train))
 
 
 def _torch_specs(cfg: RunConfig, train: Dataset, common: dict) -> tuple[list[LayerSpec], tuple[int, ...]]:

@@ -60,7 +60,8 @@ class Runtime:
     order printed as a step x layer grid and the failing action marked.
     """
 
-    def __init__(self, nodes: list[LayerNode], sched: S.Schedule, wire: tuple = ("fp32", "fp32", True)):
+    def __init__(self, nodes: list[LayerNode], sched: S.Schedule, wire: tuple = ("fp32", "fp32", True),
+                 n_train: int = 0):
         self.nodes = nodes
         self.sched = sched
         self.K = len(nodes)
@@ -70,12 +71,25 @@ class Runtime:
         self.metrics: dict[int, list] = {}
         # the links' codecs, as the workers apply them: activations between stages (not the
         # feeder's input), gradients with one error feedback per sending stage
-        self.fwd_codec, self.bwd_codec = WC.parse(wire[0]), WC.parse(wire[1])
+        self.fwd_codec, delta = WC.parse_wire(wire[0])
+        self.bwd_codec = WC.parse(wire[1])
         self.feedback = [WC.ErrorFeedback(self.bwd_codec) if wire[2] else None for _ in nodes]
+        # aq:CODEC: each link's two ends, the sender's history and the receiver's
+        self.hist = [(WC.DeltaHistory(self.fwd_codec, n_train), WC.DeltaHistory(self.fwd_codec, n_train))
+                     for _ in nodes] if delta else None
 
-    def through_fwd(self, h):
+    def through_fwd(self, i: int, h, ids=None):
+        """Stage ``i``'s activations, as stage ``i + 1`` reconstructs them."""
         c = self.fwd_codec
-        return c.decode(c.encode(np.ascontiguousarray(h, np.float32)), h.shape[1:]) if c.lossy else h
+        if not c.lossy:
+            return h
+        h = np.ascontiguousarray(h, np.float32)
+        if self.hist is None:
+            return c.decode(c.encode(h), h.shape[1:])
+        if ids is None:
+            raise ValueError("aq: the reference needs each batch's sample ids (batch_of returning x, y, ids)")
+        send, recv = self.hist[i]
+        return recv.decode(c.decode(send.encode(h, ids), h.shape[1:]), ids)
 
     def through_bwd(self, i: int, k: int, g):
         """Stage ``i``'s gradient for (micro-)step ``k``, as the stage below receives it."""
@@ -90,13 +104,13 @@ class Runtime:
         """The node's step id: micro-steps ``step * M + mb`` under micro-batching."""
         return a.step * self.M + a.mb if a.mb >= 0 else a.step
 
-    def feed(self, step: int, x, y) -> None:
+    def feed(self, step: int, x, y, ids=None) -> None:
         if self.M == 1:
-            self.fwd[(0, step)] = (x, y, 1.0)
+            self.fwd[(0, step)] = (x, y, 1.0, ids)
             return
         B = x.shape[0]
         for j, (a, b) in enumerate(microbatch_bounds(B, self.M)):
-            self.fwd[(0, step * self.M + j)] = (x[a:b], y[a:b], (b - a) / B)
+            self.fwd[(0, step * self.M + j)] = (x[a:b], y[a:b], (b - a) / B, None if ids is None else ids[a:b])
 
     def run(self, ticks: list[list[S.Action]], first_tick: int = 0, batch_of=None, on_metrics=None) -> None:
         """Execute ``ticks`` in order. ``batch_of(step) -> (x, y)`` feeds stage 0 when a step's
@@ -122,10 +136,10 @@ class Runtime:
         if a.op == "F":
             if (i, k) not in self.fwd:
                 raise KeyError(f"no input for stage {i} step {k}: the stage below has not run its forward")
-            x, y, scale = self.fwd.pop((i, k))
+            x, y, scale, ids = self.fwd.pop((i, k))
             h, gd, m = node.forward(k, x, y, scale)
             if h is not None and i + 1 < self.K:
-                self.fwd[(i + 1, k)] = (self.through_fwd(h), y, scale)
+                self.fwd[(i + 1, k)] = (self.through_fwd(i, h, ids), y, scale, ids)
             if gd is not None and i > 0:
                 self.bwd[(i - 1, k)] = self.through_bwd(i, k, gd)
             if m is not None:
@@ -169,12 +183,13 @@ def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps:
     steps = plan.steps if steps is None else steps
     evals = [s for s in range(start + 1, steps) if eval_every and s % eval_every == 0] if test is not None else []
     cuts = sorted({b for b in boundaries if start < b < steps} | set(evals) | {steps})
-    rt = Runtime(nodes, sched, plan.wire)
+    rt = Runtime(nodes, sched, plan.wire, plan.n_train)
     t0 = time.perf_counter()
     paused = 0.0
     seg = start
     for cut in cuts:
-        rt.run(S.lockstep(sched, len(nodes), seg, cut, M, sg_every=plan.specs[0].sg_every), first_tick=seg, batch_of=stream.batch,
+        rt.run(S.lockstep(sched, len(nodes), seg, cut, M, sg_every=plan.specs[0].sg_every), first_tick=seg,
+               batch_of=lambda s: (*stream.batch(s), stream.indices(s)),
                on_metrics=lambda step, m: res.losses.append(m["loss"]))
         if cut in evals:
             p0 = time.perf_counter()

@@ -91,7 +91,8 @@ def claim(path: Path | None, schedule: str, resume_dir: Path | None = None) -> t
             if not path.is_dir():
                 raise C.ConfigError(f"--run-dir {path}: exists and is not a directory")
             if _non_empty(path):
-                how = (f"continue that run with --resume {path}" if is_run_dir(path) and not (path / "bench.json").exists()
+                bench = (path / "bench.json").exists() or (path / "lab.json").exists()
+                how = (f"continue that run with --resume {path}" if is_run_dir(path) and not bench
                        else "choose a new or empty directory")
                 raise C.ConfigError(f"--run-dir {path}: already exists and is not empty; {how}")
             return path, False

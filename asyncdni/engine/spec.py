@@ -46,6 +46,7 @@ class RunSpec:
     resume: ResumePoint | None = None
     curve_keys: tuple[str, ...] | None = None   # the run's workers' CURVE public keys (None: no CURVE)
     in_shape: tuple[int, ...] = ()      # the first layer's per-sample input (Plan.in_shape); (): (fan_in,)
+    n_train: int = 0                    # training samples (Plan.n_train): the range of FWD sample ids
 
     @property
     def n_layers(self) -> int:
@@ -62,7 +63,7 @@ class RunSpec:
             "steps": self.steps, "max_message": self.max_message, "checkpoint_dir": self.checkpoint_dir,
             "resume": {"dir": self.resume.directory, "step": self.resume.step} if self.resume else None,
             "curve": {"keys": list(self.curve_keys)} if self.curve_keys is not None else None,
-            "in_shape": list(self.in_shape),
+            "in_shape": list(self.in_shape), "n_train": self.n_train,
         }
 
     @classmethod
@@ -95,11 +96,14 @@ class RunSpec:
         shape = spec.get("in_shape", [])
         if not (isinstance(shape, list) and len(shape) <= P.MAX_NDIM - 1 and all(type(d) is int and d >= 1 for d in shape)):
             raise SpecError(f"run spec: in_shape is not a list of 1 to {P.MAX_NDIM - 1} positive integers")
+        n_train = spec.get("n_train", 0)
+        if type(n_train) is not int or not 0 <= n_train <= 1 << 40:
+            raise SpecError("run spec: n_train is not a sample count")
         config = validate(from_dict(spec["config"]))
         return cls(config=config, nodes=nodes, specs=tuple(_layer_spec(i, s) for i, s in enumerate(spec["specs"])),
                    steps=spec["steps"], max_message=spec["max_message"], checkpoint_dir=spec["checkpoint_dir"],
                    resume=resume, curve_keys=tuple(curve["keys"]) if curve is not None else None,
-                   in_shape=tuple(shape))
+                   in_shape=tuple(shape), n_train=n_train)
 
 
 def _node(entry) -> NodeAddress:

@@ -391,14 +391,21 @@ class LayerWorker(Worker):
         # codecs on the wire: activations up (--wire-fwd), gradients down (--wire-bwd, with error
         # feedback for a lossy one unless --no-wire-feedback); the feeder's input travels as float32
         t = self.cfg.train
-        self.fwd_codec, self.bwd_codec = WC.parse(t.wire_fwd), WC.parse(t.wire_bwd)
+        self.fwd_codec, self.fwd_delta = WC.parse_wire(t.wire_fwd)
+        self.bwd_codec = WC.parse(t.wire_bwd)
         self.feedback = WC.ErrorFeedback(self.bwd_codec) if t.wire_feedback and self.bwd_codec.lossy else None
+        # aq:CODEC: every FWD carries its sample ids; each end of a layer-to-layer link keeps
+        # every sample's activation as last reconstructed (DeltaHistory)
+        self.n_ids = spec.n_train if self.fwd_delta else 0
+        self.hist_out = WC.DeltaHistory(self.fwd_codec, spec.n_train) if self.fwd_delta and not self.last else None
+        self.hist_in = WC.DeltaHistory(self.fwd_codec, spec.n_train) if self.fwd_delta and not self.first else None
         self.expect_fwd, self.expect_bwd = P.layer_expect(
             ls.fan_in, ls.fan_out, classes=ls.n_out if ls.task == "classification" else None, targets=ls.n_out,
             batch=self.batch_size, microbatches=self.M, eval_batch=self.cfg.train.eval_batch,
             in_shape=self.in_shape if self.first else (ls.in_shape or None), out_shape=ls.out_shape or None,
             target_range=(0.0, 1.0) if ls.task == "bits" else None,    # regression targets: finite (check_finite)
-            fwd_codec=None if self.first else self.fwd_codec, bwd_codec=None if self.last else self.bwd_codec)
+            fwd_codec=None if self.first else self.fwd_codec, bwd_codec=None if self.last else self.bwd_codec,
+            fwd_delta=self.fwd_delta and not self.first, n_samples=self.n_ids)
         self.next_step = 0           # the only FWD step this layer accepts next (micro-steps in pipeline)
         # a straggler (runtime.slow): this layer's factor, resolved once from its number and host
         self.slow = C.slow_factors(self.cfg, self.K)[index]
@@ -416,11 +423,15 @@ class LayerWorker(Worker):
             ck = CK.validate(resume.directory, None, self.K, verify_files=False)
             state = ck.read_layer(self.index)
             CK.restore_node(self.node, state)
-            if self.feedback is not None:
-                try:
-                    self.feedback.load(CK.wire_state(state))
-                except ValueError as e:
-                    raise CK.CheckpointError(f"{self.label}: the checkpoint's wire state: {e}") from None
+            ws = CK.wire_state(state)
+            try:
+                if self.feedback is not None:
+                    self.feedback.load({k: v for k, v in ws.items() if k.startswith("ef")})
+                for hist, name in ((self.hist_out, "aqsend"), (self.hist_in, "aqrecv")):
+                    if hist is not None:
+                        hist.load(ws.get(name))
+            except ValueError as e:
+                raise CK.CheckpointError(f"{self.label}: the checkpoint's wire state: {e}") from None
             self.next_step = ck.step * self.M
             self.bwd_applied = ck.step
             self.is_pause = S.pause_points(ck.step, self.spec.steps, self.cfg.train.eval_every,
@@ -591,8 +602,11 @@ class LayerWorker(Worker):
         if step != self.next_step or self.pending is not None:
             self.reject("step")            # out of sequence: a replay, a stranger, or a gap
             return
+        x, y, *rest = msg.arrays
+        ids = rest[0] if rest else None
+        if self.hist_in is not None:
+            x = self.changes_to_activations(step, x, ids)
         self.next_step = step + 1
-        x, y = msg.arrays
         self.cur_step = step
         scale = x.shape[0] / self.batch_size if self.M > 1 else 1.0   # micro-batch share of the batch
         h, gx, metrics = self._timed(T_FWD, self.node.forward, step, x, y, scale)
@@ -602,7 +616,7 @@ class LayerWorker(Worker):
         if gx is not None:
             self.send(self.down, *self.bwd_out(step, gx))
         if not self.last:
-            out = self.fwd_out(step, h, y)
+            out = self.fwd_out(step, h, y, ids)
             if held:
                 self.pending = (step, self.up, out)     # strictly one layer at a time: wait for the ACK
             else:
@@ -624,20 +638,38 @@ class LayerWorker(Worker):
         if self.first and self.sched.needs_ack and self.node.step_complete:
             self.send(self.down, P.ACK, full_step)       # single-layer network: release the feeder
 
-    def fwd_out(self, step: int, h, y) -> tuple:
-        """The FWD message of a step's activations, through the forward codec."""
+    def changes_to_activations(self, step: int, delta, ids):
+        """aq:CODEC: the activations of a FWD whose step is this layer's next, from their
+        changes; a batch whose sample ids repeat (which no feeder sends) loses the step."""
+        why = WC.check_ids(ids, self.hist_in.n)
+        try:
+            if why is None:
+                t0 = time.perf_counter()
+                x = self.hist_in.decode(delta, ids)
+                self.codec_time += time.perf_counter() - t0
+                return x
+        except WC.CodecError as e:
+            why = str(e)
+        self.reject("codec")
+        raise StepLost(f"{self.label}: step {step} can never complete: its activation changes cannot be applied ({why})")
+
+    def fwd_out(self, step: int, h, y, ids=None) -> tuple:
+        """The FWD message of a step's activations, through the forward codec (aq: their
+        changes since the samples ``ids`` last crossed, the ids sent along)."""
         h = self.finite_out(h, "activations")
         c = self.fwd_codec
+        extra = () if ids is None else (ids,)
         self.dense_bytes += h.nbytes
         if not c.lossy:
             self.coded_bytes += h.nbytes
-            return P.FWD, step, (h, y), None
+            return P.FWD, step, (h, y, *extra), None
         t0 = time.perf_counter()
-        wire = c.encode(np.ascontiguousarray(h, np.float32))
+        h = np.ascontiguousarray(h, np.float32)
+        wire = self.hist_out.encode(h, ids) if self.hist_out is not None else c.encode(h)
         self.codec_time += time.perf_counter() - t0
         self.comm += time.perf_counter() - t0
         self.coded_bytes += sum(a.nbytes for a in wire)
-        return P.FWD, step, (*wire, y), {"c": c.name}
+        return P.FWD, step, (*wire, y, *extra), {"c": WC.wire_name(c, self.fwd_delta)}
 
     def bwd_out(self, step: int, gx) -> tuple:
         """The BWD message of an input gradient, through the backward codec (and its error
@@ -692,7 +724,8 @@ class LayerWorker(Worker):
         step, self.marker = self.marker, None
         t0 = time.perf_counter()
         self.save_checkpoint_file(step, CK.layer_file(self.index),
-                                  CK.with_wire_state(CK.node_state(self.node), self.feedback))
+                                  CK.with_wire_state(CK.node_state(self.node), self.feedback,
+                                                     self.hist_out, self.hist_in))
         self.busy += time.perf_counter() - t0
         if not self.last:
             self.send(self.up, P.MARKER, step, (), {"purpose": "ckpt"})
@@ -749,7 +782,8 @@ class LayerWorker(Worker):
                  nonfinite_outputs=self.nonfinite_outputs,
                  fan_in=self.lspec.fan_in, fan_out=self.lspec.fan_out,
                  flops_per_batch=self.node.flops_per_batch(self.batch_size),
-                 slow=self.slow, slow_s=self.slow_s)
+                 slow=self.slow, slow_s=self.slow_s,
+                 wire_state_bytes=sum(x.nbytes for x in (self.feedback, self.hist_out, self.hist_in) if x is not None))
         return s
 
     def bye_payload(self):
@@ -777,6 +811,7 @@ class FeederWorker(Worker):
         t = self.cfg.train
         self.steps = self.spec.steps
         self.stream = BatchStream(self.train, t.batch_size, t.seed, in_shape=self.in_shape)
+        self.send_ids = t.wire_fwd.startswith(WC.AQ_PREFIX)    # aq: the layers keep per-sample histories
         self.eval_set = eval_batches(self.test, t.eval_batch, in_shape=self.in_shape)
         self.task = self.test.task
         # regression: R² is about the test set's own mean, whatever the evaluation batches
@@ -912,12 +947,13 @@ class FeederWorker(Worker):
                 if self._pause_point(sent) and sent > completed:
                     break                       # drain before evaluating or checkpointing
                 x, y = self.stream.batch(sent)
+                ids = (self.stream.indices(sent),) if self.send_ids else ()
                 self.sent_at[sent] = time.perf_counter() - t0 - paused
                 if self.M == 1:
-                    self.send(self.up, P.FWD, sent, (x, y))
+                    self.send(self.up, P.FWD, sent, (x, y, *ids))
                 else:
                     for j, (a, b) in enumerate(self.bounds):
-                        self.send(self.up, P.FWD, sent * self.M + j, (x[a:b], y[a:b]))
+                        self.send(self.up, P.FWD, sent * self.M + j, (x[a:b], y[a:b], *(i[a:b] for i in ids)))
                 sent += 1
                 self.sent_steps = sent
             s = self.on_inbox(self._pump_frames(timeout), sent, got, need)

@@ -11,7 +11,7 @@ over the bridge and a connection to a host address never leaves the machine. Hos
 the namespace ``<prefix>h<i>``: a veth pair ``<prefix>v<i>`` (bridge port, root side) /
 ``<prefix>e<i>`` (inside the namespace) with address ``.<i+2>``, and loopback up.
 
-Shaping (``rate``): a ``tc tbf`` qdisc (burst about 256 kB) on both ends of every veth:
+Shaping (``rate``): a ``tc tbf`` qdisc (burst: 2 ms of the rate, at least 16 KiB; ``burst``) on both ends of every veth:
 the host's egress and the bridge port's egress, i.e. the host's ingress; otherwise traffic
 from two peers into one host would add up to twice the rate.
 
@@ -52,7 +52,14 @@ from pathlib import Path
 STATE_DIR = Path("/run/asyncdni-lab")
 DEFAULT_PREFIX = "adl-"
 DEFAULT_SUBNET = "10.77.0.0/24"
-BURST = "256kb"                  # tc units: 256 kilobytes; smaller bursts fall short at 1 Gbit/s
+# tbf's bucket: "auto" holds 2 ms of the rate, at least 16 KiB (1 Gbit/s: 250 kB, 100 Mbit/s:
+# 25 kB, 10 Mbit/s: 16 KiB), so that a message of tens of kB is paced at the rate as a serial
+# link sends it; a bucket as large as a few messages lets them through at once, and a
+# lock-step schedule then pays no serialization time (docs/results/lab.md)
+BURST = "auto"
+MIN_BURST = 16 << 10
+_BURST_RE = re.compile(r"^([0-9]+)(b|kb|k|mb|m)?$")
+_BURST_UNIT = {None: 1, "b": 1, "kb": 1 << 10, "k": 1 << 10, "mb": 1 << 20, "m": 1 << 20}
 TBF_LATENCY = "50ms"             # the longest a packet may wait in the tbf queue
 MAX_HOSTS = 64
 MAX_DELAY_MS = 1000.0
@@ -93,6 +100,20 @@ def rate_bits(rate: str | None) -> float | None:
         return None
     m = _RATE_RE.match(rate)
     return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def parse_burst(burst, rate: str | None) -> str:
+    """``auto`` or a size (``25000``, ``64kb``, ``1mb``) -> tbf's burst in bytes, as a string
+    for tc: ``auto`` is 2 ms of ``rate``, at least :data:`MIN_BURST`. LabError otherwise."""
+    s = str(burst).strip().lower()
+    if s == "auto":
+        bps = rate_bits(rate)
+        return str(max(MIN_BURST, round(bps / 8 * 0.002)) if bps else MIN_BURST)
+    m = _BURST_RE.match(s)
+    n = int(m.group(1)) * _BURST_UNIT[m.group(2)] if m else 0
+    if not 1600 <= n <= 64 << 20:
+        raise LabError(f"burst {burst!r}: expected auto or a size from 1600 bytes to 64mb (e.g. 25000, 64kb)")
+    return str(n)
 
 
 def parse_delay(delay_ms) -> float:
@@ -362,7 +383,7 @@ class Lab:
         self.delay_ms = parse_delay(delay_ms)
         self.prefix = parse_prefix(prefix)
         self.net = parse_subnet(subnet, self.n)
-        self.burst = burst
+        self.burst = parse_burst(burst, self.rate)
         self.state_dir = Path(state_dir)
         self.path = state_path(self.prefix, self.state_dir)
         self.relay_dir = self.state_dir / f"{self.prefix.rstrip('-') or 'lab'}-relays"

@@ -890,12 +890,16 @@ class BatchStream:
             self._epoch = epoch
         return self._perm
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def indices(self, step: int) -> np.ndarray:
+        """The training-set rows of `step`'s batch (int64, distinct)."""
         step = _as_int(step, "step")
         if step < 0:
             raise DataError(f"dataset {self.dataset.name!r}: step must be >= 0, got {step}")
         epoch, k = divmod(step, self.steps_per_epoch)
-        idx = self.permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+        return np.ascontiguousarray(self.permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size], np.int64)
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.indices(step)
         return np.ascontiguousarray(self._x[idx]), np.ascontiguousarray(self._y[idx])
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FORMS", "Codec", "CodecError", "ErrorFeedback", "parse"]
+__all__ = ["FORMS", "Codec", "CodecError", "ErrorFeedback", "DeltaHistory", "parse", "parse_wire", "wire_name", "check_ids"]
 
 FORMS = "fp32, fp16, bf16, int8 (per-row scale; int8:tensor for one scale), topk:F (0 < F <= 1)"
 KINDS = ("fp32", "fp16", "bf16", "int8", "topk")
@@ -380,3 +380,106 @@ class ErrorFeedback:
     def nbytes(self) -> int:
         """Memory held by the residuals."""
         return sum(r.nbytes for r in self._res.values())
+
+
+# ----------------------------------------------------------------- AQ-SGD: activation changes
+AQ_PREFIX = "aq:"
+
+
+def parse_wire(text: str) -> tuple[Codec, bool]:
+    """A ``--wire-fwd`` value: ``(codec, delta)``. ``aq:CODEC`` (e.g. ``aq:int8``) sends each
+    sample's activation as the change since it last crossed, through the lossy ``CODEC``
+    (:class:`DeltaHistory`); anything else is :func:`parse`'s, with ``delta`` False.
+    ValueError (one line) otherwise."""
+    s = str(text).strip()
+    if s.lower().startswith(AQ_PREFIX):
+        inner = parse(s[len(AQ_PREFIX):])
+        if not inner.lossy:
+            raise ValueError(f"{text!r}: aq: needs a lossy codec to compress the changes with (e.g. aq:int8), "
+                             "not fp32")
+        return inner, True
+    return parse(s), False
+
+
+def wire_name(codec: Codec, delta: bool) -> str:
+    """The canonical name of a ``--wire-fwd`` value (what :func:`parse_wire` reads back)."""
+    return AQ_PREFIX + codec.name if delta else codec.name
+
+
+class DeltaHistory:
+    """One end of a link that sends activation *changes* (AQ-SGD, Wang et al., NeurIPS 2022).
+
+    Both ends keep ``m[i]``, sample ``i``'s activation as the receiver last reconstructed it
+    (zeros before the sample first crosses). The sender sends ``Q(h - m[ids])`` and adds
+    what the receiver will decode to ``m[ids]``; the receiver adds the decoded change to its
+    own ``m[ids]`` and uses the result. The two copies of ``m`` stay equal as long as both
+    ends see the same messages in the same order (the link's step order). A sample's
+    activation drifts slowly between epochs, so its change is small and the codec's error,
+    relative to the activation, shrinks: the first epoch costs what the plain codec costs.
+    Memory: ``n_samples x features`` float32 per end (:attr:`nbytes`)."""
+
+    def __init__(self, codec: Codec, n_samples: int):
+        if not codec.lossy:
+            raise ValueError("DeltaHistory needs a lossy codec")
+        if n_samples < 1:
+            raise ValueError(f"DeltaHistory needs the training set's size, got {n_samples}")
+        self.codec = codec
+        self.n = int(n_samples)
+        self.m: np.ndarray | None = None        # (n, *features), made at the first message
+
+    def _rows(self, ids: np.ndarray, fs: tuple) -> np.ndarray:
+        if self.m is None:
+            self.m = np.zeros((self.n, *fs), _F32)
+        elif self.m.shape[1:] != tuple(fs):
+            raise ValueError(f"activation history of features {_fmt(self.m.shape[1:])}, got {_fmt(fs)}")
+        return self.m[ids]
+
+    def encode(self, h: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
+        """Sender: the wire arrays of ``h``'s change since its samples (``ids``) last crossed."""
+        h = np.asarray(h, dtype=_F32)
+        old = self._rows(ids, h.shape[1:])
+        arrays = self.codec.encode(np.ascontiguousarray(h - old))
+        self.m[ids] = old + self.codec._decode(arrays, h.shape[1:], check=False)
+        return arrays
+
+    def decode(self, delta: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Receiver: the activations, from the decoded change of samples ``ids``
+        (distinct: :func:`check_ids`). A new array."""
+        new = self._rows(ids, delta.shape[1:]) + delta
+        if new.size and not np.isfinite(new).all():
+            raise CodecError(f"{AQ_PREFIX}{self.codec.name}: the change takes an activation to a non-finite value")
+        self.m[ids] = new
+        return new
+
+    def state(self, name: str) -> dict[str, np.ndarray]:
+        return {} if self.m is None else {name: self.m.copy()}
+
+    def load(self, m: np.ndarray | None) -> None:
+        """Replace the history (None: none yet). ValueError (one line) for a wrong row count,
+        a dtype other than float32 or non-finite values; then nothing changes."""
+        if m is None:
+            self.m = None
+            return
+        if getattr(m, "dtype", None) != _F32 or m.ndim < 2 or m.shape[0] != self.n:
+            raise ValueError(f"activation history: {getattr(m, 'dtype', type(m).__name__)} "
+                             f"{_fmt(getattr(m, 'shape', ()))}, expected float32 ({self.n}, features...)")
+        if not np.isfinite(m).all():
+            raise ValueError("activation history: non-finite values")
+        self.m = np.array(m, dtype=_F32, order="C", copy=True)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.m is None else self.m.nbytes
+
+
+def check_ids(ids: np.ndarray, n: int) -> str | None:
+    """Why a batch's sample ids cannot index a :class:`DeltaHistory` of ``n`` samples (out of
+    range, repeated), or None."""
+    if ids.size == 0:
+        return None
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= n:
+        return f"sample ids {lo}..{hi} outside 0..{n - 1}"
+    if np.unique(ids).size != ids.size:
+        return "a sample id repeats within the batch"
+    return None

@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import numpy as np
 
-from asyncdni.wire.codec import Codec, CodecError
+from asyncdni.wire.codec import AQ_PREFIX, Codec, CodecError
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_HEADER_BYTES", "MAX_NDIM", "MAX_ARRAY_BYTES",
@@ -95,7 +95,7 @@ REASONS = ("header", "version", "kind", "frames", "dtype", "shape", "size",
 # --------------------------------------------------------------------------
 
 # Data plane
-FWD = "fwd"                  # [h, y] activations and targets; with a codec {"c": name}, [*wire(h), y]
+FWD = "fwd"                  # [h, y] activations and targets; with a codec {"c": name}, [*wire(h), y] (+ [ids])
 BWD = "bwd"                  # [g] dL/d(input of the sender); with a codec {"c": name}, [*wire(g)]
 ACK = "ack"                  # sequential schedule: gradient for step s applied
 DONE = "done"                # last layer -> feeder: step finished, its loss/metric
@@ -174,7 +174,8 @@ METRIC_RANGES = {False: {"metric": _FRACTION, "metric2": _FRACTION},
 KINDS: dict[str, KindSpec] = {
     # "c": the codec of the activations / the gradient (asyncdni.wire.codec; absent: fp32), which
     # the link agreed to at start-up (Expect.codec): its wire arrays replace the dense one
-    FWD: _kind(arrays=(2, 3), optional={"c": str}),
+    # with --wire-fwd aq:CODEC every FWD also carries its rows' sample ids (int64), last
+    FWD: _kind(arrays=(2, 4), optional={"c": str}),
     BWD: _kind(arrays=(1, 2), optional={"mb": int, "c": str}, ranges={"mb": _INDEX}),
     ACK: _kind(),
     DONE: _kind(required={"loss": float, "metric": float, "n": int},
@@ -697,8 +698,9 @@ class Expect:
     arrays: tuple
     rows: tuple | Callable[[int], tuple] | None = None
     fields: Mapping[str, tuple] | None = None
-    # (codec, feature shape): the first arrays are the codec's wire arrays of one dense float32
-    # (rows, *feature shape) tensor, which decode returns in their place (None: no codec)
+    # (codec, feature shape, name): the first arrays are the codec's wire arrays of one dense
+    # float32 (rows, *feature shape) tensor, which decode returns in their place; the message's
+    # "c" field must be ``name`` (None: no codec, no "c")
     codec: tuple | None = None
 
 
@@ -716,7 +718,7 @@ def _check_expect(kind: str, step: int, e, descs, fields=None) -> tuple:
                 if name in fields:
                     _check_range(kind, name, fields[name], lo, hi)
         got = fields.get("c") if fields else None
-        want = e.codec[0].name if e.codec is not None else None
+        want = e.codec[2] if e.codec is not None else None
         if got != want:
             raise ProtocolError("codec", f"{kind}: codec {got or 'fp32'!r}, but this link agreed to {want or 'fp32'!r}")
     else:
@@ -769,7 +771,8 @@ def step_rows(batch: int, microbatches: int = 1) -> Callable[[int], tuple]:
 def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int, batch: int,
                  microbatches: int = 1, eval_batch: int, in_shape: tuple | None = None,
                  target_range: tuple | None = None, out_shape: tuple | None = None,
-                 fwd_codec: Codec | None = None, bwd_codec: Codec | None = None) -> tuple[dict, dict]:
+                 fwd_codec: Codec | None = None, bwd_codec: Codec | None = None, fwd_delta: bool = False,
+                 n_samples: int = 0) -> tuple[dict, dict]:
     """The shapes a layer agrees to at start-up, for its two inboxes: ``(fwd, bwd)``
     expectations for :func:`decode`. x is float32 (rows, *in_shape) (default in_shape:
     (fan_in,); the first layer takes the plan's ``in_shape``); y is int64 labels in
@@ -779,27 +782,31 @@ def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int
     (fan_out,); a torch stage's feature maps travel as (rows, C, H, W)). Every
     array of a message has the same rows: the step's (micro-)batch for FWD/BWD,
     1..eval_batch for EVAL. ``fwd_codec``: the codec x comes through in a FWD (from the layer
-    below; EVAL batches travel as float32); ``bwd_codec``: the codec of the gradient in a BWD."""
+    below; EVAL batches travel as float32); ``bwd_codec``: the codec of the gradient in a BWD.
+    ``fwd_delta``: x comes as changes (``aq:`` + the codec's name, asyncdni.wire.codec.DeltaHistory);
+    ``n_samples``: a FWD carries its rows' sample ids, int64 in 0..n_samples-1, last (0: none)."""
     x = ArraySpec((BATCH, *(in_shape or (fan_in,))), "float32")
     lo, hi = target_range or (None, None)
     y = (ArraySpec((BATCH,), "int64", 0, classes - 1) if classes is not None
          else ArraySpec((BATCH, targets), "float32", lo, hi))
     rows = step_rows(batch, microbatches)
     g = ArraySpec((BATCH, *(out_shape or (fan_out,))), "float32")
-    fwd = {FWD: _coded(x, fwd_codec, rows, y), EVAL: Expect((x, y), (1, eval_batch))}
+    ids = (ArraySpec((BATCH,), "int64", 0, n_samples - 1),) if n_samples else ()
+    name = (AQ_PREFIX if fwd_delta else "") + (fwd_codec.name if fwd_codec is not None else "")
+    fwd = {FWD: _coded(x, fwd_codec, rows, y, *ids, name=name), EVAL: Expect((x, y), (1, eval_batch))}
     bwd = {BWD: _coded(g, bwd_codec, rows)}
     return fwd, bwd
 
 
-def _coded(dense: ArraySpec, codec: Codec | None, rows, *rest) -> Expect:
+def _coded(dense: ArraySpec, codec: Codec | None, rows, *rest, name: str | None = None) -> Expect:
     """The expectation of a message whose first array is ``dense`` sent through ``codec``
-    (None or fp32: the dense array itself)."""
+    (None or fp32: the dense array itself), its "c" field ``name`` (default: the codec's)."""
     if codec is None or not codec.lossy:
         return Expect((dense, *rest), rows)
     features = dense.shape[1:]
     wire = tuple(ArraySpec(tuple(BATCH if d == "B" else d for d in shape), dtype)
                  for shape, dtype in codec.wire_specs(features))
-    return Expect((*wire, *rest), rows, codec=(codec, features))
+    return Expect((*wire, *rest), rows, codec=(codec, features, name or codec.name))
 
 
 def result_expect(regression: bool) -> dict:
@@ -940,7 +947,7 @@ def _finish(kind, step, arrays, descs, fields, check_finite, ranges, spec=None) 
             if (lo is not None and not amin >= lo) or (hi is not None and not amax <= hi):
                 raise ProtocolError("range", f"{kind} frame {i}: values {amin}..{amax} outside {lo}..{hi}")
     if coded:
-        codec, features = spec.codec
+        codec, features, _name = spec.codec
         try:
             dense = codec.decode(arrays[:skip], features)
         except CodecError as e:
