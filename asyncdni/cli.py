@@ -253,7 +253,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "codec setting, e.g. fp32,int8,fp16/int8 (the first is the baseline); prints bytes per step, link "
                    "use and times against backprop with the baseline and with the same codecs")
     b.add_argument("--lab-burst", default="auto", metavar="BYTES|auto", help="--lab: tbf's bucket per shaped "
-                   "link (default auto: 2 ms of the rate, at least 16 KiB)")
+                   "link (default auto: 2 ms of the rate, at least 4 KiB)")
     b.add_argument("--lab-prefix", default="adb-", metavar="P", help="--lab: name prefix of its devices (default adb-)")
     b.add_argument("--lab-subnet", default="10.76.0.0/24", metavar="CIDR", help="--lab: its subnet (default 10.76.0.0/24)")
     a = sub.add_parser("agent", help="run this host's workers for a coordinator (multi-host runs)")
@@ -284,7 +284,7 @@ def make_parser() -> argparse.ArgumentParser:
     up.add_argument("--delay", default="0", metavar="MS", help="one-way delay per link, added by the relays "
                     "a run starts through the lab (default 0)")
     up.add_argument("--burst", default="auto", metavar="BYTES|auto", help="tbf's bucket per shaped link: a size "
-                    "(25000, 64kb) or auto, 2 ms of the rate and at least 16 KiB (default auto)")
+                    "(25000, 64kb) or auto, 2 ms of the rate and at least 4 KiB (default auto)")
     for lp in (up, lsub.add_parser("down", help="remove the lab: processes, relays, namespaces, veths, bridge"),
                lsub.add_parser("status", help="print the lab's recorded state as JSON")):
         lp.add_argument("--prefix", default="adl-", metavar="P", help="name prefix of the lab's devices (default adl-)")

@@ -645,12 +645,13 @@ def test_lab_runs_every_schedule_of_the_table_and_says_why_not_inprocess():
                  ("delayed_fixed", "delayed_fixed", None, None), ("local w2", "local", 2, None),
                  ("local w8", "local", 8, None)]
     # codec settings: every variant once per setting, labelled by it
-    wires = LB.parse_wires("fp32, int8,fp16/topk:0.1,INT8")
-    assert wires == [("fp32", "fp32"), ("int8:row", "int8:row"), ("fp16", "topk:0.1")]
+    wires = LB.parse_wires("fp32, int8,fp16/topk:0.1,INT8,aq:int8/int8")
+    assert wires == [("fp32", "fp32"), ("int8:row", "int8:row"), ("fp16", "topk:0.1"), ("aq:int8:row", "int8:row")]
     v = LB.variants(["backprop"], [], wires)
-    assert [x[0] for x in v] == ["backprop fp32", "backprop int8:row", "backprop fp16/topk:0.1"]
+    assert [x[0] for x in v] == ["backprop fp32", "backprop int8:row", "backprop fp16/topk:0.1",
+                                 "backprop aq:int8:row/int8:row"]
     assert v[2][3] == ("fp16", "topk:0.1") and LB.parse_wires(None) == []
-    for bad in ("int4", "fp32/", ","):
+    for bad in ("int4", "fp32/", ",", "aq:int8", "int8/aq:int8"):
         raises_one_line(cli.C.ConfigError, LB.parse_wires, bad, match_all=("--wires",))
 
 
@@ -808,7 +809,7 @@ def test_wires_table_sets_each_codec_against_backprop_and_the_baseline():
 
 def test_burst_is_two_ms_of_the_rate_or_a_size():
     assert L.parse_burst("auto", "1gbit") == "250000" and L.parse_burst("auto", "100mbit") == "25000"
-    assert L.parse_burst("auto", "10mbit") == str(16 << 10) and L.parse_burst("AUTO", None) == str(16 << 10)
+    assert L.parse_burst("auto", "10mbit") == str(4 << 10) and L.parse_burst("AUTO", None) == str(4 << 10)
     assert L.parse_burst("64kb", "10mbit") == str(64 << 10) and L.parse_burst("25000", None) == "25000"
     for bad in ("12", "lots", "-5kb", "100gb", "65mb"):
         with pytest.raises(L.LabError, match="burst"):

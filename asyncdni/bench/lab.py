@@ -100,16 +100,20 @@ def wire_label(wire: tuple) -> str:
 
 
 def parse_wires(text: str | None) -> list[tuple[str, str]]:
-    """'fp32,int8,fp16/int8' -> [(fwd codec, bwd codec)]: CODEC for both directions, or
-    FWD/BWD; canonical names (asyncdni.wire.codec). ConfigError with one line otherwise."""
+    """'fp32,int8,fp16/int8,aq:int8/int8' -> [(fwd codec, bwd codec)]: CODEC for both
+    directions, or FWD/BWD (FWD may be aq:CODEC); canonical names (asyncdni.wire.codec).
+    ConfigError with one line otherwise."""
     from asyncdni.wire import codec as WC
     if not text:
         return []
     out = []
     for item in [x.strip() for x in str(text).split(",") if x.strip()]:
         fwd, sep, bwd = item.partition("/")
+        if not sep and fwd.strip().lower().startswith(WC.AQ_PREFIX):
+            raise C.ConfigError(f"--wires {item!r}: aq: is for activations; say the gradients' codec too, "
+                                f"e.g. {item}/int8")
         try:
-            pair = (WC.parse(fwd).name, WC.parse(bwd if sep else fwd).name)
+            pair = (WC.wire_name(*WC.parse_wire(fwd)), WC.parse(bwd if sep else fwd).name)
         except ValueError as e:
             raise C.ConfigError(f"--wires {item!r}: {e}") from None
         if pair not in out:

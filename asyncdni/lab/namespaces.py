@@ -11,7 +11,7 @@ over the bridge and a connection to a host address never leaves the machine. Hos
 the namespace ``<prefix>h<i>``: a veth pair ``<prefix>v<i>`` (bridge port, root side) /
 ``<prefix>e<i>`` (inside the namespace) with address ``.<i+2>``, and loopback up.
 
-Shaping (``rate``): a ``tc tbf`` qdisc (burst: 2 ms of the rate, at least 16 KiB; ``burst``) on both ends of every veth:
+Shaping (``rate``): a ``tc tbf`` qdisc (burst: 2 ms of the rate, at least 4 KiB; ``burst``) on both ends of every veth:
 the host's egress and the bridge port's egress, i.e. the host's ingress; otherwise traffic
 from two peers into one host would add up to twice the rate.
 
@@ -52,12 +52,12 @@ from pathlib import Path
 STATE_DIR = Path("/run/asyncdni-lab")
 DEFAULT_PREFIX = "adl-"
 DEFAULT_SUBNET = "10.77.0.0/24"
-# tbf's bucket: "auto" holds 2 ms of the rate, at least 16 KiB (1 Gbit/s: 250 kB, 100 Mbit/s:
-# 25 kB, 10 Mbit/s: 16 KiB), so that a message of tens of kB is paced at the rate as a serial
+# tbf's bucket: "auto" holds 2 ms of the rate, at least 4 KiB (1 Gbit/s: 250 kB, 100 Mbit/s:
+# 25 kB, 10 Mbit/s: 4 KiB), so that a message of a few kB or more is paced at the rate as a serial
 # link sends it; a bucket as large as a few messages lets them through at once, and a
 # lock-step schedule then pays no serialization time (docs/results/lab.md)
 BURST = "auto"
-MIN_BURST = 16 << 10
+MIN_BURST = 4 << 10            # 10 Mbit/s with 3-8 KiB: 94-96% of the rate (benchmarks.lab_links)
 _BURST_RE = re.compile(r"^([0-9]+)(b|kb|k|mb|m)?$")
 _BURST_UNIT = {None: 1, "b": 1, "kb": 1 << 10, "k": 1 << 10, "mb": 1 << 20, "m": 1 << 20}
 TBF_LATENCY = "50ms"             # the longest a packet may wait in the tbf queue
