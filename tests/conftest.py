@@ -98,3 +98,31 @@ def no_leftover_tempdirs():
     yield
     from asyncdni import files
     files.remove_stale_tempdirs()
+
+
+def assert_equals_reference(result, ref, what=()) -> None:
+    """A run through the workers ended with the in-process reference's weights and losses
+    (float32 rounding apart); ``what`` labels a failing assertion."""
+    import numpy as np
+    for i, node in enumerate(ref.nodes):
+        for name, want in node.params().items():
+            assert np.allclose(result.params[i][name], want, rtol=1e-5, atol=1e-6), (*what, i, name)
+    assert np.allclose(ref.losses, result.series["loss"], rtol=1e-5)
+
+
+def forge_later(c, index: int, inbox: str, frames_list) -> None:
+    """From a thread: push each message of ``frames_list`` into worker ``index``'s ``inbox``
+    ("fwd" or "bwd") of the running coordinator ``c`` (an ``on_started`` callback's use)."""
+    import threading
+    import zmq
+
+    def send():
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 2000)
+        s.connect(c.workers[index].endpoints[inbox])
+        for frames in frames_list:
+            s.send_multipart(frames)
+        s.close()
+        ctx.term()
+    threading.Thread(target=send, daemon=True).start()

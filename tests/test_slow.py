@@ -18,7 +18,7 @@ from asyncdni.engine import coordinator, reference
 from asyncdni.engine.plan import load_datasets, make_plan
 from asyncdni.engine.worker import LayerWorker, T_BWD, T_EVAL, T_FWD
 from asyncdni.engine.trace import TRACE_LIMIT
-from tests.conftest import env_with_repo, raises_one_line
+from tests.conftest import assert_equals_reference, env_with_repo, raises_one_line
 from tests.test_lab import needs_lab  # noqa: F401  (the fixture: root and ip netns, else a skip)
 
 SMALL = {"train.steps": 40, "model.width": 32, "data.train_size": 2048, "data.test_size": 256,
@@ -197,10 +197,7 @@ def test_a_slowed_lock_step_run_ends_with_the_reference_weights(no_leftover_proc
     train, test = load_datasets(cfg)
     ref = reference.train_reference(make_plan(cfg, train), ref_schedule, train, cfg.train.seed, test=test,
                                     eval_batch=cfg.train.eval_batch)
-    for i, node in enumerate(ref.nodes):
-        for name, want in node.params().items():
-            assert np.allclose(result.params[i][name], want, rtol=1e-5, atol=1e-6), (schedule, i, name)
-    assert np.allclose(ref.losses, result.series["loss"], rtol=1e-5)
+    assert_equals_reference(result, ref, (schedule,))
     assert [s["slow"] for s in result.layers] == [1.0, 3.0, 1.0, 1.0]
     summ = report.run_summary(result)
     assert summ["stragglers"] == {"2": 3.0} and summ["in_force"]["runtime.slow"] == ["2:3"]

@@ -2,11 +2,8 @@
 what the protocol accepts and refuses, what the workers send, and that the in-process
 reference, which sends its mailboxes through the same codecs, still ends with the workers'
 weights. The codecs' own round trips and bounds are in test_codec.py."""
-import threading
-
 import numpy as np
 import pytest
-import zmq
 
 from asyncdni import config
 from asyncdni import schedules as S
@@ -15,6 +12,7 @@ from asyncdni.engine import coordinator, reference
 from asyncdni.engine.plan import load_datasets, make_plan
 from asyncdni.wire import codec as WC
 from asyncdni.wire import protocol as P
+from tests.conftest import assert_equals_reference, forge_later
 
 SMALL = {"train.steps": 40, "model.width": 32, "data.train_size": 2048, "data.test_size": 256,
          "runtime.progress": False}
@@ -127,11 +125,7 @@ def test_lockstep_order_has_no_backward_on_steps_the_sg_does_not_regress_on():
 
 
 # ------------------------------------------------------------------ through the workers
-def _assert_reference(result, ref):
-    for i, node in enumerate(ref.nodes):
-        for name, want in node.params().items():
-            assert np.allclose(result.params[i][name], want, rtol=1e-5, atol=1e-6), (i, name)
-    assert np.allclose(ref.losses, result.series["loss"], rtol=1e-5)
+_assert_reference = assert_equals_reference
 
 
 @pytest.mark.integration
@@ -218,17 +212,8 @@ def test_hostile_codec_messages_are_counted_not_applied():
     vals, idx = WC.parse("topk:0.5").encode(np.ones((64, 32), np.float32))
 
     def forge(c):
-        def send():
-            ctx = zmq.Context()
-            s = ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 2000)
-            s.connect(c.workers[1].endpoints["bwd"])
-            for step in range(3):
-                s.send_multipart(P.encode(P.BWD, step, (q, bad), {"c": "int8:row"}))
-                s.send_multipart(P.encode(P.BWD, step, (vals, idx), {"c": "topk:0.5"}))
-            s.close()
-            ctx.term()
-        threading.Thread(target=send, daemon=True).start()
+        forge_later(c, 1, "bwd", [P.encode(P.BWD, step, arrays, {"c": name}) for step in range(3)
+                                  for arrays, name in (((q, bad), "int8:row"), ((vals, idx), "topk:0.5"))])
 
     res = coordinator.run(small(**{"train.schedule": "async", "train.steps": 200, "train.wire_bwd": "int8"}),
                           on_started=forge)
