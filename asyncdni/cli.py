@@ -79,6 +79,11 @@ TRAIN_FLAGS = {
 }
 
 
+# the --x / --no-x flag pairs of train and bench: argparse dest -> config field
+PAIRED_FLAGS = {"cond": "train.cond", "batch_norm": "model.batch_norm", "sg_trust": "train.sg_trust",
+                "wire_feedback": "train.wire_feedback"}
+
+
 class _Parser(argparse.ArgumentParser):
     """No abbreviations (``--delay 5`` must not be read as ``--delay-remedy 5``); errors in one line."""
 
@@ -164,14 +169,10 @@ def overrides_from_args(args) -> dict:
     if args.data_path is not None and args.dataset is None:
         from asyncdni.numerics.data import infer_format
         ov["data.dataset"] = infer_format(args.data_path)     # FILE.npz/.npy/.csv, else an IDX directory
-    if args.cond is not None:
-        ov["train.cond"] = args.cond
-    if args.batch_norm is not None:
-        ov["model.batch_norm"] = args.batch_norm
-    if args.sg_trust is not None:
-        ov["train.sg_trust"] = args.sg_trust
-    if args.wire_feedback is not None:
-        ov["train.wire_feedback"] = args.wire_feedback
+    for dest, field in PAIRED_FLAGS.items():       # --x / --no-x: None when neither was given
+        v = getattr(args, dest)
+        if v is not None:
+            ov[field] = v
     if args.no_progress:
         ov["runtime.progress"] = False
     if args.fail_on_nonfinite:
