@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import numpy as np
 
-from asyncdni.wire.codec import AQ_PREFIX, Codec, CodecError
+from asyncdni.wire.codec import Codec, CodecError, wire_name
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_HEADER_BYTES", "MAX_NDIM", "MAX_ARRAY_BYTES",
@@ -792,7 +792,7 @@ def layer_expect(fan_in: int, fan_out: int, *, classes: int | None, targets: int
     rows = step_rows(batch, microbatches)
     g = ArraySpec((BATCH, *(out_shape or (fan_out,))), "float32")
     ids = (ArraySpec((BATCH,), "int64", 0, n_samples - 1),) if n_samples else ()
-    name = (AQ_PREFIX if fwd_delta else "") + (fwd_codec.name if fwd_codec is not None else "")
+    name = wire_name(fwd_codec, fwd_delta) if fwd_codec is not None else None
     fwd = {FWD: _coded(x, fwd_codec, rows, y, *ids, name=name), EVAL: Expect((x, y), (1, eval_batch))}
     bwd = {BWD: _coded(g, bwd_codec, rows)}
     return fwd, bwd
