@@ -29,6 +29,7 @@ from asyncdni.numerics.synthetic import param_count as sg_param_count
 from asyncdni.wire import codec as _codec
 
 SCHEDULES = _schedules.NAMES            # one entry each in schedules.TABLE
+SG_TARGETS = _schedules.SG_TARGETS
 DELAY_REMEDIES = ("none", "lr_scale")
 TORCH_ZOO = ("mlp", "cnn", "resnet")       # built-in torch models (asyncdni/torch/models.py)
 LAUNCHERS = launcher_registry.names()   # built-in launchers plus any installed entry points
@@ -106,8 +107,12 @@ class TrainConfig:
     sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
     sg_layers: int = 1                  # hidden layers of the mlp SG model
     sg_stale_decay: float = 1.0         # weight of an SG target per step of lag (async); 0 drops stale targets
-    sg_clip: float = 1.0                # >0: a layer's SG step is scaled by min(1, sg_clip x running |target| / |prediction|)
-                                        # (default 1: without it deep nets collapse under async, docs/results/depth.md)
+    sg_clip: float = 0.5                # >0: a layer's SG step is scaled by min(1, sg_clip x running |target| / |prediction|)
+                                        # (default 0.5: without it deep nets collapse under async, docs/results/depth.md)
+    sg_target: str = "propagate"        # what trains a layer's SG: "propagate" (the layer above passes down its own
+                                        # target, backpropagated through it, when that comes back) or "bootstrap" (the
+                                        # DNI paper's: the layer above's SG prediction, backpropagated at its forward);
+                                        # bootstrapped targets compound with depth, docs/results/depth.md
     sg_trust: bool = False              # a layer's SG step is scaled by the running cosine of its SG's predictions
                                         # with the targets that come back for them (0 when they disagree)
     sg_damp: float = 0.0                # >0: the SG model's step is scaled by min(1, sg_damp x running |target| / running |prediction|)^2
@@ -212,6 +217,7 @@ RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.schedule", "train.lr"
 # fields added after checkpoints existed, with the value that reproduces the older behaviour
 DIGEST_OMIT_AT_DEFAULT = {"train.sg_layers": 1, "train.sg_stale_decay": 1.0, "model.batch_norm": False,
                           "train.sg_rank": 64, "train.sg_every": 1, "train.sg_clip": 0.0, "train.sg_trust": False,
+                          "train.sg_target": "bootstrap",
                           "train.sg_damp": 0.0, "model.model": "", "model.split": "", "train.weight_decay": 0.0,
                           "data.labels_path": "", "data.label_column": "", "data.task": "auto",
                           "train.wire_fwd": "fp32", "train.wire_bwd": "fp32", "train.wire_feedback": True}
@@ -551,6 +557,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.sg_stale_decay: must be between 0 and 1, got {t.sg_stale_decay}")
     if not (t.sg_clip >= 0 and math.isfinite(t.sg_clip)):
         raise ConfigError(f"train.sg_clip: must be 0 (off) or a positive finite number, got {t.sg_clip}")
+    _choice("train.sg_target", t.sg_target, SG_TARGETS)
+    if (t.sg_target == "propagate" and t.sg_every > 1 and t.schedule in SCHEDULES
+            and _schedules.get(t.schedule).hold_for_ack):
+        raise ConfigError(f"train.sg_every: {t.sg_every} under schedule {t.schedule} needs train.sg_target = "
+                          "\"bootstrap\" (--sg-target bootstrap): with propagated targets a step whose SG is "
+                          "not regressed has no backward pass to end it")
     if not (t.sg_damp >= 0 and math.isfinite(t.sg_damp)):
         raise ConfigError(f"train.sg_damp: must be 0 (off) or a positive finite number, got {t.sg_damp}")
     wire = {}
@@ -882,11 +894,18 @@ def _differ(a, b) -> bool:
 
 def state_difference(old: RunConfig, new: RunConfig) -> tuple[str, object, object] | None:
     """The first field that determines the model's state and differs: (field, old, new)."""
+    diffs = state_differences(old, new)
+    return diffs[0] if diffs else None
+
+
+def state_differences(old: RunConfig, new: RunConfig) -> list[tuple[str, object, object]]:
+    """Every field that determines the model's state and differs: [(field, old, new)]."""
+    out = []
     for dotted in state_fields():
         a, b = value_of(old, dotted), value_of(new, dotted)
         if _differ(a, b):
-            return dotted, a, b
-    return None
+            out.append((dotted, a, b))
+    return out
 
 
 def explain_mismatch(recorded, cfg: RunConfig, where: str = "in the checkpoint") -> str | None:
@@ -895,15 +914,21 @@ def explain_mismatch(recorded, cfg: RunConfig, where: str = "in the checkpoint")
     here'; None when the record is missing or unreadable."""
     if not isinstance(recorded, dict):
         return None
+    # a field the record lacks was added after it was written: the record's run had the
+    # behaviour of before, the value DIGEST_OMIT_AT_DEFAULT names (not today's default)
+    recorded = {k: dict(v) if isinstance(v, dict) else v for k, v in recorded.items()}
+    for dotted, before in DIGEST_OMIT_AT_DEFAULT.items():
+        section, _, key = dotted.partition(".")
+        if isinstance(recorded.get(section), dict):
+            recorded[section].setdefault(key, before)
     try:
         old = from_dict(recorded)
     except (ConfigError, TypeError, ValueError):
         return None
-    diff = state_difference(old, cfg)
-    if diff is None:
+    diffs = state_differences(old, cfg)
+    if not diffs:
         return None
-    dotted, a, b = diff
-    return f"{dotted} is {show_value(a)} {where}, {show_value(b)} here"
+    return "; ".join(f"{dotted} is {show_value(a)} {where}, {show_value(b)} here" for dotted, a, b in diffs)
 
 
 def resume_changes(old: RunConfig, new: RunConfig, where: str, step: int | None = None,

@@ -172,6 +172,7 @@ def in_force(cfg) -> dict:
         out |= {"train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.sg_clip": t.sg_clip}
         if t.sg_trust:
             out["train.sg_trust"] = True
+        out["train.sg_target"] = t.sg_target
         if t.sg_damp:
             out["train.sg_damp"] = t.sg_damp
     if sched.window == "max_inflight":

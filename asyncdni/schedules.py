@@ -27,12 +27,20 @@ name. A schedule says
   in-process reference executes (:func:`lockstep`). Free-running schedules name the
   lock-step order that has their arithmetic.
 
+Synthetic-gradient schedules come in two forms, by what trains a layer's SG model
+(``train.sg_target``, :data:`SG_TARGETS`): ``bootstrap`` (the DNI paper's: the layer above
+sends down its own SG prediction, backpropagated, at its forward) and ``propagate`` (the
+layer above sends down the target that came back to *it*, backpropagated through it, when
+it comes: the true gradient, a few steps late). :func:`get` gives the propagating form of
+``async`` and ``sequential`` with that order, and ``sequential`` then ends a step with the
+ACK of layer 1 instead of holding each output.
+
 Adding a schedule: one :class:`Schedule` entry below, plus, if it applies a new kind of
 gradient, its forward/backward arithmetic in ``layer.py`` (``ARITHMETIC`` and ``flops``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 SYNTHETIC, TRUE, DELAYED, LOCAL = "synthetic", "true", "delayed", "local"
@@ -71,6 +79,13 @@ def order_dni(K: int, t: int, M: int = 1, lags=None) -> list[Action]:
     for i in range(1, K):
         out += [_f(i, t), _b(i - 1, t)]
     return out
+
+
+def order_dni_propagated(K: int, t: int, M: int = 1, lags=None) -> list[Action]:
+    """Sequential DNI with propagated SG targets: every layer runs (updating from its SG),
+    then from the top down each layer regresses its SG on the target from above and passes
+    it down, backpropagated through itself."""
+    return [_f(i, t) for i in range(K)] + [_b(i, t) for i in range(K - 2, -1, -1)]
 
 
 def order_backprop(K: int, t: int, M: int = 1, lags=None) -> list[Action]:
@@ -158,11 +173,22 @@ BENCH_ORDER = ("sequential", "async", "delayed", "local", "backprop", "pipeline"
 BENCH_CHOICES = BENCH_ORDER + tuple(n for n in NAMES if n not in BENCH_ORDER)
 
 
-def get(name: str) -> Schedule:
+SG_TARGETS = ("propagate", "bootstrap")   # train.sg_target: what trains a layer's SG model
+
+
+def get(name: str, sg_target: str = "bootstrap") -> Schedule:
+    """The schedule ``name``; under ``sg_target`` "propagate" a synthetic-gradient schedule's
+    propagating form (the module's docstring)."""
     try:
-        return TABLE[name]
+        sched = TABLE[name]
     except KeyError:
         raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(NAMES)}") from None
+    if sg_target not in SG_TARGETS:
+        raise ValueError(f"unknown SG target {sg_target!r}; allowed: {', '.join(SG_TARGETS)}")
+    if sg_target == "bootstrap" or sched.gradient != SYNTHETIC:
+        return sched
+    release = ("done", "ack") if sched.hold_for_ack else sched.release
+    return replace(sched, order=order_dni_propagated, release=release, hold_for_ack=False)
 
 
 def pause_points(start: int, steps: int, eval_every: int, checkpoint_every: int):

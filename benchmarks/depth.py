@@ -10,17 +10,20 @@ linear SG, batch 64), trained for ``--epochs`` on each dataset of ``--datasets``
 
 Methods: ``backprop`` (the in-process lock-step reference), and the synthetic-gradient
 methods under ``async`` staleness through the in-process replay of
-:mod:`benchmarks.staleness` (the engine's own ``LayerNode``; each SG target held back by
-a lag drawn from the distribution measured through the workers at window 3): ``cdni``
-and ``dni`` at the engine's defaults (``--sg-clip 1``), ``+trust`` with ``--sg-trust``,
-``noclip`` with ``--sg-clip 0`` (the defaults before 2026-12-05), ``damp`` with the remedy
-the docs recommended before (``--sg-damp 0.8``, window 2's lags, no clip). Each cell is
+:mod:`benchmarks.staleness` (the engine's own ``LayerNode``; each SG target held back, on
+each link it crosses, by a lag drawn from the distribution measured through the workers at
+window 3): ``cdni`` and ``dni`` at the engine's defaults (propagated SG targets, ``--sg-clip
+0.5``), ``+trust`` with ``--sg-trust``, ``noclip`` with ``--sg-clip 0``, ``bootstrap`` with
+``--sg-target bootstrap`` (the DNI paper's targets), ``damp`` with the remedy the docs recommended before (``--sg-damp
+0.8``, window 2's lags, bootstrapped targets, no clip); any of them followed by
+`` sequential``: the same with no staleness (every lag 0). Each cell is
 the mean final test error over the seeds, with each seed's error in brackets; a second
 table gives the steps to ``--target`` test accuracy (evaluations every ``--eval-every``).
 The replay does not time anything, so the figures do not depend on the machine's load.
 
-    .venv/bin/python -m benchmarks.depth                                  # everything, about 30 min on 2 cores
-    .venv/bin/python -m benchmarks.depth --depths 6 --methods cdni,dni --bn off --jobs 2
+    .venv/bin/python -m benchmarks.depth --jobs 2      # everything: 576 runs, over an hour on 2 cores
+    .venv/bin/python -m benchmarks.depth --depths 6 --methods "cdni,dni,dni sequential" --bn off --jobs 2
+    .venv/bin/python -m benchmarks.depth --set train.sg_target=bootstrap --set train.sg_clip=1   # the defaults before
     .venv/bin/python -m benchmarks.depth --backend torch --bn off --datasets mnist --depths 6
 
 Not part of ``make test``.
@@ -49,17 +52,27 @@ METHODS = {
     "cdni": {"train.cond": True},
     "cdni+trust": {"train.cond": True, "train.sg_trust": True},
     "cdni noclip": {"train.cond": True, "train.sg_clip": 0.0},
-    "cdni damp": {"train.cond": True, "train.sg_clip": 0.0, "train.sg_damp": 0.8},
+    "cdni bootstrap": {"train.cond": True, "train.sg_target": "bootstrap"},
+    "cdni damp": {"train.cond": True, "train.sg_target": "bootstrap", "train.sg_clip": 0.0, "train.sg_damp": 0.8},
     "dni": {"train.cond": False},
     "dni+trust": {"train.cond": False, "train.sg_trust": True},
     "dni noclip": {"train.cond": False, "train.sg_clip": 0.0},
+    "dni bootstrap": {"train.cond": False, "train.sg_target": "bootstrap"},
     # plain DNI's gap: SG capacity, SG learning rate, no staleness (lag 0: the sequential order)
     "dni mlp-sg": {"train.cond": False, "train.sg_model": "mlp"},
     "dni sg-lr 3e-4": {"train.cond": False, "train.sg_lr": 3e-4},
-    "dni sequential": {"train.cond": False},
 }
+SEQUENTIAL = " sequential"    # any SG method + " sequential": the same arithmetic with no staleness (lag 0)
+
+
+def method_overrides(method: str) -> dict | None:
+    """The config overrides of ``method`` (``METHODS``, or one of them + " sequential"), or None."""
+    base = method[: -len(SEQUENTIAL)] if method.endswith(SEQUENTIAL) else method
+    if base not in METHODS or (base != method and base == "backprop"):
+        return None
+    return METHODS[base]
 BACKENDS = {"numpy": {}, "torch": {"model.model": "mlp"}}   # torch: the zoo's mlp, one stage per layer (no BN)
-DEFAULT_METHODS = "backprop,cdni,cdni+trust,cdni noclip,dni,dni+trust,dni noclip"
+DEFAULT_METHODS = "backprop,cdni,dni,cdni sequential,dni sequential,dni+trust,cdni bootstrap,dni bootstrap"
 
 
 def digits_npz(directory: str) -> str | None:
@@ -81,7 +94,7 @@ def one_run(job: dict) -> dict:
     from benchmarks.staleness import replay
     ov = {**job["data"], "model.layers": job["depth"], "model.width": 256, "model.batch_norm": job["bn"],
           "train.epochs": job["epochs"], "train.seed": job["seed"], "runtime.progress": False,
-          **BACKENDS[job["backend"]], **METHODS[job["method"]]}
+          **BACKENDS[job["backend"]], **job.get("set", {}), **method_overrides(job["method"])}
     if job["backend"] == "torch":
         from asyncdni.torch import pin_threads
         pin_threads(1)
@@ -94,7 +107,8 @@ def one_run(job: dict) -> dict:
         train_loss = float(np.mean(res.losses[-100:]))
         nodes = res.nodes
     else:
-        lags = WINDOW2_LAGS if "damp" in job["method"] else (1.0,) if "sequential" in job["method"] else WINDOW3_LAGS
+        lags = ((1.0,) if job["method"].endswith(SEQUENTIAL) else WINDOW2_LAGS if "damp" in job["method"]
+                else WINDOW3_LAGS)
         r = replay(cfg, plan.steps, lags, job["eval_every"], datasets=(train, test), keep_nodes=True)
         evals = [(s, m) for s, m, _ in r["evals"]]
         train_loss = float("nan")
@@ -108,8 +122,11 @@ def one_run(job: dict) -> dict:
 
 
 def fmt_cell(rows: list[dict], key: str = "test_error") -> str:
+    """The mean of ``key`` over the runs (test error), then each run's value, in seed order
+    (the runs finish in any order under --jobs)."""
     if not rows:
         return "-"
+    rows = sorted(rows, key=lambda r: r["seed"])
     if key == "test_error":
         v = [r[key] for r in rows]
         return f"{np.mean(v):.2f} ({' / '.join(f'{x:.2f}' for x in v)})"
@@ -138,8 +155,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.depth", allow_abbrev=False,
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="mnist,digits")
-    ap.add_argument("--depths", default="3,4,5,6")
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of: {', '.join(METHODS)}")
+    ap.add_argument("--depths", default="3,4,5,6,7,8")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help=f"comma-separated, of: {', '.join(METHODS)}; an SG method + ' sequential': with no staleness")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config override for every run (repeatable; the methods' own settings apply over "
+                         "it), e.g. --set train.sg_target=bootstrap --set train.sg_clip=1: the defaults before")
     ap.add_argument("--bn", default="both", choices=("both", "on", "off"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=float, default=20.0)
@@ -152,7 +173,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if method_overrides(m) is None]
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            print(f"benchmarks.depth: --set takes SECTION.KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        extra[key.strip()] = value.strip()
     if bad:
         print(f"benchmarks.depth: unknown method {bad[0]!r} (choose from {', '.join(METHODS)})", file=sys.stderr)
         return 2
@@ -178,16 +206,25 @@ def main(argv=None) -> int:
                 print(f"benchmarks.depth: unknown dataset {ds!r} (mnist, digits)", file=sys.stderr)
                 return 2
         jobs = [{"dataset": ds, "data": ov, "depth": d, "bn": bn, "method": m, "seed": int(s), "backend": args.backend,
-                 "epochs": args.epochs, "eval_every": args.eval_every, "target": args.target}
+                 "epochs": args.epochs, "eval_every": args.eval_every, "target": args.target, "set": extra}
                 for ds, ov in data.items() for bn in bns for d in depths for m in methods
                 for s in args.seeds.split(",")]
         rows = []
-        with get_context("spawn").Pool(args.jobs) as pool:
-            for r in pool.imap_unordered(one_run, jobs):
-                rows.append(r)
-                print(f"{r['dataset']} depth {r['depth']} {'bn' if r['bn'] else 'no-bn'} {r['method']} seed {r['seed']}: "
-                      f"test error {r['test_error']:.2f}%, train error {r['train_error']:.2f}%, "
-                      f"steps to target {r['steps_to_target']}", flush=True)
+        def report(r: dict) -> None:
+            rows.append(r)
+            print(f"{r['dataset']} depth {r['depth']} {'bn' if r['bn'] else 'no-bn'} {r['method']} seed {r['seed']}: "
+                  f"test error {r['test_error']:.2f}%, train error {r['train_error']:.2f}%, "
+                  f"steps to target {r['steps_to_target']}", flush=True)
+
+        if args.jobs <= 1:                   # in this process (BLAS already on one thread)
+            for job in jobs:
+                report(one_run(job))
+        else:
+            with get_context("spawn").Pool(args.jobs) as pool:
+                for r in pool.imap_unordered(one_run, jobs):
+                    report(r)
+                pool.close()
+                pool.join()                  # the pool's processes are gone before it returns
     print(tables(rows, depths, methods, args.target))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": rows}))

@@ -91,20 +91,30 @@ def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, dataset
     probs = np.asarray(lags, float) / np.sum(lags)
     pending: dict[int, list] = {}          # deliver at the start of step s -> [(layer, step, g)]
     evals, diags = [], []
+
+    def send_down(layer: int, t: int, g, now: int) -> None:
+        """``layer``'s target for step ``t``, sent at step ``now``, arrives after a drawn lag;
+        under sg_target "propagate" it goes on down from there (sg_backward), lag by lag."""
+        L = int(rng.choice(len(probs), p=probs))
+        if L:                              # layer ``layer`` runs L more forward steps first
+            pending.setdefault(now + L + 1, []).append((layer, t, g))
+            return
+        gd = nodes[layer].sg_backward(t, g)
+        if gd is not None:
+            send_down(layer - 1, t, gd, now)
+
     t0 = time.perf_counter()
     for step in range(steps):
         for layer, t, g in pending.pop(step, ()):
-            nodes[layer].sg_update(t, g)
+            gd = nodes[layer].sg_backward(t, g)
+            if gd is not None:
+                send_down(layer - 1, t, gd, step)
         x, y = stream.batch(step)
         h = x
         for i, node in enumerate(nodes):
             out, gx, _m = node.dni_forward(step, h, y)
             if i > 0 and gx is not None:
-                L = int(rng.choice(len(probs), p=probs))
-                if L == 0:
-                    nodes[i - 1].sg_update(step, gx)
-                else:                      # layer i-1 runs L more forward steps first
-                    pending.setdefault(step + L + 1, []).append((i - 1, step, gx))
+                send_down(i - 1, step, gx, step)
             h = out
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             ev = evaluate(nodes, plan.loss, test, 1000, plan.in_shape)

@@ -95,14 +95,17 @@ def test_digest_ignores_runtime(override):
 def test_legacy_digest_keeps_the_learning_rate_of_older_checkpoints():
     """Checkpoints written while train.lr was in the digest carry the legacy digest: it
     still names this configuration (digests()), and still tells learning rates apart."""
-    cfg, other = build(), build(None, {"train.lr": 0.01})
+    then = {"train.sg_target": "bootstrap", "train.sg_clip": 1.0}       # the defaults of that time
+    cfg, other = build(None, then), build(None, {**then, "train.lr": 0.01})
     assert cfg.digests() == (cfg.digest(), cfg.digest(legacy=True))
     assert cfg.digest(legacy=True) != cfg.digest()
     assert other.digest(legacy=True) != cfg.digest(legacy=True)
     # the legacy digest is the one of before, pinned: computed by the code of that time
     assert cfg.digest(legacy=True) == "8814ff7d9b2c15ec"
     assert other.digest(legacy=True) == "00d0ebbfdaf4d396"
-    assert build(None, {"model.width": 32, "train.schedule": "sequential"}).digest(legacy=True) == "f9b8a11b27122f53"
+    assert build(None, {**then, "model.width": 32, "train.schedule": "sequential"}).digest(legacy=True) == "f9b8a11b27122f53"
+    # today's default (propagated SG targets) is another configuration: its checkpoints differ
+    assert build().digest() != cfg.digest()
 
 
 @pytest.mark.parametrize("override", [

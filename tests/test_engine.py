@@ -58,7 +58,8 @@ def test_lowrank_sg_every_over_sockets_matches_reference_and_counts_sg_updates()
     math exactly; under async every layer still updates every step, the SG models on steps
     0, 3, .., 39 only (14 of 40), and no skipped step's state is left behind."""
     ov = {"train.sg_model": "lowrank", "train.sg_rank": 4, "train.sg_every": 3, "train.seed": 1}
-    cfg = small(**ov, **{"train.schedule": "sequential"})
+    # (under sequential --sg-every needs the bootstrapped targets: test_sg_target)
+    cfg = small(**ov, **{"train.schedule": "sequential", "train.sg_target": "bootstrap"})
     result = coordinator.run(cfg)
     train, _ = load_datasets(cfg)
     ref = reference.train_reference(make_plan(cfg, train), "dni", train, cfg.train.seed)

@@ -452,7 +452,8 @@ def test_dni_forward_with_untrained_sg_leaves_weights_unchanged(optimizer, sg_mo
     assert metrics is None
     np.testing.assert_array_equal(gx, np.zeros((7, 5)))        # zero synthetic gradient passed down
     assert 42 in node.cache
-    ctx, pred = node.cache[42]                                 # what the SG regression step will need
+    ctx, pred, back = node.cache[42]                           # what the SG regression step will need
+    assert back is None                                        # bootstrapped targets: no backward pass kept
     np.testing.assert_array_equal(ctx[0], h)
     assert ctx[1] is None                                      # no conditioning
     np.testing.assert_array_equal(pred, np.zeros((7, 4)))      # the prediction the update was made with

@@ -270,7 +270,9 @@ def test_sg_trust_and_sg_clip_flags_reach_the_config(capsys):
         assert config.build(overrides=cli.overrides_from_args(ap.parse_args(argv))).train.sg_trust is want
     args = ap.parse_args(["train", "--sg-clip", "0"])
     assert config.build(overrides=cli.overrides_from_args(args)).train.sg_clip == 0.0
-    assert config.build().train.sg_clip == 1.0            # the default since 2026-12-05 (deep nets)
+    assert config.build().train.sg_clip == 0.5            # the default since 2026-12-05 (deep nets)
+    args = ap.parse_args(["train", "--sg-target", "bootstrap"])
+    assert config.build(overrides=cli.overrides_from_args(args)).train.sg_target == "bootstrap"
     assert config.DIGEST_OMIT_AT_DEFAULT["train.sg_trust"] is False
     with pytest.raises(SystemExit):
         ap.parse_args(["train", "--sg-trust", "--no-sg-trust"])

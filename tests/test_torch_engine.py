@@ -57,7 +57,8 @@ def cfg_of(files, **ov):
     ("delayed_fixed", "delayed_fixed", {}), ("local", "local", {}),
     # codecs on feature maps (C, H, W): a scale per row, top-k over a row's C*H*W values;
     # --sg-every 2: the stage above sends every other step's gradient only
-    ("sequential", "dni", {"train.wire_fwd": "int8", "train.wire_bwd": "topk:0.25", "train.sg_every": 2}),
+    ("sequential", "dni", {"train.wire_fwd": "int8", "train.wire_bwd": "topk:0.25", "train.sg_every": 2,
+                           "train.sg_target": "bootstrap"}),
     ("pipeline", "pipeline", {"train.wire_fwd": "bf16", "train.wire_bwd": "int8"}),
 ])
 def test_lockstep_schedules_equal_the_in_process_torch_reference(files, schedule, ref, extra):

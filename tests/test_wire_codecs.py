@@ -161,7 +161,7 @@ def test_coded_lockstep_runs_equal_the_reference(schedule, ref_schedule, wire):
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("no_leftover_processes")
 def test_sg_every_sends_fewer_gradients_and_still_equals_the_reference():
-    base = {"train.schedule": "sequential", "train.seed": 1, "train.steps": 41}
+    base = {"train.schedule": "sequential", "train.seed": 1, "train.steps": 41, "train.sg_target": "bootstrap"}
     every = coordinator.run(small(**base))
     cfg = small(**base, **{"train.sg_every": 4})
     fourth = coordinator.run(cfg)
@@ -171,7 +171,8 @@ def test_sg_every_sends_fewer_gradients_and_still_equals_the_reference():
         assert a["kind_msgs"]["bwd"] == 41 and b["kind_msgs"]["bwd"] == 11      # steps 0, 4, .., 40
         assert b["kind_bytes"]["bwd"] <= 0.3 * a["kind_bytes"]["bwd"]
     assert "bwd" not in fourth.layers[0]["kind_msgs"]
-    r = coordinator.run(small(**{**base, "train.schedule": "async", "train.sg_every": 4}))
+    # async with propagated targets (the default): each target goes on down when it comes
+    r = coordinator.run(small(**{**base, "train.schedule": "async", "train.sg_every": 4, "train.sg_target": "propagate"}))
     for i, L in enumerate(r.layers):
         assert L["cached_steps"] == 0 and L["rejected"] == {}
         assert L["sg_updates"] == (11 if i < 3 else 0)

@@ -109,7 +109,7 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
         sg_reuse=t.sg_reuse_prediction, schedule=sched.name, stash=t.stash_weights,
         delay_remedy=t.delay_remedy, aux_features=t.aux_features,
         sg_layers=t.sg_layers, sg_stale_decay=t.sg_stale_decay, sg_rank=t.sg_rank, sg_every=t.sg_every,
-        sg_clip=t.sg_clip, sg_damp=t.sg_damp, sg_trust=t.sg_trust, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule,
+        sg_clip=t.sg_clip, sg_damp=t.sg_damp, sg_trust=t.sg_trust, sg_target=t.sg_target, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule,
         lr_step_size=t.lr_step_size or max(1, steps // 3), lr_gamma=t.lr_gamma, total_steps=steps)
     if cfg.model.model:
         specs, in_shape = _torch_specs(cfg, train, common)

@@ -162,7 +162,7 @@ class Runtime:
 def train_step(nodes: list[LayerNode], schedule: str, step: int, x, y, microbatches: int = 1) -> dict:
     """One training step of the given schedule's lock-step order; returns the last layer's
     metrics. (Fixed-lag orders owe gradients across steps: use :func:`train_reference`.)"""
-    sched = S.get(ALIASES.get(schedule, schedule))
+    sched = S.get(ALIASES.get(schedule, schedule), nodes[0].spec.sg_target)
     rt = Runtime(nodes, sched)
     rt.feed(step, x, y)
     rt.run(S.lockstep(sched, len(nodes), step, step + 1, rt.M, sg_every=nodes[0].spec.sg_every))
@@ -175,7 +175,7 @@ def train_reference(plan: Plan, schedule: str, train: Dataset, seed: int, steps:
     """Train ``steps`` steps in the schedule's lock-step order. ``boundaries``: further steps
     at which the workers drain the pipeline (checkpoints); evaluations drain too. ``start``
     and ``nodes``: continue from a state (a resumed run)."""
-    sched = S.get(ALIASES.get(schedule, schedule))
+    sched = S.get(ALIASES.get(schedule, schedule), plan.specs[0].sg_target)
     nodes = [make_node(s) for s in plan.specs] if nodes is None else nodes
     stream = BatchStream(train, plan.batch_size, seed, in_shape=plan.in_shape)
     res = ReferenceResult(nodes)

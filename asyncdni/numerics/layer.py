@@ -64,6 +64,8 @@ class LayerSpec:
     sg_clip: float = 0.0          # >0: layer step x min(1, sg_clip x running |SG target| / |SG prediction|)
     sg_damp: float = 0.0          # >0: SG step x min(1, sg_damp x running |SG target| / running |SG prediction|)^2
     sg_trust: bool = False        # layer step x max(0, running cosine of SG predictions with their targets)
+    sg_target: str = "bootstrap"  # "propagate": a target that comes back is passed down, backpropagated
+                                  # through this layer (sg_backward); "bootstrap": the SG prediction is, at the forward
     # torch stages (asyncdni/torch); the numpy node ignores all but weight_decay and the lr_* schedule
     backend: str = "numpy"        # "numpy" (LayerNode) or "torch" (asyncdni.torch.node.TorchNode)
     model: str = ""               # torch: a zoo name (mlp, cnn, resnet) or a builder "file.py:fn" / "pkg.module:fn"
@@ -304,9 +306,35 @@ class NodeBookkeeping:
             self.trust = TRUST_DECAY * self.trust + (1 - TRUST_DECAY) * cos
 
     def sg_backward(self, step: int, g):
-        """Synthetic gradients: the true-ish gradient trains the SG model; nothing goes down."""
-        self.sg_update(step, g)
-        return None
+        """Synthetic gradients: the target that came back for ``step`` trains the SG model.
+        Under ``sg_target`` "propagate" it also goes down, backpropagated through this layer
+        (the layer below's target; None from the first layer); under "bootstrap" nothing does
+        (the gradient went down at the forward, from the SG's prediction)."""
+        entry = self._pop_sg(step)
+        self._sg_regress(step, g, entry)
+        if self.spec.sg_target != "propagate" or self.spec.is_first:
+            return None
+        return self._propagate(entry, g)
+
+    def sg_update(self, step: int, g) -> float:
+        """Regress the SG model onto the target that came back for ``step`` (no gradient goes
+        down: :meth:`sg_backward` does both); returns the regression loss (NaN when skipped).
+
+        Under ``sg_every`` n > 1 only steps that are multiples of n are regressed on: the
+        layer above neither computes nor sends the gradient of the others
+        (:func:`sends_gradient`), and this layer keeps nothing for them."""
+        return self._sg_regress(step, g, self._pop_sg(step))
+
+    def _pop_sg(self, step: int):
+        try:
+            return self.cache.pop(step)
+        except KeyError:
+            raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
+
+    def _propagates(self, step: int) -> bool:
+        """Keep what the backward pass of ``step`` needs: under "propagate", a layer that has
+        a layer below and will get a target for ``step``."""
+        return self.spec.sg_target == "propagate" and not self.spec.is_first and step % self.spec.sg_every == 0
 
     def _delay(self, delay: int) -> None:
         self.version += 1
@@ -423,7 +451,9 @@ class LayerNode(NodeBookkeeping):
             # --sg-every n: only every n-th step's target trains the SG model; the layer above
             # sends no gradient for the others (sends_gradient), so nothing is kept for them
             if step % self.spec.sg_every == 0:
-                self.cache[step] = (ctx, pred)
+                # "propagate": the backward pass of the target that will come back needs h and
+                # the batch-norm context (taken with the weights as they are then)
+                self.cache[step] = (ctx, pred, (h, bctx) if self._propagates(step) else None)
             else:
                 self.sg_skipped += 1
             self.last_fwd_step = max(self.last_fwd_step, step)
@@ -432,23 +462,23 @@ class LayerNode(NodeBookkeeping):
         self.fwd_steps += 1
         if gh is None:      # no SG model: the layer is frozen, only passes activations on
             return h, None, None
-        grads, gx = self.dense.grads(x, h, gh, bctx, need_input_grad=sends_gradient(self.spec, step))
+        # the input gradient goes down now from the last layer (the loss's) and under "bootstrap"
+        # (the SG's); under "propagate" a hidden layer sends it when its own target comes back
+        now = self.spec.is_last or self.spec.sg_target != "propagate"
+        grads, gx = self.dense.grads(x, h, gh, bctx, need_input_grad=now and sends_gradient(self.spec, step))
         self._apply(*grads, lr_scale=lr_scale)
         return (None if self.spec.is_last else h), gx, metrics
 
-    def sg_update(self, step: int, g: np.ndarray) -> float:
-        """Regress the SG model onto the gradient that the next layer sent back for ``step``.
+    def _propagate(self, entry, g: np.ndarray) -> np.ndarray:
+        """"propagate": the target ``g`` (dL/dh) backpropagated through this layer, dL/dx,
+        with its current weights (the forward's batch-norm statistics)."""
+        h, bctx = entry[2]
+        return self.dense.input_grad(h, g, bctx)
 
-        Under ``sg_every`` n > 1 only steps that are multiples of n are regressed on: the
-        layer above neither computes nor sends the gradient of the others
-        (:func:`sends_gradient`), and this layer keeps nothing for them."""
-        try:
-            entry = self.cache.pop(step)
-        except KeyError:
-            raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
+    def _sg_regress(self, step: int, g: np.ndarray, entry) -> float:
         if self.spec.sg_clip > 0 or self.spec.sg_damp > 0:     # in the SG's per-example scale (B x dL/dh)
             self.target_norm = running_norm(self.target_norm, float(np.sqrt(np.vdot(g, g))) * g.shape[0])
-        ctx, pred = entry
+        ctx, pred, _back = entry
         if self.spec.sg_trust:                   # the prediction the layer stepped on, against its target
             self.note_alignment(cosine(pred, g))
         weight = self.target_weight(step)

@@ -186,6 +186,14 @@ class Dense:
         gx = gz @ (self.W if W is None else W).T if need_input_grad else None
         return out, gx
 
+    def input_grad(self, h: np.ndarray, gh: np.ndarray, ctx=None) -> np.ndarray:
+        """dL/dx only, for upstream gh = dL/dh, with the current weights (``ctx``: the batch-norm
+        context of the forward, from :meth:`forward_train`)."""
+        gz = activation_backward(self.activation, h, gh)
+        if self.bn is not None:
+            gz = self.bn.backward(ctx, gz)[0]
+        return gz @ self.W.T
+
     def backward(self, x: np.ndarray, h: np.ndarray, gh: np.ndarray, need_input_grad: bool = True,
                  W: np.ndarray | None = None):
         """Return (gW, gb, gx) for upstream gradient gh = dL/dh; gx is None when not needed.

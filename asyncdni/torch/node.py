@@ -6,8 +6,10 @@ of the spec's schedule (``layer.ARITHMETIC``: the method names are LayerNode's) 
 autograd, ``torch.optim`` and ``torch.optim.lr_scheduler``:
 
 * ``synthetic`` (DNI): ``dni_forward`` updates the stage at once from its SG model's
-  prediction (``h.backward(pred / B)``), and sends down ``dL/dx``; ``sg_backward``
-  regresses the SG model onto the gradient that came back.
+  prediction (``h.backward(pred / B)``); ``sg_backward`` regresses the SG model onto the
+  gradient that came back. Under ``sg_target`` "bootstrap" the forward sends ``dL/dx`` of
+  the prediction down; under "propagate" ``sg_backward`` sends the target that came back
+  down, through the stage's forward recomputed as ``delayed`` without stash does.
 * ``true`` (backprop, pipeline): ``bp_forward`` keeps the autograd graph per step (micro-step
   under pipeline) and ``bp_backward`` runs ``h.backward(g)``; gradients accumulate in
   ``.grad`` over ``spec.microbatches`` micro-batches (``scale`` weighting each one's loss at
@@ -430,7 +432,11 @@ class TorchNode(NodeBookkeeping):
                 h = self.stage(self._input(x))
             self.fwd_steps += 1
             return to_numpy(h), None, None
-        send = sends_gradient(s, step)            # --sg-every: the layer below regresses on this step
+        # --sg-every: the layer below regresses on this step. The input gradient goes down now
+        # from the last stage and under "bootstrap"; under "propagate" a hidden stage sends it
+        # when its own target comes back (sg_backward)
+        send = sends_gradient(s, step) and (s.is_last or s.sg_target != "propagate")
+        rng = torch.get_rng_state() if self._propagates(step) else None   # the forward's dropout masks
         xt = self._input(x, grad=send)
         h = self.stage(xt)
         self.fwd_steps += 1
@@ -458,7 +464,8 @@ class TorchNode(NodeBookkeeping):
             lr_scale *= self.trust_scale()
             # sg_trust keeps the prediction the layer steps on, to compare with its target
             if keep:
-                self.cache[step] = (hd, c, pred_graph, self.sg_version, pred if s.sg_trust else None)
+                self.cache[step] = (hd, c, pred_graph, self.sg_version, pred if s.sg_trust else None,
+                                    None if rng is None else (x, rng))
             else:                                   # the layer above sends no gradient for it
                 self.sg_skipped += 1
             self.last_fwd_step = max(self.last_fwd_step, step)
@@ -467,22 +474,38 @@ class TorchNode(NodeBookkeeping):
         self._update(lr_scale)
         return (None if s.is_last else to_numpy(h)), gx, metrics
 
-    def sg_update(self, step: int, g: np.ndarray) -> float:
+    def _propagate(self, entry, g: np.ndarray) -> np.ndarray:
+        """"propagate": the target ``g`` (dL/dh) backpropagated through this stage, dL/dx. The
+        forward's graph cannot serve (the optimizer has changed the weights it saved in
+        place), so the stage runs its forward again on the kept input with its current
+        weights, as ``delayed`` without stash does: on copies of its buffers (batch norm's
+        running statistics are updated once) and with the forward's RNG state (dropout: the
+        forward's masks). No weight gradient is left behind."""
+        x, rng = entry[5]
+        xt = self._input(x, grad=True)
+        buffers = {n: b.clone() for n, b in self.stage.named_buffers()}
+        outer = torch.get_rng_state()
+        torch.set_rng_state(rng)
+        try:
+            with torch.enable_grad():
+                h = functional_call(self.stage, buffers, (xt,))
+                (gx,) = torch.autograd.grad(h, xt, self._tensor(g, self.out_shape, "gradient"))
+        finally:
+            torch.set_rng_state(outer)
+        return to_numpy(gx)
+
+    def _sg_regress(self, step: int, g: np.ndarray, entry) -> float:
         """Regress the SG model onto the gradient that came back for ``step`` (LayerNode.sg_update:
         sg_every, sg_stale_decay, sg_clip/sg_damp norms, sg_reuse). Under ``sg_reuse`` the
         forward's prediction graph is reused only while no SG update came in between (always
         under sequential); otherwise torch cannot take the gradient at the older SG weights
         without a copy of them, so it predicts again with the current ones."""
-        try:
-            entry = self.cache.pop(step)
-        except KeyError:
-            raise StepError(f"layer {self.spec.index + 1}: gradient for step {step}, which is not in flight") from None
         s = self.spec
         gt = self._tensor(g, self.out_shape, "gradient")
         B = gt.shape[0]
         if s.sg_clip > 0 or s.sg_damp > 0:         # in the SG's per-example scale (B x dL/dh)
             self.target_norm = running_norm(self.target_norm, float(torch.linalg.vector_norm(gt)) * B)
-        hd, c, pred_graph, version, used = entry
+        hd, c, pred_graph, version, used, _x = entry
         if used is not None:                     # sg_trust: the prediction the layer stepped on, against its target
             self.note_alignment(float(torch.nn.functional.cosine_similarity(
                 used.double().flatten(), gt.double().flatten(), dim=0, eps=1e-300)))
