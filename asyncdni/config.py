@@ -29,7 +29,7 @@ from asyncdni.numerics.synthetic import param_count as sg_param_count
 from asyncdni.wire import codec as _codec
 
 SCHEDULES = _schedules.NAMES            # one entry each in schedules.TABLE
-SG_TARGETS = _schedules.SG_TARGETS
+SG_TARGETS = ("auto",) + _schedules.SG_TARGETS
 DELAY_REMEDIES = ("none", "lr_scale")
 TORCH_ZOO = ("mlp", "cnn", "resnet")       # built-in torch models (asyncdni/torch/models.py)
 LAUNCHERS = launcher_registry.names()   # built-in launchers plus any installed entry points
@@ -107,12 +107,14 @@ class TrainConfig:
     sg_hidden: int = 0                  # hidden width of the mlp SG model (0: the layer's width)
     sg_layers: int = 1                  # hidden layers of the mlp SG model
     sg_stale_decay: float = 1.0         # weight of an SG target per step of lag (async); 0 drops stale targets
-    sg_clip: float = 0.5                # >0: a layer's SG step is scaled by min(1, sg_clip x running |target| / |prediction|)
-                                        # (default 0.5: without it deep nets collapse under async, docs/results/depth.md)
-    sg_target: str = "propagate"        # what trains a layer's SG: "propagate" (the layer above passes down its own
-                                        # target, backpropagated through it, when that comes back) or "bootstrap" (the
-                                        # DNI paper's: the layer above's SG prediction, backpropagated at its forward);
-                                        # bootstrapped targets compound with depth, docs/results/depth.md
+    sg_clip: float = -1.0               # >0: a layer's SG step is scaled by min(1, sg_clip x running |target| / |prediction|);
+                                        # 0: off; -1 ("auto", the default): 0.5 with propagated targets, 1 with bootstrapped
+                                        # ones (without it deep nets collapse under async, docs/results/depth.md)
+    sg_target: str = "auto"             # what trains a layer's SG: "propagate" (the layer above passes down its own
+                                        # target, backpropagated through it, when that comes back), "bootstrap" (the
+                                        # DNI paper's: the layer above's SG prediction, backpropagated at its forward),
+                                        # or "auto": propagate for plain DNI and for 6 or more stages (schedules.
+                                        # resolve_sg_target); bootstrapped targets compound with depth, docs/results/depth.md
     sg_trust: bool = False              # a layer's SG step is scaled by the running cosine of its SG's predictions
                                         # with the targets that come back for them (0 when they disagree)
     sg_damp: float = 0.0                # >0: the SG model's step is scaled by min(1, sg_damp x running |target| / running |prediction|)^2
@@ -286,6 +288,9 @@ def _printable(key: str) -> str:
     return key if key.isprintable() else repr(key)
 
 
+AUTO_NUMBERS = {"train.sg_clip": -1.0}    # numeric settings that also take "auto", and its number
+
+
 def _section(cls, name: str, values: dict):
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in dataclasses.fields(cls)]
@@ -293,6 +298,8 @@ def _section(cls, name: str, values: dict):
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"unknown setting {name}.{_printable(key)}; allowed in [{name}]: {', '.join(allowed)}")
+        if isinstance(value, str) and value.strip().lower() == "auto" and f"{name}.{key}" in AUTO_NUMBERS:
+            value = AUTO_NUMBERS[f"{name}.{key}"]
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -555,8 +562,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("train.sg_every", t.sg_every, 1)
     if not 0 <= t.sg_stale_decay <= 1:
         raise ConfigError(f"train.sg_stale_decay: must be between 0 and 1, got {t.sg_stale_decay}")
-    if not (t.sg_clip >= 0 and math.isfinite(t.sg_clip)):
-        raise ConfigError(f"train.sg_clip: must be 0 (off) or a positive finite number, got {t.sg_clip}")
+    if not ((t.sg_clip >= 0 or t.sg_clip == -1) and math.isfinite(t.sg_clip)):
+        raise ConfigError(f"train.sg_clip: must be auto, 0 (off) or a positive finite number, got {t.sg_clip}")
     _choice("train.sg_target", t.sg_target, SG_TARGETS)
     if (t.sg_target == "propagate" and t.sg_every > 1 and t.schedule in SCHEDULES
             and _schedules.get(t.schedule).hold_for_ack):

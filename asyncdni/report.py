@@ -169,10 +169,15 @@ def in_force(cfg) -> dict:
             out["train.sg_rank"] = t.sg_rank
         if t.sg_every != 1:
             out["train.sg_every"] = t.sg_every
-        out |= {"train.sg_lr": t.sg_lr, "train.cond": t.cond, "train.sg_clip": t.sg_clip}
+        # "auto": with what it resolves to where the number of stages is known here (numpy MLPs)
+        target = S.resolve_sg_target(t.sg_target, m.layers, t.cond, sched, t.sg_every)
+        clip = S.resolve_sg_clip(t.sg_clip, target)
+        auto = not m.model
+        out |= {"train.sg_lr": t.sg_lr, "train.cond": t.cond,
+                "train.sg_clip": t.sg_clip if t.sg_clip >= 0 else f"auto({clip:g})" if auto else "auto"}
         if t.sg_trust:
             out["train.sg_trust"] = True
-        out["train.sg_target"] = t.sg_target
+        out["train.sg_target"] = t.sg_target if t.sg_target != "auto" else f"auto({target})" if auto else "auto"
         if t.sg_damp:
             out["train.sg_damp"] = t.sg_damp
     if sched.window == "max_inflight":

@@ -173,7 +173,31 @@ BENCH_ORDER = ("sequential", "async", "delayed", "local", "backprop", "pipeline"
 BENCH_CHOICES = BENCH_ORDER + tuple(n for n in NAMES if n not in BENCH_ORDER)
 
 
-SG_TARGETS = ("propagate", "bootstrap")   # train.sg_target: what trains a layer's SG model
+SG_TARGETS = ("propagate", "bootstrap")   # what trains a layer's SG model (train.sg_target, resolved)
+AUTO_PROPAGATE_DEPTH = 6    # train.sg_target "auto": propagated targets from this many stages on
+
+
+def resolve_sg_target(sg_target: str, n_layers: int, cond: bool, sched: "Schedule | None" = None,
+                      sg_every: int = 1) -> str:
+    """``train.sg_target`` as it applies to a network of ``n_layers`` stages: "auto" is
+    "propagate" for plain DNI (no label: bootstrapped targets compound fastest) and for
+    networks of :data:`AUTO_PROPAGATE_DEPTH` or more stages, where bootstrapped targets
+    break; "bootstrap" otherwise, whose fresher targets train shallow networks faster
+    (docs/results/depth.md), and where propagation cannot run (``sg_every`` > 1 under a
+    schedule that holds for ACKs)."""
+    if sg_target != "auto":
+        return sg_target
+    if sched is not None and sched.hold_for_ack and sg_every > 1:
+        return "bootstrap"
+    return "propagate" if (not cond or n_layers >= AUTO_PROPAGATE_DEPTH) else "bootstrap"
+
+
+def resolve_sg_clip(sg_clip: float, sg_target: str) -> float:
+    """``train.sg_clip`` as it applies: negative is "auto", 0.5 with propagated targets (they
+    are staler: 1 let a 6-layer net collapse) and 1 with bootstrapped ones."""
+    if sg_clip >= 0:
+        return sg_clip
+    return 0.5 if sg_target == "propagate" else 1.0
 
 
 def get(name: str, sg_target: str = "bootstrap") -> Schedule:

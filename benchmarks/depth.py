@@ -12,9 +12,11 @@ Methods: ``backprop`` (the in-process lock-step reference), and the synthetic-gr
 methods under ``async`` staleness through the in-process replay of
 :mod:`benchmarks.staleness` (the engine's own ``LayerNode``; each SG target held back, on
 each link it crosses, by a lag drawn from the distribution measured through the workers at
-window 3): ``cdni`` and ``dni`` at the engine's defaults (propagated SG targets, ``--sg-clip
-0.5``), ``+trust`` with ``--sg-trust``, ``noclip`` with ``--sg-clip 0``, ``bootstrap`` with
-``--sg-target bootstrap`` (the DNI paper's targets), ``damp`` with the remedy the docs recommended before (``--sg-damp
+window 3): ``cdni`` and ``dni`` at the engine's defaults (``--sg-target auto``: bootstrapped
+SG targets for cDNI up to 5 layers, propagated ones from 6 and for plain DNI; ``--sg-clip
+auto``: 1 and 0.5 with them), ``+trust`` with ``--sg-trust``, ``noclip`` with ``--sg-clip
+0``, ``bootstrap`` / ``propagate`` with ``--sg-target bootstrap`` (the DNI paper's targets)
+/ ``propagate``, ``damp`` with the remedy the docs recommended before (``--sg-damp
 0.8``, window 2's lags, bootstrapped targets, no clip); any of them followed by
 `` sequential``: the same with no staleness (every lag 0). Each cell is
 the mean final test error over the seeds, with each seed's error in brackets; a second
@@ -51,8 +53,10 @@ METHODS = {
     "backprop": {"train.schedule": "backprop"},   # (a layer's arithmetic follows its spec's schedule)
     "cdni": {"train.cond": True},
     "cdni+trust": {"train.cond": True, "train.sg_trust": True},
+    "cdni propagate+trust": {"train.cond": True, "train.sg_target": "propagate", "train.sg_trust": True},
     "cdni noclip": {"train.cond": True, "train.sg_clip": 0.0},
     "cdni bootstrap": {"train.cond": True, "train.sg_target": "bootstrap"},
+    "cdni propagate": {"train.cond": True, "train.sg_target": "propagate"},
     "cdni damp": {"train.cond": True, "train.sg_target": "bootstrap", "train.sg_clip": 0.0, "train.sg_damp": 0.8},
     "dni": {"train.cond": False},
     "dni+trust": {"train.cond": False, "train.sg_trust": True},

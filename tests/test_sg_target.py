@@ -125,18 +125,36 @@ def test_the_propagating_forms_of_the_schedules():
 
 
 # ------------------------------------------------------------------ configuration
-def test_configuration_of_sg_target():
-    assert config.build().train.sg_target == "propagate"
+def _plan(**ov):
+    cfg = config.build(overrides={"model.width": 8, "data.train_size": 256, "data.test_size": 64, **ov})
+    train, _ = load_datasets(cfg)
+    return make_plan(cfg, train)
+
+
+def test_configuration_of_sg_target_and_what_auto_resolves_to():
+    t = config.build().train
+    assert (t.sg_target, t.sg_clip) == ("auto", -1.0)
+    assert config.build(overrides={"train.sg_clip": "auto"}).train.sg_clip == -1.0
     assert config.build(overrides={"train.sg_target": "bootstrap"}).train.sg_target == "bootstrap"
     msg = raises_one_line(config.ConfigError, config.build, overrides={"train.sg_target": "truth"})
     assert "train.sg_target" in msg and "propagate" in msg
-    msg = raises_one_line(config.ConfigError, config.build,
-                          overrides={"train.schedule": "sequential", "train.sg_every": 4})
+    raises_one_line(config.ConfigError, config.build, overrides={"train.sg_clip": -2}, match_all=("train.sg_clip",))
+    msg = raises_one_line(config.ConfigError, config.build, overrides={
+        "train.schedule": "sequential", "train.sg_every": 4, "train.sg_target": "propagate"})
     assert "train.sg_every" in msg and "--sg-target bootstrap" in msg
-    for ok in ({"train.schedule": "async", "train.sg_every": 4},
-               {"train.schedule": "sequential", "train.sg_every": 4, "train.sg_target": "bootstrap"},
+    for ok in ({"train.schedule": "async", "train.sg_every": 4, "train.sg_target": "propagate"},
+               {"train.schedule": "sequential", "train.sg_every": 4},
                {"train.schedule": "backprop", "train.sg_every": 4}):
         config.build(overrides=ok)
+    # auto: bootstrap for shallow cDNI, propagate from 6 stages and for plain DNI; the clip follows
+    for ov, want in (({"model.layers": 4}, ("bootstrap", 1.0)), ({"model.layers": 6}, ("propagate", 0.5)),
+                     ({"model.layers": 3, "train.cond": False}, ("propagate", 0.5)),
+                     ({"model.layers": 8, "train.schedule": "sequential", "train.sg_every": 2}, ("bootstrap", 1.0)),
+                     ({"model.layers": 4, "train.sg_target": "propagate"}, ("propagate", 0.5)),
+                     ({"model.layers": 8, "train.sg_target": "bootstrap", "train.sg_clip": 0.25}, ("bootstrap", 0.25))):
+        specs = _plan(**ov).specs
+        assert {(s.sg_target, s.sg_clip) for s in specs} == {want}, ov
+    assert S.resolve_sg_target("auto", S.AUTO_PROPAGATE_DEPTH - 1, True) == "bootstrap"
     # a checkpoint of the one is not one of the other
     assert config.build().digest() != config.build(overrides={"train.sg_target": "bootstrap"}).digest()
 
@@ -197,7 +215,8 @@ def test_sequential_equals_the_reference_under_either_target(target):
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("no_leftover_processes")
 def test_async_propagates_every_target_down_the_chain():
-    r = coordinator.run(config.build(overrides={**SMALL, "train.schedule": "async", "train.steps": 40}))
+    r = coordinator.run(config.build(overrides={**SMALL, "train.schedule": "async", "train.steps": 40,
+                                                "train.sg_target": "propagate"}))
     for i, L in enumerate(r.layers):
         assert L["cached_steps"] == 0 and L["rejected"] == {}
         assert L["sg_updates"] == (40 if i < 3 else 0)
@@ -239,7 +258,7 @@ def test_a_checkpoint_recorded_before_sg_target_existed_is_explained():
     run bootstrapped: the mismatch names it (and every other differing field) in one line."""
     old = config.build(overrides={"train.sg_target": "bootstrap", "train.sg_clip": 1.0}).to_dict()
     del old["train"]["sg_target"]
-    why = config.explain_mismatch(old, config.build())
+    why = config.explain_mismatch(old, config.build(overrides={"train.sg_target": "propagate", "train.sg_clip": 0.5}))
     assert why == ("train.sg_clip is 1 in the checkpoint, 0.5 here; "
                    "train.sg_target is bootstrap in the checkpoint, propagate here")
     same = config.build(overrides={"train.sg_target": "bootstrap", "train.sg_clip": 1.0})

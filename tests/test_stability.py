@@ -111,7 +111,7 @@ def test_checkpoint_keeps_the_running_target_norm():
 
 def test_config_validates_sg_clip_and_keeps_old_digests():
     with pytest.raises(config.ConfigError, match="sg_clip"):
-        config.build(overrides={"train.sg_clip": -1})
+        config.build(overrides={"train.sg_clip": -0.5})          # (-1 is "auto")
     on = config.build(overrides={"train.sg_clip": 1.0})
     off = config.build(overrides={"train.sg_clip": 0.0})
     assert on.train.sg_clip == 1.0 and dataclasses.replace(on.train, sg_clip=0.0) == off.train
@@ -270,7 +270,7 @@ def test_sg_trust_and_sg_clip_flags_reach_the_config(capsys):
         assert config.build(overrides=cli.overrides_from_args(ap.parse_args(argv))).train.sg_trust is want
     args = ap.parse_args(["train", "--sg-clip", "0"])
     assert config.build(overrides=cli.overrides_from_args(args)).train.sg_clip == 0.0
-    assert config.build().train.sg_clip == 0.5            # the default since 2026-12-05 (deep nets)
+    assert config.build().train.sg_clip == -1.0           # auto (0.5 or 1 by the SG targets), since 2026-12-05
     args = ap.parse_args(["train", "--sg-target", "bootstrap"])
     assert config.build(overrides=cli.overrides_from_args(args)).train.sg_target == "bootstrap"
     assert config.DIGEST_OMIT_AT_DEFAULT["train.sg_trust"] is False

@@ -54,6 +54,8 @@ def cfg_of(files, **ov):
 @pytest.mark.usefixtures("no_leftover_processes")
 @pytest.mark.parametrize("schedule,ref,extra", [
     ("sequential", "dni", {}), ("backprop", "backprop", {}), ("pipeline", "pipeline", {}),
+    # propagated SG targets: each stage's forward recomputed for the target it passes down
+    ("sequential", "dni", {"train.sg_target": "propagate"}),
     ("delayed_fixed", "delayed_fixed", {}), ("local", "local", {}),
     # codecs on feature maps (C, H, W): a scale per row, top-k over a row's C*H*W values;
     # --sg-every 2: the stage above sends every other step's gradient only

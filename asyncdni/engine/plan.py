@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 from asyncdni import schedules
@@ -109,7 +110,7 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
         sg_reuse=t.sg_reuse_prediction, schedule=sched.name, stash=t.stash_weights,
         delay_remedy=t.delay_remedy, aux_features=t.aux_features,
         sg_layers=t.sg_layers, sg_stale_decay=t.sg_stale_decay, sg_rank=t.sg_rank, sg_every=t.sg_every,
-        sg_clip=t.sg_clip, sg_damp=t.sg_damp, sg_trust=t.sg_trust, sg_target=t.sg_target, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule,
+        sg_clip=t.sg_clip, sg_damp=t.sg_damp, sg_trust=t.sg_trust, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule,
         lr_step_size=t.lr_step_size or max(1, steps // 3), lr_gamma=t.lr_gamma, total_steps=steps)
     if cfg.model.model:
         specs, in_shape = _torch_specs(cfg, train, common)
@@ -123,6 +124,10 @@ def make_plan(cfg: RunConfig, train: Dataset) -> Plan:
             else cfg.model.activation, batch_norm=cfg.model.batch_norm, **common) for i in range(K)]
         in_shape = (in_dim,)
         check_resources(cfg, in_dim, train.n_out, steps)
+    # train.sg_target / sg_clip "auto" as they apply to this many stages (schedules.resolve_*)
+    target = schedules.resolve_sg_target(t.sg_target, len(specs), t.cond, sched, t.sg_every)
+    specs = [dataclasses.replace(s, sg_target=target, sg_clip=schedules.resolve_sg_clip(t.sg_clip, target))
+             for s in specs]
     return Plan(tuple(specs), loss, steps, t.batch_size, in_dim, train.n_out, train.task, in_shape=in_shape,
                 wire=(t.wire_fwd, t.wire_bwd, t.wire_feedback), n_train=len(train))
 

@@ -96,7 +96,7 @@ class Worker:
         self.cfg = spec.config
         self.rt = self.cfg.runtime
         self.schedule = self.cfg.train.schedule
-        self.sched = S.get(self.schedule, self.cfg.train.sg_target)   # everything schedule-specific is read from here
+        self.sched = S.get(self.schedule, spec.specs[0].sg_target)   # everything schedule-specific is read from here
         self.host = spec.nodes[self._node_id].host
         # the first layer's per-sample input shape (Plan.in_shape): the feeder sends x as
         # (B, *in_shape) and layer 1 agrees to exactly that
