@@ -227,7 +227,7 @@ def test_async_propagates_every_target_down_the_chain():
 # ------------------------------------------------------------------ benchmarks.depth
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("no_leftover_processes")
-def test_depth_benchmark_methods_and_a_tiny_run(capsys):
+def test_depth_benchmark_methods_and_a_tiny_run(capsys, monkeypatch):
     from benchmarks import depth
     assert depth.method_overrides("dni sequential") == depth.METHODS["dni"]
     assert depth.method_overrides("cdni bootstrap")["train.sg_target"] == "bootstrap"
@@ -235,7 +235,16 @@ def test_depth_benchmark_methods_and_a_tiny_run(capsys):
     assert depth.main(["--methods", "cdni,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert depth.main(["--set", "sg_clip"]) == 2
-    pytest.importorskip("sklearn")
+
+    def tiny_digits(directory):      # scikit-learn's digits stand-in: 8x8 "images", 10 classes
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, 10, 400)
+        x = (rng.random((400, 64)) * 0.3 + np.eye(10)[y].repeat(7, axis=1)[:, :64]).astype(np.float32)
+        path = f"{directory}/digits.npz"
+        np.savez(path, x=x, y=y.astype(np.int64))
+        return path
+
+    monkeypatch.setattr(depth, "digits_npz", tiny_digits)
     assert depth.main(["--datasets", "digits", "--depths", "3", "--epochs", "0.5", "--seeds", "0", "--bn", "off",
                        "--methods", "backprop,cdni,cdni sequential", "--eval-every", "5",
                        "--set", "train.sg_clip=0.25"]) == 0
