@@ -189,6 +189,7 @@ class RunConfig:
         the learning rate could change on resume (it included ``train.lr``), which the
         checkpoints written then carry (:meth:`digests`)."""
         d = self.to_dict()
+        d["train"]["sg_target"], d["train"]["sg_clip"] = sg_in_effect(self)   # "auto" as it applies
         d.pop("runtime")
         d.pop("preset")
         for k in RUN_ONLY_TRAIN_FIELDS:
@@ -859,8 +860,25 @@ def to_toml(cfg: RunConfig, header: str = "") -> str:
 
 # ------------------------------------------------------------------ resuming
 def value_of(cfg: RunConfig, dotted: str):
+    """A field's value; train.sg_target and train.sg_clip as they apply (:func:`sg_in_effect`)."""
+    if dotted in ("train.sg_target", "train.sg_clip"):
+        return sg_in_effect(cfg)[dotted == "train.sg_clip"]
     section, _, key = dotted.partition(".")
     return getattr(getattr(cfg, section), key)
+
+
+def sg_in_effect(cfg: RunConfig) -> tuple[str, float]:
+    """(train.sg_target, train.sg_clip) as they apply: "auto" resolved where the configuration
+    alone knows the number of stages (the numpy MLP: model.layers; schedules.resolve_*).
+    Torch stages keep "auto" (-1 for the clip): their stage count is the model's, and the
+    plan resolves it. A checkpoint's digest and a resume's comparison use these values, so
+    a run made with "auto" and one made with what it chose are the same configuration."""
+    t = cfg.train
+    if cfg.model.model or t.schedule not in SCHEDULES:
+        return t.sg_target, t.sg_clip
+    target = _schedules.resolve_sg_target(t.sg_target, cfg.model.layers, t.cond, _schedules.get(t.schedule),
+                                          t.sg_every)
+    return target, _schedules.resolve_sg_clip(t.sg_clip, target)
 
 
 def state_fields() -> list[str]:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from asyncdni import files
+from asyncdni import config, files
 from asyncdni import schedules as S
 from asyncdni.engine.trace import TRACE_NAMES
 
@@ -169,15 +169,13 @@ def in_force(cfg) -> dict:
             out["train.sg_rank"] = t.sg_rank
         if t.sg_every != 1:
             out["train.sg_every"] = t.sg_every
-        # "auto": with what it resolves to where the number of stages is known here (numpy MLPs)
-        target = S.resolve_sg_target(t.sg_target, m.layers, t.cond, sched, t.sg_every)
-        clip = S.resolve_sg_clip(t.sg_clip, target)
-        auto = not m.model
+        # "auto": with what it chose where the configuration knows the stages (numpy MLPs)
+        target, clip = config.sg_in_effect(cfg)
         out |= {"train.sg_lr": t.sg_lr, "train.cond": t.cond,
-                "train.sg_clip": t.sg_clip if t.sg_clip >= 0 else f"auto({clip:g})" if auto else "auto"}
+                "train.sg_clip": t.sg_clip if t.sg_clip >= 0 else "auto" if clip < 0 else f"auto({clip:g})"}
         if t.sg_trust:
             out["train.sg_trust"] = True
-        out["train.sg_target"] = t.sg_target if t.sg_target != "auto" else f"auto({target})" if auto else "auto"
+        out["train.sg_target"] = t.sg_target if t.sg_target != "auto" else "auto" if target == "auto" else f"auto({target})"
         if t.sg_damp:
             out["train.sg_damp"] = t.sg_damp
     if sched.window == "max_inflight":

@@ -155,8 +155,15 @@ def test_configuration_of_sg_target_and_what_auto_resolves_to():
         specs = _plan(**ov).specs
         assert {(s.sg_target, s.sg_clip) for s in specs} == {want}, ov
     assert S.resolve_sg_target("auto", S.AUTO_PROPAGATE_DEPTH - 1, True) == "bootstrap"
-    # a checkpoint of the one is not one of the other
-    assert config.build().digest() != config.build(overrides={"train.sg_target": "bootstrap"}).digest()
+    # the digest is of what auto chose: the same configuration as choosing it by hand
+    assert config.build().digest() == config.build(overrides={"train.sg_target": "bootstrap"}).digest()
+    assert config.build().digest() != config.build(overrides={"train.sg_target": "propagate"}).digest()
+    deep = {"model.layers": 6}
+    assert config.build(overrides=deep).digest() == config.build(
+        overrides={**deep, "train.sg_target": "propagate", "train.sg_clip": 0.5}).digest()
+    # torch stages: the stage count is the model's, so "auto" stays in the digest as it is
+    torch_cfg = {"model.model": "mlp"}
+    assert config.sg_in_effect(config.build(overrides=torch_cfg)) == ("auto", -1.0)
 
 
 # -------------------------------------------------------------- the torch backend
