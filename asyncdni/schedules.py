@@ -81,15 +81,15 @@ def order_dni(K: int, t: int, M: int = 1, lags=None) -> list[Action]:
     return out
 
 
+def order_backprop(K: int, t: int, M: int = 1, lags=None) -> list[Action]:
+    return [_f(i, t) for i in range(K)] + [_b(i, t) for i in range(K - 2, -1, -1)]
+
+
 def order_dni_propagated(K: int, t: int, M: int = 1, lags=None) -> list[Action]:
     """Sequential DNI with propagated SG targets: every layer runs (updating from its SG),
     then from the top down each layer regresses its SG on the target from above and passes
-    it down, backpropagated through itself."""
-    return [_f(i, t) for i in range(K)] + [_b(i, t) for i in range(K - 2, -1, -1)]
-
-
-def order_backprop(K: int, t: int, M: int = 1, lags=None) -> list[Action]:
-    return [_f(i, t) for i in range(K)] + [_b(i, t) for i in range(K - 2, -1, -1)]
+    it down, backpropagated through itself: backprop's order of actions."""
+    return order_backprop(K, t, M, lags)
 
 
 def order_pipeline(K: int, t: int, M: int = 1, lags=None) -> list[Action]:
