@@ -180,11 +180,7 @@ def overrides_from_args(args) -> dict:
         ov["runtime.fail_on_nonfinite"] = True
     if args.security is not None:
         ov["runtime.security"] = args.security
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq or "." not in key:
-            raise C.ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        ov[key.strip()] = value.strip()
+    ov.update(C.parse_set(args.set))
     return ov
 
 

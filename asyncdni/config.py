@@ -289,6 +289,17 @@ def _printable(key: str) -> str:
     return key if key.isprintable() else repr(key)
 
 
+def parse_set(items) -> dict:
+    """``--set SECTION.KEY=VALUE`` items as dotted overrides; ConfigError for a malformed one."""
+    ov = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        ov[key.strip()] = value.strip()
+    return ov
+
+
 AUTO_NUMBERS = {"train.sg_clip": -1.0}    # numeric settings that also take "auto", and its number
 
 
@@ -566,8 +577,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not ((t.sg_clip >= 0 or t.sg_clip == -1) and math.isfinite(t.sg_clip)):
         raise ConfigError(f"train.sg_clip: must be auto, 0 (off) or a positive finite number, got {t.sg_clip}")
     _choice("train.sg_target", t.sg_target, SG_TARGETS)
-    if (t.sg_target == "propagate" and t.sg_every > 1 and t.schedule in SCHEDULES
-            and _schedules.get(t.schedule).hold_for_ack):
+    if (t.sg_target == "propagate" and t.schedule in SCHEDULES
+            and not _schedules.can_propagate(_schedules.get(t.schedule), t.sg_every)):
         raise ConfigError(f"train.sg_every: {t.sg_every} under schedule {t.schedule} needs train.sg_target = "
                           "\"bootstrap\" (--sg-target bootstrap): with propagated targets a step whose SG is "
                           "not regressed has no backward pass to end it")

@@ -177,6 +177,12 @@ SG_TARGETS = ("propagate", "bootstrap")   # what trains a layer's SG model (trai
 AUTO_PROPAGATE_DEPTH = 6    # train.sg_target "auto": propagated targets from this many stages on
 
 
+def can_propagate(sched: "Schedule", sg_every: int) -> bool:
+    """Whether propagated SG targets can run: not with ``sg_every`` > 1 under a schedule that
+    holds for ACKs (a step whose SG is not regressed would have no backward pass to end it)."""
+    return not (sched.hold_for_ack and sg_every > 1)
+
+
 def resolve_sg_target(sg_target: str, n_layers: int, cond: bool, sched: "Schedule | None" = None,
                       sg_every: int = 1) -> str:
     """``train.sg_target`` as it applies to a network of ``n_layers`` stages: "auto" is
@@ -187,7 +193,7 @@ def resolve_sg_target(sg_target: str, n_layers: int, cond: bool, sched: "Schedul
     schedule that holds for ACKs)."""
     if sg_target != "auto":
         return sg_target
-    if sched is not None and sched.hold_for_ack and sg_every > 1:
+    if sched is not None and not can_propagate(sched, sg_every):
         return "bootstrap"
     return "propagate" if (not cond or n_layers >= AUTO_PROPAGATE_DEPTH) else "bootstrap"
 

@@ -178,13 +178,12 @@ def main(argv=None) -> int:
     depths = [int(d) for d in args.depths.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
     bad = [m for m in methods if method_overrides(m) is None]
-    extra = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            print(f"benchmarks.depth: --set takes SECTION.KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        extra[key.strip()] = value.strip()
+    from asyncdni import config
+    try:
+        extra = config.parse_set(args.set)
+    except config.ConfigError as e:
+        print(f"benchmarks.depth: {e}", file=sys.stderr)
+        return 2
     if bad:
         print(f"benchmarks.depth: unknown method {bad[0]!r} (choose from {', '.join(METHODS)})", file=sys.stderr)
         return 2

@@ -92,23 +92,25 @@ def replay(cfg, steps: int, lags, eval_every: int, lag_seed: int = 1234, dataset
     pending: dict[int, list] = {}          # deliver at the start of step s -> [(layer, step, g)]
     evals, diags = [], []
 
-    def send_down(layer: int, t: int, g, now: int) -> None:
-        """``layer``'s target for step ``t``, sent at step ``now``, arrives after a drawn lag;
-        under sg_target "propagate" it goes on down from there (sg_backward), lag by lag."""
-        L = int(rng.choice(len(probs), p=probs))
-        if L:                              # layer ``layer`` runs L more forward steps first
-            pending.setdefault(now + L + 1, []).append((layer, t, g))
-            return
+    def arrive(layer: int, t: int, g, now: int) -> None:
+        """``layer``'s target for step ``t`` arrives at step ``now``; under sg_target
+        "propagate" it goes on down from there (sg_backward)."""
         gd = nodes[layer].sg_backward(t, g)
         if gd is not None:
             send_down(layer - 1, t, gd, now)
 
+    def send_down(layer: int, t: int, g, now: int) -> None:
+        """``layer``'s target for step ``t``, sent at step ``now``, arrives after a drawn lag."""
+        L = int(rng.choice(len(probs), p=probs))
+        if L:                              # layer ``layer`` runs L more forward steps first
+            pending.setdefault(now + L + 1, []).append((layer, t, g))
+        else:
+            arrive(layer, t, g, now)
+
     t0 = time.perf_counter()
     for step in range(steps):
         for layer, t, g in pending.pop(step, ()):
-            gd = nodes[layer].sg_backward(t, g)
-            if gd is not None:
-                send_down(layer - 1, t, gd, step)
+            arrive(layer, t, g, step)
         x, y = stream.batch(step)
         h = x
         for i, node in enumerate(nodes):
